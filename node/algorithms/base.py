@@ -1,0 +1,144 @@
+"""The algorithm interface shared by the daemon and the simulator.
+
+An algorithm is a per-node state machine. Each iteration runs its `phases` in order; for each
+phase the driver (simulator or daemon) calls `outgoing` to collect the messages to send, delivers
+whatever arrives, and calls `incoming` with it. Algorithms never touch sockets, clocks or globals,
+so the same object runs over in-memory links or a real network.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
+
+import torch
+
+from ..errors import BadInput
+from ..topology import Neighbourhood
+
+
+class Objective(Protocol):
+    """A node's local loss. `gradient` draws the node's next mini-batch (or uses all data)."""
+
+    dim: int
+
+    def gradient(self, params: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Flat gradient at `params` and the mini-batch loss."""
+        ...
+
+
+LearningRate = Callable[[int], float]
+
+
+@dataclass
+class Message:
+    """One directed message. `kind` says how the receiver applies it (see each algorithm)."""
+
+    src: int
+    dst: int
+    round: int
+    phase: str
+    kind: str
+    tensors: dict[str, torch.Tensor]
+    seq: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+@dataclass
+class StepRule:
+    """Local optimizer: SGD with optional heavy-ball momentum, step size from a schedule."""
+
+    lr: LearningRate
+    momentum: float = 0.0
+    _buffer: torch.Tensor | None = field(default=None, repr=False)
+
+    def direction(self, grad: torch.Tensor) -> torch.Tensor:
+        if self.momentum == 0.0:
+            return grad
+        if self._buffer is None:
+            self._buffer = grad.clone()
+        else:
+            self._buffer.mul_(self.momentum).add_(grad)
+        return self._buffer
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {} if self._buffer is None else {"momentum_buffer": self._buffer}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self._buffer = state.get("momentum_buffer")
+
+
+class Algorithm(ABC):
+    """Base class: subclass it, set `name` and `phases`, and register it with `@register`."""
+
+    name: ClassVar[str]
+    phases: ClassVar[tuple[str, ...]]
+    communicates: ClassVar[bool] = True
+    needs_undirected: ClassVar[bool] = False
+
+    def __init__(
+        self, hood: Neighbourhood, objective: Objective, params: torch.Tensor, step: StepRule
+    ) -> None:
+        self.hood = hood
+        self.objective = objective
+        self.params = params.detach().clone()
+        self.step = step
+        self.iteration = 0
+        self.last_loss = float("nan")
+
+    @property
+    def node(self) -> int:
+        return self.hood.node
+
+    @abstractmethod
+    def outgoing(self, phase: str, k: int) -> list[Message]:
+        """Messages to send in `phase` of iteration `k`."""
+
+    @abstractmethod
+    def incoming(self, phase: str, k: int, messages: Sequence[Message]) -> None:
+        """Apply the messages that arrived for `phase` of iteration `k` (possibly fewer than sent)."""
+
+    def _to_out_neighbours(self, phase: str, k: int, kind: str, **tensors: torch.Tensor) -> list[Message]:
+        return [Message(self.node, dst, k, phase, kind, dict(tensors)) for dst in self.hood.out_neighbours]
+
+    def _newest_by_sender(self, messages: Sequence[Message]) -> dict[int, Message]:
+        newest: dict[int, Message] = {}
+        for m in messages:
+            if m.src in self.hood.in_neighbours and (m.src not in newest or m.round >= newest[m.src].round):
+                newest[m.src] = m
+        return newest
+
+    def _mix(self, own: torch.Tensor, messages: Sequence[Message], key: str) -> torch.Tensor:
+        """sum_j a_ij x_j over self and the in-neighbours heard from, renormalised over those."""
+        newest = self._newest_by_sender(messages)
+        total = own * self.hood.self_row_weight
+        weight = self.hood.self_row_weight
+        for j, m in newest.items():
+            w = self.hood.row_weight(j)
+            total = total + w * m.tensors[key].to(own.dtype)
+            weight += w
+        return total / weight if abs(weight - 1.0) > 1e-12 else total
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything needed to resume this node (extended by subclasses)."""
+        return {"params": self.params, **self.step.state_dict()}
+
+
+ALGORITHMS: dict[str, type[Algorithm]] = {}
+
+
+def register(cls: type[Algorithm]) -> type[Algorithm]:
+    ALGORITHMS[cls.name] = cls
+    return cls
+
+
+def get_algorithm(name: str) -> type[Algorithm]:
+    try:
+        return ALGORITHMS[name]
+    except KeyError:
+        raise BadInput(f"unknown algorithm {name!r}: choose one of {', '.join(sorted(ALGORITHMS))}") from None

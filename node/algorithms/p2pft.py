@@ -1,0 +1,63 @@
+"""P2P-FT: push-pull gradient tracking over a directed graph (DESIGN §2).
+
+    theta_i^{k+1} = sum_j a_ij (theta_j^k - alpha tau_j^k)       pull phase, v_j = theta_j - alpha tau_j
+    g_i^{k+1}     = grad L_i(theta_i^{k+1})
+    tau_i^{k+1}   = sum_j b_ij (tau_j^k + g_j^{k+1} - g_j^k)     push phase, z_j = tau_j + g_j^{k+1} - g_j^k
+
+with tau^0 = g^0 and g^k the stored previous gradient. The push phase moves mass through the
+running sums of `running_sums.py`, so a lost message delays mass instead of destroying it.
+With momentum beta > 0 the pulled value is theta - alpha m, m = beta m + tau (heavy ball on the tracker).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..topology import Neighbourhood
+from .base import Algorithm, Message, Objective, StepRule, register
+from .running_sums import PushReceiver, PushSender
+
+
+@register
+class P2PFT(Algorithm):
+    name = "p2pft"
+    phases = ("pull", "push")
+
+    def __init__(self, hood: Neighbourhood, objective: Objective, params: torch.Tensor, step: StepRule) -> None:
+        super().__init__(hood, objective, params, step)
+        self.grad, self.last_loss = objective.gradient(self.params)
+        self.tau = self.grad.clone()
+        self.z = torch.zeros_like(self.tau)
+        self.v = self.params.clone()
+        self.sender = PushSender(hood, self.params.numel())
+        self.receiver = PushReceiver(hood, self.params.numel())
+
+    def outgoing(self, phase: str, k: int) -> list[Message]:
+        if phase == "pull":
+            self.v = self.params - self.step.lr(k) * self.step.direction(self.tau)
+            return self._to_out_neighbours(phase, k, "value", v=self.v)
+        return self.sender.send(self.z, k, phase)
+
+    def incoming(self, phase: str, k: int, messages: Sequence[Message]) -> None:
+        if phase == "pull":
+            self.params = self._mix(self.v, messages, "v")
+            grad, self.last_loss = self.objective.gradient(self.params)
+            self.z = self.tau + grad - self.grad
+            self.grad = grad
+            return
+        arrived = self.receiver.receive(messages)
+        self.tau = self.hood.self_col_weight * self.z
+        if arrived is not None:
+            self.tau = self.tau + arrived.to(self.tau.dtype)
+        self.iteration = k + 1
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            **super().state_dict(),
+            "tau": self.tau,
+            "grad": self.grad,
+            **self.sender.state_dict(),
+            **self.receiver.state_dict(),
+        }

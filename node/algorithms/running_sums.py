@@ -1,0 +1,98 @@
+"""Loss-tolerant push channel for mass (DESIGN §3, §4).
+
+The sender keeps, per out-link, the cumulative mass sigma it has ever pushed there and the part
+`delivered` it has transmitted; the receiver keeps rho, the cumulative mass it has applied. A
+`delta` message carries sigma - delivered in the wire dtype (error feedback: rounding stays in
+flight and is sent later); a `total` message (keyframe) carries sigma itself in float64 and lets
+the receiver catch up after any loss. Counters are float64. Invariant, summed over all nodes:
+sum tau + sum_links (sigma - rho) = sum of the latest gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..topology import Neighbourhood
+from .base import Message
+
+
+class PushSender:
+    def __init__(self, hood: Neighbourhood, dim: int) -> None:
+        self.hood = hood
+        self.sigma = {d: torch.zeros(dim, dtype=torch.float64) for d in hood.out_neighbours}
+        self.delivered = {d: torch.zeros(dim, dtype=torch.float64) for d in hood.out_neighbours}
+        self.seq = dict.fromkeys(hood.out_neighbours, 0)
+        self.keyframe_due: set[int] = set()
+
+    def send(self, z: torch.Tensor, round_: int, phase: str) -> list[Message]:
+        """Add b_li * z to every out-link's counter; return the messages that carry it."""
+        out = []
+        for dst in self.hood.out_neighbours:
+            self.sigma[dst] += self.hood.col_weight(dst) * z.to(torch.float64)
+            self.seq[dst] += 1
+            if dst in self.keyframe_due:
+                self.keyframe_due.discard(dst)
+                self.delivered[dst] = self.sigma[dst].clone()
+                out.append(Message(self.hood.node, dst, round_, phase, "total", {"sigma": self.sigma[dst].clone()},
+                                   self.seq[dst]))
+                continue
+            delta = (self.sigma[dst] - self.delivered[dst]).to(z.dtype)
+            self.delivered[dst] += delta.to(torch.float64)
+            out.append(Message(self.hood.node, dst, round_, phase, "delta", {"delta": delta}, self.seq[dst]))
+        return out
+
+    def request_keyframe(self, dst: int) -> None:
+        """Send the full counter next time (after a reconnect or a reported gap)."""
+        self.keyframe_due.add(dst)
+
+    def in_flight(self) -> dict[int, torch.Tensor]:
+        return {d: self.sigma[d] - self.delivered[d] for d in self.sigma}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {}
+        for d in self.sigma:
+            state[f"push.sigma.{d}"] = self.sigma[d]
+            state[f"push.delivered.{d}"] = self.delivered[d]
+            state[f"push.seq.{d}"] = torch.tensor(self.seq[d])
+        return state
+
+
+class PushReceiver:
+    def __init__(self, hood: Neighbourhood, dim: int) -> None:
+        self.hood = hood
+        self.rho = {s: torch.zeros(dim, dtype=torch.float64) for s in hood.in_neighbours}
+        self.last_seq = dict.fromkeys(hood.in_neighbours, 0)
+        self.gaps: set[int] = set()
+
+    def receive(self, messages: Sequence[Message]) -> torch.Tensor | None:
+        """Sum of the newly delivered mass (float64), or None if nothing new arrived.
+
+        Duplicates and stale messages are ignored. A `delta` after a gap is ignored too and the
+        sender is listed in `gaps` (it must send a keyframe); a `total` is applied whenever it is newer.
+        """
+        acc: torch.Tensor | None = None
+        for m in sorted(messages, key=lambda m: m.seq):
+            if m.src not in self.rho or m.seq <= self.last_seq[m.src]:
+                continue
+            if m.kind == "total":
+                new = m.tensors["sigma"].to(torch.float64) - self.rho[m.src]
+                self.rho[m.src] = m.tensors["sigma"].to(torch.float64).clone()
+                self.gaps.discard(m.src)
+            elif m.kind == "delta" and m.seq == self.last_seq[m.src] + 1 and m.src not in self.gaps:
+                new = m.tensors["delta"].to(torch.float64)
+                self.rho[m.src] += new
+            else:
+                self.gaps.add(m.src)
+                continue
+            self.last_seq[m.src] = m.seq
+            acc = new if acc is None else acc + new
+        return acc
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {}
+        for s in self.rho:
+            state[f"push.rho.{s}"] = self.rho[s]
+            state[f"push.last_seq.{s}"] = torch.tensor(self.last_seq[s])
+        return state

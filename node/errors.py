@@ -1,0 +1,8 @@
+"""The one exception type for bad user input (flags, files, specs)."""
+
+
+class BadInput(ValueError):
+    """A user-facing error: its message is one line that says what is wrong and what to do.
+
+    The CLI prints it without a traceback and exits with code 2.
+    """

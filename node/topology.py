@@ -1,0 +1,211 @@
+"""Directed communication graphs and the mixing weights each node derives locally.
+
+Weights follow DESIGN §2 with w_ij = 1 on every link and self-loop, so node i needs only
+its own in- and out-degree: a_ij = 1 / (in_degree(i) + 1) (row-stochastic, applied by the
+receiver) and b_li = 1 / (out_degree(i) + 1) (column-stochastic, applied by the sender).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import BadInput
+
+TOPOLOGIES = ("directed-ring", "exponential", "complete", "ring", "random:K", "FILE")
+
+
+@dataclass(frozen=True)
+class Neighbourhood:
+    """What one node knows of the graph: its neighbours and its own mixing weights."""
+
+    node: int
+    in_neighbours: tuple[int, ...]
+    out_neighbours: tuple[int, ...]
+
+    @property
+    def self_row_weight(self) -> float:
+        return 1.0 / (len(self.in_neighbours) + 1)
+
+    def row_weight(self, src: int) -> float:
+        """a_ij for an in-neighbour j (or i itself)."""
+        return self.self_row_weight
+
+    @property
+    def self_col_weight(self) -> float:
+        return 1.0 / (len(self.out_neighbours) + 1)
+
+    def col_weight(self, dst: int) -> float:
+        """b_li: the share of this node's push mass that goes to out-neighbour l."""
+        return self.self_col_weight
+
+
+@dataclass(frozen=True)
+class Topology:
+    n: int
+    edges: frozenset[tuple[int, int]]  # (src, dst): src sends to dst
+    name: str = "custom"
+    _in: dict[int, tuple[int, ...]] = field(init=False, repr=False, compare=False)
+    _out: dict[int, tuple[int, ...]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        ins: dict[int, list[int]] = {i: [] for i in range(self.n)}
+        outs: dict[int, list[int]] = {i: [] for i in range(self.n)}
+        for s, d in sorted(self.edges):
+            if not (0 <= s < self.n and 0 <= d < self.n):
+                raise BadInput(f"topology edge {s}->{d} names a node outside 0..{self.n - 1}")
+            if s != d:
+                outs[s].append(d)
+                ins[d].append(s)
+        object.__setattr__(self, "_in", {i: tuple(v) for i, v in ins.items()})
+        object.__setattr__(self, "_out", {i: tuple(v) for i, v in outs.items()})
+
+    def in_neighbours(self, i: int) -> tuple[int, ...]:
+        return self._in[i]
+
+    def out_neighbours(self, i: int) -> tuple[int, ...]:
+        return self._out[i]
+
+    def neighbourhood(self, i: int) -> Neighbourhood:
+        return Neighbourhood(i, self._in[i], self._out[i])
+
+    @property
+    def is_undirected(self) -> bool:
+        return all((d, s) in self.edges for s, d in self.edges)
+
+    def unreachable_pair(self) -> tuple[int, int] | None:
+        """A pair (a, b) such that b cannot be reached from a, or None if strongly connected."""
+        for start, nbrs in ((0, self._out), (0, self._in)):
+            seen = {start}
+            stack = [start]
+            while stack:
+                for j in nbrs[stack.pop()]:
+                    if j not in seen:
+                        seen.add(j)
+                        stack.append(j)
+            missing = sorted(set(range(self.n)) - seen)
+            if missing:
+                return (start, missing[0]) if nbrs is self._out else (missing[0], start)
+        return None
+
+    def check_strongly_connected(self) -> Topology:
+        pair = self.unreachable_pair()
+        if pair is not None:
+            raise BadInput(
+                f"topology {self.name!r} is not strongly connected: node {pair[1]} cannot be reached "
+                f"from node {pair[0]}; add links so every node reaches every other"
+            )
+        return self
+
+    def row_stochastic(self):
+        """The full matrix A (for tests and analysis; nodes never build it)."""
+        import torch
+
+        a = torch.zeros(self.n, self.n, dtype=torch.float64)
+        for i in range(self.n):
+            h = self.neighbourhood(i)
+            a[i, i] = h.self_row_weight
+            for j in h.in_neighbours:
+                a[i, j] = h.row_weight(j)
+        return a
+
+    def column_stochastic(self):
+        import torch
+
+        b = torch.zeros(self.n, self.n, dtype=torch.float64)
+        for j in range(self.n):
+            h = self.neighbourhood(j)
+            b[j, j] = h.self_col_weight
+            for l in h.out_neighbours:  # noqa: E741
+                b[l, j] = h.col_weight(l)
+        return b
+
+
+def _edges(pairs: Iterable[tuple[int, int]]) -> frozenset[tuple[int, int]]:
+    return frozenset((s, d) for s, d in pairs if s != d)
+
+
+def directed_ring(n: int) -> Topology:
+    return Topology(n, _edges((i, (i + 1) % n) for i in range(n)), "directed-ring")
+
+
+def exponential(n: int) -> Topology:
+    """Directed exponential graph: i sends to i + 2^k (mod n) for every 2^k < n."""
+    hops = [2**k for k in range(n.bit_length()) if 2**k < n]
+    return Topology(n, _edges((i, (i + h) % n) for i in range(n) for h in hops), "exponential")
+
+
+def complete(n: int) -> Topology:
+    return Topology(n, _edges((i, j) for i in range(n) for j in range(n)), "complete")
+
+
+def ring(n: int) -> Topology:
+    pairs = [(i, (i + 1) % n) for i in range(n)] + [((i + 1) % n, i) for i in range(n)]
+    return Topology(n, _edges(pairs), "ring")
+
+
+def random_graph(n: int, k: int, seed: int) -> Topology:
+    """K out-neighbours per node, strongly connected by construction: a random Hamiltonian
+    cycle supplies one out-link of every node, the other K-1 are drawn uniformly."""
+    if not 1 <= k < max(n, 2):
+        raise BadInput(f"random:K needs 1 <= K <= nodes-1 (got K={k} with {n} nodes)")
+    rng = random.Random(seed)
+    order = list(range(n))
+    rng.shuffle(order)
+    outs = {order[i]: {order[(i + 1) % n]} for i in range(n)}
+    for i in range(n):
+        others = [j for j in range(n) if j != i and j not in outs[i]]
+        outs[i].update(rng.sample(others, k - len(outs[i])))
+    return Topology(n, _edges((i, j) for i in outs for j in outs[i]), f"random:{k}")
+
+
+def read_edge_list(path: str | Path, n: int | None = None) -> Topology:
+    """Edge-list file: one link per line, `SRC DST` or `SRC -> DST` (directed) or `A <-> B`
+    (both directions); `#` starts a comment. Nodes are integers 0..n-1."""
+    p = Path(path)
+    if not p.is_file():
+        raise BadInput(f"topology file {p} does not exist; pass a built-in name ({', '.join(TOPOLOGIES[:5])})")
+    pairs: list[tuple[int, int]] = []
+    for lineno, raw in enumerate(p.read_text().splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        both = "<->" in line
+        parts = line.replace("<->", " ").replace("->", " ").split()
+        try:
+            s, d = (int(x) for x in parts)
+        except ValueError:
+            raise BadInput(f"{p}:{lineno}: expected 'SRC DST', 'SRC -> DST' or 'A <-> B', got {raw!r}") from None
+        if s < 0 or d < 0:
+            raise BadInput(f"{p}:{lineno}: node numbers must be >= 0, got {raw!r}")
+        pairs.append((s, d))
+        if both:
+            pairs.append((d, s))
+    if not pairs:
+        raise BadInput(f"topology file {p} lists no links")
+    size = max(max(e) for e in pairs) + 1
+    if n is not None and size > n:
+        raise BadInput(f"topology file {p} names node {size - 1} but the run has {n} nodes (0..{n - 1})")
+    return Topology(n or size, _edges(pairs), p.name)
+
+
+def make_topology(spec: str, n: int, seed: int = 0) -> Topology:
+    """Build a named topology (see TOPOLOGIES) or read an edge-list file, checked strongly connected."""
+    if n < 1:
+        raise BadInput(f"a run needs at least one node (got {n})")
+    builders = {"directed-ring": directed_ring, "exponential": exponential, "complete": complete, "ring": ring}
+    if spec in builders:
+        topo = builders[spec](n)
+    elif spec.startswith("random:"):
+        try:
+            k = int(spec.split(":", 1)[1])
+        except ValueError:
+            raise BadInput(f"bad topology {spec!r}: write random:K with K an integer, e.g. random:2") from None
+        topo = random_graph(n, k, seed)
+    elif Path(spec).suffix or Path(spec).exists():
+        topo = read_edge_list(spec, n)
+    else:
+        raise BadInput(f"unknown topology {spec!r}: use one of {', '.join(TOPOLOGIES[:5])} or an edge-list file")
+    return topo.check_strongly_connected()

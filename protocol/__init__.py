@@ -1,0 +1,1 @@
+"""Wire format, codecs, links and DHT membership (the daemon's network side)."""
