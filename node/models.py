@@ -1,0 +1,256 @@
+"""Build a timm model for fine-tuning: a frozen trunk and a trainable tail.
+
+The tail is the last `trainable_blocks` transformer blocks (for Swin: of the last stage), the final
+norm and a new classification head; everything before it is the trunk, frozen and identical on every
+node. `FineTuneModel.fingerprint` hashes the trunk so peers can check they fine-tune the same model.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from timm.models import register_model
+from timm.models.swin_transformer import SwinTransformer
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+from torch.func import functional_call
+
+from .errors import BadInput
+
+DEFAULT_MODEL = "vit_digits"
+
+
+@register_model
+def vit_digits(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """The embedded default: a small ViT for 8x8 single-channel images (scikit-learn's digits).
+
+    Trained from a seeded random initialisation, so it needs no download."""
+    if pretrained:
+        raise BadInput("vit_digits has no pretrained weights: it is built from a seeded random initialisation")
+    args = dict(img_size=8, patch_size=4, in_chans=1, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0)
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")}
+    model = VisionTransformer(**{**args, **kwargs})
+    model.pretrained_cfg = {
+        "input_size": (args["in_chans"], args["img_size"], args["img_size"]),
+        "mean": (0.5,),
+        "std": (0.5,),
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
+    }
+    return model
+
+
+class _ViTTrunk(nn.Module):
+    def __init__(self, model: VisionTransformer, frozen_blocks: int) -> None:
+        super().__init__()
+        self.model = model
+        self.frozen_blocks = frozen_blocks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
+        for blk in m.blocks[: self.frozen_blocks]:
+            x = blk(x)
+        return x
+
+
+class _ViTTail(nn.Module):
+    def __init__(self, model: VisionTransformer, frozen_blocks: int) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*model.blocks[frozen_blocks:])
+        self.norm = model.norm
+        self.fc_norm = model.fc_norm
+        self.head = model.head
+        self._model = [model]  # kept out of the module tree: only the pieces above are trainable
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self._model[0]
+        x = self.norm(self.blocks(x))
+        return self.head(self.fc_norm(m.pool(x)))
+
+
+class _SwinTrunk(nn.Module):
+    def __init__(self, model: SwinTransformer, frozen_blocks: int) -> None:
+        super().__init__()
+        self.model = model
+        self.frozen_blocks = frozen_blocks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        x = m.patch_embed(x)
+        for stage in m.layers[:-1]:
+            x = stage(x)
+        last = m.layers[-1]
+        x = last.downsample(x)
+        for blk in last.blocks[: self.frozen_blocks]:
+            x = blk(x)
+        return x
+
+
+class _SwinTail(nn.Module):
+    def __init__(self, model: SwinTransformer, frozen_blocks: int) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*model.layers[-1].blocks[frozen_blocks:])
+        self.norm = model.norm
+        self.head = model.head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.blocks(x)))
+
+
+@dataclass
+class FineTuneModel:
+    name: str
+    model: nn.Module
+    trunk: nn.Module
+    tail: nn.Module
+    input_size: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    num_classes: int
+
+    def __post_init__(self) -> None:
+        self._names = [n for n, _ in self.tail.named_parameters()]
+        self._shapes = [p.shape for _, p in self.tail.named_parameters()]
+        self._sizes = [p.numel() for _, p in self.tail.named_parameters()]
+        self.fingerprint = self._fingerprint()
+
+    @property
+    def num_trainable(self) -> int:
+        return sum(self._sizes)
+
+    def trainable_vector(self) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1) for p in self.tail.parameters()]).clone()
+
+    def unflatten(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views of a flat trainable vector, named like the tail's parameters."""
+        parts = torch.split(vector, self._sizes)
+        return {n: t.view(s) for n, t, s in zip(self._names, parts, self._shapes, strict=True)}
+
+    def logits(self, vector: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """The tail's output with its parameters taken from `vector` (gradients flow to it)."""
+        return functional_call(self.tail, self.unflatten(vector), (features,))
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Input of the first trainable block: a fixed function of the image (the trunk is frozen)."""
+        return self.trunk(images)
+
+    def _fingerprint(self) -> str:
+        tail_ids = {id(p) for p in self.tail.parameters()}
+        h = hashlib.sha256(f"{self.name}|{self.input_size}|{type(self.model).__name__}".encode())
+        for name, t in self.model.state_dict(keep_vars=True).items():
+            if id(t) in tail_ids:
+                continue
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def to(self, device: str | torch.device) -> FineTuneModel:
+        self.model.to(device)
+        return self
+
+
+def _check_name(name: str) -> None:
+    if name not in timm.list_models():
+        near = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f" (did you mean {', '.join(near)}?)" if near else f"; see `timm.list_models()` or use {DEFAULT_MODEL}"
+        raise BadInput(f"unknown model {name!r}{hint}")
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise BadInput(f"checkpoint {path} does not exist; pass the path of a .safetensors or .pt file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise BadInput(f"checkpoint {path} could not be read ({type(e).__name__}: {e})") from None
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BadInput(f"checkpoint {path} holds no state dict of tensors")
+    return state
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> None:
+    """Load local weights; a classifier of another class count is skipped (the head is new)."""
+    path = Path(path)
+    state = _read_state_dict(path)
+    own = model.state_dict()
+    classifier = model.get_classifier()
+    head_names = {n for n, p in model.named_parameters() if any(p is q for q in classifier.parameters())}
+    state = {k: v for k, v in state.items() if not (k in head_names and v.shape != own.get(k, v).shape)}
+    wrong = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if wrong:
+        raise BadInput(f"checkpoint {path} does not fit the model: {wrong[0]} has shape "
+                       f"{tuple(state[wrong[0]].shape)}, expected {tuple(own[wrong[0]].shape)}")
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if k not in head_names]
+    if missing or result.unexpected_keys:
+        what = f"lacks {len(missing)} tensors (e.g. {missing[0]})" if missing else (
+            f"has {len(result.unexpected_keys)} unknown tensors (e.g. {result.unexpected_keys[0]})")
+        raise BadInput(f"checkpoint {path} {what}: was it saved from another architecture?")
+
+
+def build_model(
+    name: str = DEFAULT_MODEL,
+    num_classes: int = 10,
+    trainable_blocks: int = 1,
+    pretrained: bool = False,
+    checkpoint: str | Path | None = None,
+    seed: int = 0,
+) -> FineTuneModel:
+    """Any timm ViT/DeiT/Swin-style model with a new head for `num_classes`, all but the tail frozen.
+
+    Random initialisation is seeded by `seed`, so every node builds the same trunk and head.
+    `pretrained` loads timm hub weights (needs internet); `checkpoint` loads a local file.
+    """
+    _check_name(name)
+    if trainable_blocks < 1:
+        raise BadInput(f"--trainable-blocks must be at least 1 (got {trainable_blocks})")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
+        except BadInput:
+            raise
+        except Exception as e:
+            if not pretrained:
+                raise
+            raise BadInput(f"could not load pretrained weights for {name} ({type(e).__name__}); this needs "
+                           f"the Hugging Face hub: download them elsewhere and pass --checkpoint FILE") from None
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint)
+    if isinstance(model, VisionTransformer):
+        if getattr(model, "attn_pool", None) is not None:
+            raise BadInput(f"{name} uses attention pooling, which p2pnode does not split yet")
+        depth = len(model.blocks)
+        trunk_cls, tail_cls = _ViTTrunk, _ViTTail
+    elif isinstance(model, SwinTransformer):
+        depth = len(model.layers[-1].blocks)
+        trunk_cls, tail_cls = _SwinTrunk, _SwinTail
+    else:
+        raise BadInput(f"{name} is a {type(model).__name__}; p2pnode fine-tunes ViT/DeiT-style and Swin models")
+    if trainable_blocks > depth:
+        raise BadInput(f"--trainable-blocks {trainable_blocks} exceeds the {depth} blocks of {name}'s last stage")
+    frozen = depth - trainable_blocks
+    trunk, tail = trunk_cls(model, frozen), tail_cls(model, frozen)
+    model.requires_grad_(False)
+    tail.requires_grad_(True)
+    model.eval()  # drop-path and dropout off: cached and uncached features must agree
+    cfg = model.pretrained_cfg
+    return FineTuneModel(
+        name=name, model=model, trunk=trunk, tail=tail, input_size=tuple(cfg["input_size"]),
+        mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), num_classes=num_classes,
+    )

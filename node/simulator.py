@@ -1,0 +1,122 @@
+"""`p2pnode simulate`: n nodes in one process over in-memory links, on the shared fine-tuning core."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from .algorithms import ALGORITHMS, StepRule
+from .data import ImageData, load_data, parse_split, partition
+from .engine import InMemoryNetwork
+from .models import FineTuneModel, build_model
+from .settings import RunSettings
+from .topology import Topology, make_topology
+from .training import FeatureBank, VisionObjective, accuracy
+
+# (algorithm, epoch, epochs, mean accuracy) after each evaluated epoch
+EpochCallback = Callable[[str, int, int, float], None]
+
+
+@dataclass
+class AlgorithmResult:
+    accuracy: list[float]
+    bytes_sent: list[int]
+    messages_sent: list[int]
+    iterations: int
+    seconds: float
+    history: dict[str, list] = field(default_factory=dict)
+
+
+@dataclass
+class SimulationResult:
+    settings: dict
+    results: dict[str, AlgorithmResult]
+    fingerprint: str
+
+    def to_json(self) -> dict:
+        return {"settings": self.settings, "fingerprint": self.fingerprint,
+                "results": {k: asdict(v) for k, v in self.results.items()}}
+
+
+def cosine(lr: float, total: int) -> Callable[[int], float]:
+    return lambda k: lr * 0.5 * (1 + math.cos(math.pi * min(k, total) / max(total, 1)))
+
+
+class Simulation:
+    """Builds the model, data, partitions and feature caches once; runs any algorithm on them."""
+
+    def __init__(self, settings: RunSettings, on_cache: Callable[[int, int], None] | None = None) -> None:
+        self.settings = s = settings.validate()
+        self.device = s.torch_device
+        probe = build_model(s.model, 1, s.trainable_blocks, s.pretrained, None, s.model_seed)
+        self.data: ImageData = load_data(s.data, probe.input_size, probe.mean, probe.std, s.data_root,
+                                         s.augment, s.download)
+        self.model: FineTuneModel = build_model(s.model, self.data.num_classes, s.trainable_blocks,
+                                                s.pretrained, s.checkpoint, s.model_seed).to(self.device)
+        self.parts = partition(self.data.train_labels, parse_split(s.split), s.nodes, s.seed,
+                               self.data.num_classes, self.data.name)
+        self.topology: Topology = make_topology(s.topology, s.nodes, s.seed)
+        self.train_bank = FeatureBank(self.model, self.data.train, self.data.train_labels,
+                                      np.concatenate(self.parts), s.cache_features, self.device, progress=on_cache)
+        self.test_bank = FeatureBank(self.model, self.data.test, self.data.test_labels, None, True, self.device)
+        self.initial = self.model.trainable_vector().to(self.device)
+
+    def iterations_per_epoch(self, nodes: int) -> int:
+        """One epoch = one pass over all training data, summed over the nodes that train."""
+        total = sum(len(p) for p in self.parts)
+        return max(1, math.ceil(total / (nodes * self.settings.batch_size)))
+
+    def run(self, name: str, on_epoch: EpochCallback | None = None) -> AlgorithmResult:
+        s = self.settings
+        cls = ALGORITHMS[name]
+        if name == "central":
+            topo, shards = make_topology("complete", 1), [np.concatenate(self.parts)]
+        else:
+            topo, shards = self.topology, self.parts
+        if cls.needs_undirected and not topo.is_undirected:
+            from .errors import BadInput
+
+            raise BadInput(f"{name} needs an undirected topology (ring, complete); {topo.name} is directed")
+        per_epoch = self.iterations_per_epoch(len(shards))
+        total = per_epoch * s.epochs
+        lr = cosine(s.lr, total) if s.schedule == "cosine" else (lambda k: s.lr)
+        nodes = []
+        for i, shard in enumerate(shards):
+            objective = VisionObjective(self.model, self.train_bank, shard, s.batch_size,
+                                        seed=s.seed * 1000 + i, weight_decay=s.weight_decay)
+            nodes.append(cls(topo.neighbourhood(i), objective, self.initial, StepRule(lr, s.momentum)))
+        net = InMemoryNetwork(nodes)
+        history: dict[str, list] = {"epoch": [], "accuracy": [], "loss": []}
+        start = time.perf_counter()
+        k = 0
+        for epoch in range(1, s.epochs + 1):
+            losses = []
+            for _ in range(per_epoch):
+                net.iteration(k)
+                losses.append([n.last_loss for n in nodes])
+                k += 1
+            accs = [accuracy(self.model, n.params, self.test_bank) for n in nodes]
+            history["epoch"].append(epoch)
+            history["accuracy"].append(accs)
+            history["loss"].append(np.mean(losses, axis=0).tolist())
+            if on_epoch is not None:
+                on_epoch(name, epoch, s.epochs, float(np.mean(accs)))
+        return AlgorithmResult(
+            accuracy=history["accuracy"][-1], bytes_sent=net.bytes_sent, messages_sent=net.messages_sent,
+            iterations=total, seconds=time.perf_counter() - start, history=history,
+        )
+
+
+def simulate(settings: RunSettings, on_epoch: EpochCallback | None = None,
+             on_cache: Callable[[int, int], None] | None = None) -> SimulationResult:
+    """Run `settings.algorithm` and every algorithm in `settings.compare` on the same data and model."""
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    sim = Simulation(settings, on_cache)
+    names = list(dict.fromkeys([settings.algorithm, *settings.compare]))
+    results = {name: sim.run(name, on_epoch) for name in names}
+    return SimulationResult(settings.to_dict(), results, sim.model.fingerprint)

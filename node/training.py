@@ -1,0 +1,111 @@
+"""Local fine-tuning: the frozen-feature cache, a node's loss on its own data, and evaluation.
+
+With the trunk frozen and no augmentation, the input of the first trainable block is a fixed
+function of the image, so `FeatureBank(cached=True)` computes it once per sample and reuses it
+every epoch. With augmentation each draw is a new image and the trunk runs every time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from torch.utils.data import Dataset
+
+from .models import FineTuneModel
+
+Progress = Callable[[int, int], None]
+
+
+class FeatureBank:
+    """Maps sample indices of one dataset to trainable-block inputs (and labels)."""
+
+    def __init__(
+        self,
+        model: FineTuneModel,
+        dataset: Dataset,
+        labels: np.ndarray,
+        indices: Sequence[int] | None = None,
+        cached: bool = True,
+        device: str | torch.device = "cpu",
+        batch_size: int = 256,
+        progress: Progress | None = None,
+    ) -> None:
+        self.model, self.dataset, self.device, self.cached = model, dataset, torch.device(device), cached
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self._rows: torch.Tensor | None = None
+        if cached:
+            idx = np.arange(len(dataset)) if indices is None else np.unique(np.asarray(indices))
+            self._pos = torch.full((len(dataset),), -1, dtype=torch.long)
+            self._pos[torch.as_tensor(idx)] = torch.arange(len(idx))
+            chunks = []
+            for start in range(0, len(idx), batch_size):
+                chunks.append(self._compute(idx[start : start + batch_size]))
+                if progress is not None:
+                    progress(min(start + batch_size, len(idx)), len(idx))
+            self._rows = torch.cat(chunks) if chunks else torch.empty(0)
+
+    def _images(self, idx: Sequence[int]) -> torch.Tensor:
+        return torch.stack([self.dataset[int(i)][0] for i in idx])
+
+    def _compute(self, idx: Sequence[int]) -> torch.Tensor:
+        return self.model.features(self._images(idx).to(self.device))
+
+    def get(self, idx: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        labels = self.labels[idx].to(self.device)
+        if self._rows is None:
+            return self._compute(idx.tolist()), labels
+        pos = self._pos[idx]
+        if (pos < 0).any():
+            raise KeyError(f"sample {int(idx[pos < 0][0])} is not in this feature cache")
+        return self._rows[pos], labels
+
+
+class VisionObjective:
+    """One node's cross-entropy on its own samples; `gradient` draws the next shuffled mini-batch."""
+
+    def __init__(self, model: FineTuneModel, bank: FeatureBank, indices: np.ndarray, batch_size: int,
+                 seed: int, weight_decay: float = 0.0) -> None:
+        self.model, self.bank = model, bank
+        self.indices = np.asarray(indices)
+        self.batch_size = min(batch_size, len(self.indices))
+        self.weight_decay = weight_decay
+        self.rng = np.random.default_rng(seed)
+        self.dim = model.num_trainable
+        self._order = np.empty(0, dtype=np.int64)
+        self.samples_seen = 0
+
+    def next_batch(self) -> np.ndarray:
+        if len(self._order) < self.batch_size:
+            self._order = np.concatenate([self._order, self.rng.permutation(self.indices)])
+        batch, self._order = self._order[: self.batch_size], self._order[self.batch_size :]
+        self.samples_seen += len(batch)
+        return batch
+
+    def loss(self, params: torch.Tensor, batch: np.ndarray) -> torch.Tensor:
+        x, y = self.bank.get(batch)
+        loss = F.cross_entropy(self.model.logits(params, x), y)
+        if self.weight_decay:
+            loss = loss + 0.5 * self.weight_decay * params.pow(2).sum()
+        return loss
+
+    def gradient(self, params: torch.Tensor) -> tuple[torch.Tensor, float]:
+        leaf = params.detach().requires_grad_(True)
+        loss = self.loss(leaf, self.next_batch())
+        (grad,) = torch.autograd.grad(loss, leaf)
+        return grad, float(loss.detach())
+
+
+@torch.no_grad()
+def accuracy(model: FineTuneModel, params: torch.Tensor, bank: FeatureBank, batch_size: int = 512) -> float:
+    """Top-1 accuracy of `params` on every sample of `bank`'s dataset."""
+    n = len(bank.labels)
+    correct = 0
+    for start in range(0, n, batch_size):
+        idx = torch.arange(start, min(start + batch_size, n))
+        x, y = bank.get(idx)
+        correct += int((model.logits(params, x).argmax(1) == y).sum())
+    return correct / max(n, 1)
