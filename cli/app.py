@@ -37,9 +37,15 @@ def _root() -> None:
 @app.command()
 def simulate(
     algorithm: Annotated[str, typer.Option(help="p2pft, dsgd, local or central")] = D.algorithm,
-    nodes: Annotated[int | None, typer.Option(help="number of nodes [default: one per --split class set, else 4]")] = None,
-    split: Annotated[str, typer.Option(help="class sets per node (0-1,2-3,4-6,7-9), iid, or dirichlet:ALPHA")] = D.split,
-    topology: Annotated[str, typer.Option(help="directed-ring, exponential, complete, ring, random:K, or an edge-list file")] = D.topology,
+    nodes: Annotated[
+        int | None, typer.Option(help="number of nodes [default: one per --split class set, else 4]")
+    ] = None,
+    split: Annotated[
+        str, typer.Option(help="class sets per node (0-1,2-3,4-6,7-9), iid, or dirichlet:ALPHA")
+    ] = D.split,
+    topology: Annotated[
+        str, typer.Option(help="directed-ring, exponential, complete, ring, random:K, or an edge-list file")
+    ] = D.topology,
     epochs: Annotated[int, typer.Option(help="passes over all training data")] = D.epochs,
     lr: Annotated[float, typer.Option(help="step size alpha")] = D.lr,
     schedule: Annotated[str, typer.Option(help="cosine or constant step size")] = D.schedule,
@@ -47,7 +53,9 @@ def simulate(
     weight_decay: Annotated[float, typer.Option(help="L2 penalty on the trainable parameters")] = D.weight_decay,
     batch_size: Annotated[int, typer.Option(help="mini-batch size per node")] = D.batch_size,
     seed: Annotated[int, typer.Option(help="seed for partitions, sampling and random topologies")] = D.seed,
-    compare: Annotated[str, typer.Option(help="other algorithms to run on the same data, e.g. local,central,dsgd")] = "",
+    compare: Annotated[
+        str, typer.Option(help="other algorithms to run on the same data, e.g. local,central,dsgd")
+    ] = "",
     model: Annotated[str, typer.Option(help="timm model name; the default needs no download")] = D.model,
     trainable_blocks: Annotated[int, typer.Option(help="last blocks to fine-tune (Swin: of the last stage)")] = 1,
     pretrained: Annotated[bool, typer.Option(help="load timm hub weights (needs internet)")] = False,
@@ -70,15 +78,37 @@ def simulate(
         parsed = parse_split(split)
         nodes = len(parsed) if isinstance(parsed, list) else 4
     settings = RunSettings(
-        model=model, trainable_blocks=trainable_blocks, pretrained=pretrained,
-        checkpoint=str(checkpoint) if checkpoint else None, model_seed=model_seed, data=data,
-        data_root=str(data_root) if data_root else None, download=download, augment=augment,
-        cache_features=cache_features, split=split, nodes=nodes, topology=topology, algorithm=algorithm,
-        compare=[c.strip() for c in compare.split(",") if c.strip()], epochs=epochs, lr=lr, schedule=schedule,
-        momentum=momentum, weight_decay=weight_decay, batch_size=batch_size, seed=seed, device=device,
+        model=model,
+        trainable_blocks=trainable_blocks,
+        pretrained=pretrained,
+        checkpoint=str(checkpoint) if checkpoint else None,
+        model_seed=model_seed,
+        data=data,
+        data_root=str(data_root) if data_root else None,
+        download=download,
+        augment=augment,
+        cache_features=cache_features,
+        split=split,
+        nodes=nodes,
+        topology=topology,
+        algorithm=algorithm,
+        compare=[c.strip() for c in compare.split(",") if c.strip()],
+        epochs=epochs,
+        lr=lr,
+        schedule=schedule,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
     ).validate()
-    columns = (TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[info]}"), TimeElapsedColumn())
+    columns = (
+        TextColumn("{task.description:<22}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+    )
     progress = Progress(*columns, console=console)
     tasks: dict[str, int] = {}
 

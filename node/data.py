@@ -59,7 +59,10 @@ def load_digits_data(size, mean, std) -> ImageData:
         "digits",
         TensorDataset(x[tr], torch.from_numpy(y[tr])),
         TensorDataset(x[te], torch.from_numpy(y[te])),
-        y[tr], y[te], 10, [str(i) for i in range(10)],
+        y[tr],
+        y[te],
+        10,
+        [str(i) for i in range(10)],
     )
 
 
@@ -72,7 +75,10 @@ def _transforms(size, mean, std, augment: bool):
         steps += [T.RandomResizedCrop((h, w), scale=(0.6, 1.0), antialias=True), T.RandomHorizontalFlip()]
     else:
         steps += [T.Resize((h, w), antialias=True)]
-    steps += [T.ToTensor(), T.Normalize(mean[:c] if len(mean) >= c else mean * c, std[:c] if len(std) >= c else std * c)]
+    steps += [
+        T.ToTensor(),
+        T.Normalize(mean[:c] if len(mean) >= c else mean * c, std[:c] if len(std) >= c else std * c),
+    ]
     return T.Compose(steps)
 
 
@@ -96,16 +102,30 @@ def load_image_folder(root: Path, size, mean, std, augment: bool) -> ImageData:
             test = ImageFolder(str(test_dir), transform=_transforms(size, mean, std, False))
             if test.classes != train.classes:
                 raise BadInput(f"{train_dir} and {test_dir} hold different class folders")
-            return ImageData(root.name, train, test, np.asarray(train.targets), np.asarray(test.targets),
-                             len(train.classes), train.classes)
+            return ImageData(
+                root.name,
+                train,
+                test,
+                np.asarray(train.targets),
+                np.asarray(test.targets),
+                len(train.classes),
+                train.classes,
+            )
         full_train = ImageFolder(str(root), transform=_transforms(size, mean, std, augment))
         full_test = ImageFolder(str(root), transform=_transforms(size, mean, std, False))
     except (FileNotFoundError, RuntimeError) as e:
         raise BadInput(f"{root} is not an image folder ({e}); expected ROOT/CLASS/IMAGE files") from None
     labels = np.asarray(full_train.targets)
     tr, te = _stratified_split(labels)
-    return ImageData(root.name, Subset(full_train, tr), Subset(full_test, te), labels[tr], labels[te],
-                     len(full_train.classes), full_train.classes)
+    return ImageData(
+        root.name,
+        Subset(full_train, tr),
+        Subset(full_test, te),
+        labels[tr],
+        labels[te],
+        len(full_train.classes),
+        full_train.classes,
+    )
 
 
 def load_torchvision(name: str, root: Path, size, mean, std, augment: bool, download: bool) -> ImageData:
@@ -130,8 +150,10 @@ def load_torchvision(name: str, root: Path, size, mean, std, augment: bool, down
             ytr, yte, classes = np.asarray(train._labels), np.asarray(test._labels), list(train.classes)
     except (RuntimeError, OSError) as e:
         how = "the download failed" if download else "pass --download to fetch it"
-        raise BadInput(f"dataset {name} is not under {root} ({how}: {str(e).splitlines()[0]}); "
-                       f"or use --data digits, which ships with scikit-learn") from None
+        raise BadInput(
+            f"dataset {name} is not under {root} ({how}: {str(e).splitlines()[0]}); "
+            f"or use --data digits, which ships with scikit-learn"
+        ) from None
     return ImageData(name, train, test, ytr, yte, len(classes), classes)
 
 
@@ -157,6 +179,7 @@ def load_data(
 
 # --- partitions ------------------------------------------------------------------------------------
 
+
 def parse_class_set(spec: str, what: str = "--classes") -> list[int]:
     """'0-1' or '0-1+5' (and, for a single node, '0,3,5') -> sorted class ids."""
     classes: set[int] = set()
@@ -171,7 +194,9 @@ def parse_class_set(spec: str, what: str = "--classes") -> list[int]:
             else:
                 classes.add(int(part))
         except ValueError:
-            raise BadInput(f"bad {what} {spec!r}: write class ranges like 0-1 or 0-1+5 (non-negative, low-high)") from None
+            raise BadInput(
+                f"bad {what} {spec!r}: write class ranges like 0-1 or 0-1+5 (non-negative, low-high)"
+            ) from None
     if any(c < 0 for c in classes):
         raise BadInput(f"bad {what} {spec!r}: class ids start at 0")
     return sorted(classes)
@@ -201,8 +226,14 @@ def check_classes(classes: list[int], num_classes: int, dataset: str) -> None:
         raise BadInput(f"class {missing[0]} is not in {dataset} (it has classes 0-{num_classes - 1})")
 
 
-def partition(labels: np.ndarray, spec: list[list[int]] | str | float, nodes: int, seed: int,
-              num_classes: int, dataset: str = "the dataset") -> list[np.ndarray]:
+def partition(
+    labels: np.ndarray,
+    spec: list[list[int]] | str | float,
+    nodes: int,
+    seed: int,
+    num_classes: int,
+    dataset: str = "the dataset",
+) -> list[np.ndarray]:
     """Indices of each node's training samples. Class sets claimed by several nodes are split evenly."""
     rng = np.random.default_rng(seed)
     if isinstance(spec, list):

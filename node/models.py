@@ -193,13 +193,18 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
     state = {k: v for k, v in state.items() if not (k in head_names and v.shape != own.get(k, v).shape)}
     wrong = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
     if wrong:
-        raise BadInput(f"checkpoint {path} does not fit the model: {wrong[0]} has shape "
-                       f"{tuple(state[wrong[0]].shape)}, expected {tuple(own[wrong[0]].shape)}")
+        raise BadInput(
+            f"checkpoint {path} does not fit the model: {wrong[0]} has shape "
+            f"{tuple(state[wrong[0]].shape)}, expected {tuple(own[wrong[0]].shape)}"
+        )
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if k not in head_names]
     if missing or result.unexpected_keys:
-        what = f"lacks {len(missing)} tensors (e.g. {missing[0]})" if missing else (
-            f"has {len(result.unexpected_keys)} unknown tensors (e.g. {result.unexpected_keys[0]})")
+        what = (
+            f"lacks {len(missing)} tensors (e.g. {missing[0]})"
+            if missing
+            else (f"has {len(result.unexpected_keys)} unknown tensors (e.g. {result.unexpected_keys[0]})")
+        )
         raise BadInput(f"checkpoint {path} {what}: was it saved from another architecture?")
 
 
@@ -228,8 +233,10 @@ def build_model(
         except Exception as e:
             if not pretrained:
                 raise
-            raise BadInput(f"could not load pretrained weights for {name} ({type(e).__name__}); this needs "
-                           f"the Hugging Face hub: download them elsewhere and pass --checkpoint FILE") from None
+            raise BadInput(
+                f"could not load pretrained weights for {name} ({type(e).__name__}); this needs "
+                f"the Hugging Face hub: download them elsewhere and pass --checkpoint FILE"
+            ) from None
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
     if isinstance(model, VisionTransformer):
@@ -251,6 +258,12 @@ def build_model(
     model.eval()  # drop-path and dropout off: cached and uncached features must agree
     cfg = model.pretrained_cfg
     return FineTuneModel(
-        name=name, model=model, trunk=trunk, tail=tail, input_size=tuple(cfg["input_size"]),
-        mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), num_classes=num_classes,
+        name=name,
+        model=model,
+        trunk=trunk,
+        tail=tail,
+        input_size=tuple(cfg["input_size"]),
+        mean=tuple(cfg["mean"]),
+        std=tuple(cfg["std"]),
+        num_classes=num_classes,
     )

@@ -22,8 +22,10 @@ def _fmt_bytes(n: float) -> str:
 
 def results_table(result: SimulationResult) -> Table:
     n = result.settings["nodes"]
-    title = (f"Test accuracy (%) per node — {result.settings['data']}, {n} nodes, split "
-             f"{result.settings['split']}, topology {result.settings['topology']}")
+    title = (
+        f"Test accuracy (%) per node — {result.settings['data']}, {n} nodes, split "
+        f"{result.settings['split']}, topology {result.settings['topology']}"
+    )
     table = Table(title=title)
     table.add_column("method")
     for i in range(n):

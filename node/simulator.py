@@ -39,8 +39,11 @@ class SimulationResult:
     fingerprint: str
 
     def to_json(self) -> dict:
-        return {"settings": self.settings, "fingerprint": self.fingerprint,
-                "results": {k: asdict(v) for k, v in self.results.items()}}
+        return {
+            "settings": self.settings,
+            "fingerprint": self.fingerprint,
+            "results": {k: asdict(v) for k, v in self.results.items()},
+        }
 
 
 def cosine(lr: float, total: int) -> Callable[[int], float]:
@@ -54,15 +57,25 @@ class Simulation:
         self.settings = s = settings.validate()
         self.device = s.torch_device
         probe = build_model(s.model, 1, s.trainable_blocks, s.pretrained, None, s.model_seed)
-        self.data: ImageData = load_data(s.data, probe.input_size, probe.mean, probe.std, s.data_root,
-                                         s.augment, s.download)
-        self.model: FineTuneModel = build_model(s.model, self.data.num_classes, s.trainable_blocks,
-                                                s.pretrained, s.checkpoint, s.model_seed).to(self.device)
-        self.parts = partition(self.data.train_labels, parse_split(s.split), s.nodes, s.seed,
-                               self.data.num_classes, self.data.name)
+        self.data: ImageData = load_data(
+            s.data, probe.input_size, probe.mean, probe.std, s.data_root, s.augment, s.download
+        )
+        self.model: FineTuneModel = build_model(
+            s.model, self.data.num_classes, s.trainable_blocks, s.pretrained, s.checkpoint, s.model_seed
+        ).to(self.device)
+        self.parts = partition(
+            self.data.train_labels, parse_split(s.split), s.nodes, s.seed, self.data.num_classes, self.data.name
+        )
         self.topology: Topology = make_topology(s.topology, s.nodes, s.seed)
-        self.train_bank = FeatureBank(self.model, self.data.train, self.data.train_labels,
-                                      np.concatenate(self.parts), s.cache_features, self.device, progress=on_cache)
+        self.train_bank = FeatureBank(
+            self.model,
+            self.data.train,
+            self.data.train_labels,
+            np.concatenate(self.parts),
+            s.cache_features,
+            self.device,
+            progress=on_cache,
+        )
         self.test_bank = FeatureBank(self.model, self.data.test, self.data.test_labels, None, True, self.device)
         self.initial = self.model.trainable_vector().to(self.device)
 
@@ -87,8 +100,9 @@ class Simulation:
         lr = cosine(s.lr, total) if s.schedule == "cosine" else (lambda k: s.lr)
         nodes = []
         for i, shard in enumerate(shards):
-            objective = VisionObjective(self.model, self.train_bank, shard, s.batch_size,
-                                        seed=s.seed * 1000 + i, weight_decay=s.weight_decay)
+            objective = VisionObjective(
+                self.model, self.train_bank, shard, s.batch_size, seed=s.seed * 1000 + i, weight_decay=s.weight_decay
+            )
             nodes.append(cls(topo.neighbourhood(i), objective, self.initial, StepRule(lr, s.momentum)))
         net = InMemoryNetwork(nodes)
         history: dict[str, list] = {"epoch": [], "accuracy": [], "loss": []}
@@ -107,13 +121,18 @@ class Simulation:
             if on_epoch is not None:
                 on_epoch(name, epoch, s.epochs, float(np.mean(accs)))
         return AlgorithmResult(
-            accuracy=history["accuracy"][-1], bytes_sent=net.bytes_sent, messages_sent=net.messages_sent,
-            iterations=total, seconds=time.perf_counter() - start, history=history,
+            accuracy=history["accuracy"][-1],
+            bytes_sent=net.bytes_sent,
+            messages_sent=net.messages_sent,
+            iterations=total,
+            seconds=time.perf_counter() - start,
+            history=history,
         )
 
 
-def simulate(settings: RunSettings, on_epoch: EpochCallback | None = None,
-             on_cache: Callable[[int, int], None] | None = None) -> SimulationResult:
+def simulate(
+    settings: RunSettings, on_epoch: EpochCallback | None = None, on_cache: Callable[[int, int], None] | None = None
+) -> SimulationResult:
     """Run `settings.algorithm` and every algorithm in `settings.compare` on the same data and model."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
     sim = Simulation(settings, on_cache)

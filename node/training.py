@@ -67,8 +67,15 @@ class FeatureBank:
 class VisionObjective:
     """One node's cross-entropy on its own samples; `gradient` draws the next shuffled mini-batch."""
 
-    def __init__(self, model: FineTuneModel, bank: FeatureBank, indices: np.ndarray, batch_size: int,
-                 seed: int, weight_decay: float = 0.0) -> None:
+    def __init__(
+        self,
+        model: FineTuneModel,
+        bank: FeatureBank,
+        indices: np.ndarray,
+        batch_size: int,
+        seed: int,
+        weight_decay: float = 0.0,
+    ) -> None:
         self.model, self.bank = model, bank
         self.indices = np.asarray(indices)
         self.batch_size = min(batch_size, len(self.indices))

@@ -43,10 +43,7 @@ def run(name: str, iterations: int, lr: float = 0.002, deliver=None, check=None)
     objectives, x_star = problem()
     topo = ring_with_chord(len(objectives))
     x0 = torch.zeros(objectives[0].dim, dtype=torch.float64)
-    nodes = [
-        ALGORITHMS[name](topo.neighbourhood(i), o, x0, StepRule(lambda k: lr))
-        for i, o in enumerate(objectives)
-    ]
+    nodes = [ALGORITHMS[name](topo.neighbourhood(i), o, x0, StepRule(lambda k: lr)) for i, o in enumerate(objectives)]
     net = InMemoryNetwork(nodes, deliver)
     for k in range(iterations):
         net.iteration(k)

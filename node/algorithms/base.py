@@ -81,9 +81,7 @@ class Algorithm(ABC):
     communicates: ClassVar[bool] = True
     needs_undirected: ClassVar[bool] = False
 
-    def __init__(
-        self, hood: Neighbourhood, objective: Objective, params: torch.Tensor, step: StepRule
-    ) -> None:
+    def __init__(self, hood: Neighbourhood, objective: Objective, params: torch.Tensor, step: StepRule) -> None:
         self.hood = hood
         self.objective = objective
         self.params = params.detach().clone()

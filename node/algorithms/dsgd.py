@@ -1,6 +1,6 @@
 """D-PSGD / CDSGD (the P2P-FT paper's eq. 1): mix with in-neighbours, step along the local gradient.
 
-    theta_i^{k+1} = sum_j a_ij theta_j^k - alpha grad L_i(theta_i^k)
+theta_i^{k+1} = sum_j a_ij theta_j^k - alpha grad L_i(theta_i^k)
 """
 
 from __future__ import annotations

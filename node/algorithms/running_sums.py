@@ -35,8 +35,11 @@ class PushSender:
             if dst in self.keyframe_due:
                 self.keyframe_due.discard(dst)
                 self.delivered[dst] = self.sigma[dst].clone()
-                out.append(Message(self.hood.node, dst, round_, phase, "total", {"sigma": self.sigma[dst].clone()},
-                                   self.seq[dst]))
+                out.append(
+                    Message(
+                        self.hood.node, dst, round_, phase, "total", {"sigma": self.sigma[dst].clone()}, self.seq[dst]
+                    )
+                )
                 continue
             delta = (self.sigma[dst] - self.delivered[dst]).to(z.dtype)
             self.delivered[dst] += delta.to(torch.float64)
