@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from p2pnode.node.data import parse_split
-from p2pnode.node.errors import BadInput
-from p2pnode.node.settings import RunSettings
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from p2pnode.node.errors import BadInput
+from p2pnode.node.settings import NodeSettings, SimulateSettings, TestnetSettings
+
+from .options import with_settings
 
 try:  # typer >= 0.26 vendors its own click
     from typer._click.exceptions import NoArgsIsHelpError, UsageError
@@ -26,82 +32,11 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console(stderr=True)
-D = RunSettings()
 
 
-@app.callback()
-def _root() -> None:
-    """Fine-tune one vision transformer together, peer to peer, without sharing data."""
-
-
-@app.command()
-def simulate(
-    algorithm: Annotated[str, typer.Option(help="p2pft, dsgd, local or central")] = D.algorithm,
-    nodes: Annotated[
-        int | None, typer.Option(help="number of nodes [default: one per --split class set, else 4]")
-    ] = None,
-    split: Annotated[
-        str, typer.Option(help="class sets per node (0-1,2-3,4-6,7-9), iid, or dirichlet:ALPHA")
-    ] = D.split,
-    topology: Annotated[
-        str, typer.Option(help="directed-ring, exponential, complete, ring, random:K, or an edge-list file")
-    ] = D.topology,
-    epochs: Annotated[int, typer.Option(help="passes over all training data")] = D.epochs,
-    lr: Annotated[float, typer.Option(help="step size alpha")] = D.lr,
-    schedule: Annotated[str, typer.Option(help="cosine or constant step size")] = D.schedule,
-    momentum: Annotated[float, typer.Option(help="heavy-ball momentum, 0 for plain SGD")] = D.momentum,
-    weight_decay: Annotated[float, typer.Option(help="L2 penalty on the trainable parameters")] = D.weight_decay,
-    batch_size: Annotated[int, typer.Option(help="mini-batch size per node")] = D.batch_size,
-    seed: Annotated[int, typer.Option(help="seed for partitions, sampling and random topologies")] = D.seed,
-    compare: Annotated[
-        str, typer.Option(help="other algorithms to run on the same data, e.g. local,central,dsgd")
-    ] = "",
-    model: Annotated[str, typer.Option(help="timm model name; the default needs no download")] = D.model,
-    trainable_blocks: Annotated[int, typer.Option(help="last blocks to fine-tune (Swin: of the last stage)")] = 1,
-    pretrained: Annotated[bool, typer.Option(help="load timm hub weights (needs internet)")] = False,
-    checkpoint: Annotated[Path | None, typer.Option(help="local weights (.safetensors or .pt)")] = None,
-    model_seed: Annotated[int, typer.Option(help="seed of the random initialisation shared by all nodes")] = 0,
-    data: Annotated[str, typer.Option(help="digits, cifar10, cifar100, flowers102, pets, or an image folder")] = D.data,
-    data_root: Annotated[Path | None, typer.Option(help="where torchvision datasets are kept")] = None,
-    download: Annotated[bool, typer.Option(help="download torchvision datasets into --data-root")] = False,
-    augment: Annotated[bool, typer.Option(help="random crops and flips (turns the feature cache off)")] = False,
-    cache_features: Annotated[bool, typer.Option(help="compute the frozen trunk once per sample")] = True,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N]")] = D.device,
-    json_path: Annotated[Path | None, typer.Option("--json", help="write results and settings as JSON")] = None,
-    plot: Annotated[Path | None, typer.Option(help="write accuracy against epoch as an image")] = None,
-) -> None:
-    """Run NODES nodes in one process over in-memory links and print a per-node accuracy table."""
-    from p2pnode.node.report import results_table, write_json, write_plot
-    from p2pnode.node.simulator import simulate as run_simulation
-
-    if nodes is None:
-        parsed = parse_split(split)
-        nodes = len(parsed) if isinstance(parsed, list) else 4
-    settings = RunSettings(
-        model=model,
-        trainable_blocks=trainable_blocks,
-        pretrained=pretrained,
-        checkpoint=str(checkpoint) if checkpoint else None,
-        model_seed=model_seed,
-        data=data,
-        data_root=str(data_root) if data_root else None,
-        download=download,
-        augment=augment,
-        cache_features=cache_features,
-        split=split,
-        nodes=nodes,
-        topology=topology,
-        algorithm=algorithm,
-        compare=[c.strip() for c in compare.split(",") if c.strip()],
-        epochs=epochs,
-        lr=lr,
-        schedule=schedule,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        batch_size=batch_size,
-        seed=seed,
-        device=device,
-    ).validate()
+@contextlib.contextmanager
+def _progress() -> Iterator[Callable[[str, int, int, str], None]]:
+    """Progress bars on stderr, started lazily so that early errors print on a clean line."""
     columns = (
         TextColumn("{task.description:<22}"),
         BarColumn(),
@@ -112,23 +47,181 @@ def simulate(
     progress = Progress(*columns, console=console)
     tasks: dict[str, int] = {}
 
-    def task(key: str, total: int) -> int:
-        if not progress.live.is_started:  # started lazily, so early errors print on a clean line
+    def update(key: str, total: int, done: int, info: str) -> None:
+        if not progress.live.is_started:
             progress.start()
         if key not in tasks:
             tasks[key] = progress.add_task(key, total=total, info="")
-        return tasks[key]
-
-    def on_cache(done: int, total: int) -> None:
-        progress.update(task("caching trunk features", total), completed=done)
-
-    def on_epoch(name: str, epoch: int, total: int, acc: float) -> None:
-        progress.update(task(name, total), completed=epoch, info=f"mean acc {100 * acc:5.1f}%")
+        progress.update(tasks[key], total=total, completed=done, info=info)
 
     try:
-        result = run_simulation(settings, on_epoch, on_cache)
+        yield update
     finally:
         progress.stop()
+
+
+@app.callback()
+def _root() -> None:
+    """Fine-tune one vision transformer together, peer to peer, without sharing data."""
+
+
+@app.command()
+@with_settings(SimulateSettings)
+def simulate(
+    settings: SimulateSettings,
+    json_path: Annotated[Path | None, typer.Option("--json", help="write results and settings as JSON")] = None,
+    plot: Annotated[Path | None, typer.Option(help="write accuracy against epoch as an image")] = None,
+) -> None:
+    """Run NODES nodes in one process over in-memory links and print a per-node accuracy table."""
+    from p2pnode.node.report import results_table, write_json, write_plot
+    from p2pnode.node.simulator import simulate as run_simulation
+
+    with _progress() as task:
+
+        def on_cache(done: int, total: int) -> None:
+            task("caching trunk features", total, done, "")
+
+        def on_epoch(name: str, epoch: int, total: int, acc: float) -> None:
+            task(name, total, epoch, f"mean acc {100 * acc:5.1f}%")
+
+        result = run_simulation(settings, on_epoch, on_cache)
+    Console().print(results_table(result))
+    if json_path:
+        write_json(result, json_path)
+        console.print(f"wrote {json_path}")
+    if plot:
+        write_plot(result, plot)
+        console.print(f"wrote {plot}")
+
+
+def _log_to_stderr(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+@app.command()
+@with_settings(NodeSettings)
+def start(settings: NodeSettings) -> None:
+    """Run this machine's node: join the run through the DHT, train with its peers, write result.json."""
+    import asyncio
+
+    from p2pnode.node.daemon import run_node
+
+    _log_to_stderr()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - Windows
+        pass
+    result = asyncio.run(run_node(settings))
+    if result is not None:
+        console.print(
+            f"done: test accuracy {100 * result['accuracy']:.1f}% after {result['rounds']} rounds, "
+            f"sent {result['bytes_sent'] / 1e6:.1f} MB; wrote {settings.state_dir}/result.json"
+        )
+
+
+Maddrs = Annotated[list[str] | None, typer.Option(help="multiaddrs (repeat or separate with commas)")]
+
+
+def _split_addrs(values: list[str] | None) -> list[str]:
+    return [a for v in values or [] for a in v.split(",") if a]
+
+
+@app.command()
+def bootstrap(
+    listen: Maddrs = None,
+    announce: Maddrs = None,
+    identity: Annotated[Path | None, typer.Option(help="private key file (keeps the peer id)")] = None,
+    run_id: Annotated[str, typer.Option(help="run whose records this peer validates")] = "default",
+) -> None:
+    """Start a DHT-only peer, print its full multiaddrs one per line, and keep running until stopped."""
+    import signal
+    import threading
+
+    import hivemind
+
+    from p2pnode.protocol.membership import run_validators
+
+    _log_to_stderr(logging.WARNING)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    dht = hivemind.DHT(
+        start=True,
+        host_maddrs=_split_addrs(listen) or ["/ip4/0.0.0.0/tcp/0"],
+        announce_maddrs=_split_addrs(announce) or None,
+        identity_path=str(identity) if identity else None,
+        record_validators=run_validators(run_id),
+    )
+    try:
+        for addr in dht.get_visible_maddrs():
+            print(addr, flush=True)
+        stop.wait()
+    finally:
+        dht.shutdown()
+
+
+@app.command()
+def status(
+    peers: Maddrs = None,
+    run_id: Annotated[str, typer.Option(help="the run to list")] = "default",
+) -> None:
+    """List a run's members and their progress (round, loss, accuracy, bytes) as the DHT has them."""
+    import hivemind
+    from rich.table import Table
+
+    from p2pnode.protocol.membership import Membership, run_validators
+
+    addrs = _split_addrs(peers)
+    if not addrs:
+        raise BadInput("status needs --peers: the multiaddr of any peer of the run (e.g. the bootstrap peer)")
+    validators = run_validators(run_id)
+    try:
+        dht = hivemind.DHT(initial_peers=addrs, client_mode=True, start=True, record_validators=validators)
+    except Exception as e:
+        raise BadInput(f"could not reach --peers ({type(e).__name__}: {e})") from None
+    try:
+        members = Membership(dht, run_id, validators[0]).members()
+    finally:
+        dht.shutdown()
+    table = Table(title=f"run {run_id}: {len(members)} member(s)")
+    for col in ("#", "peer", "classes", "status", "round", "epoch", "loss", "accuracy", "sent", "seen"):
+        table.add_column(col, justify="right" if col not in ("peer", "status", "classes") else "left")
+    for i, m in enumerate(members):
+        table.add_row(
+            str(i),
+            m.peer_id[-10:],
+            m.classes or "-",
+            m.status,
+            f"{m.round}/{m.rounds}",
+            str(m.epoch),
+            f"{m.loss:.3f}" if m.loss >= 0 else "-",
+            f"{100 * m.accuracy:.1f}%" if m.accuracy >= 0 else "-",
+            f"{m.bytes_sent / 1e6:.1f} MB",
+            f"{time.time() - m.updated:.0f} s ago",
+        )
+    Console().print(table)
+
+
+@app.command()
+@with_settings(TestnetSettings)
+def testnet(
+    settings: TestnetSettings,
+    json_path: Annotated[Path | None, typer.Option("--json", help="write results and settings as JSON")] = None,
+    plot: Annotated[Path | None, typer.Option(help="write accuracy against epoch as an image")] = None,
+) -> None:
+    """Start a bootstrap peer and NODES `p2pnode start` processes on 127.0.0.1, run, and tear down."""
+    from p2pnode.node.report import results_table, write_json, write_plot
+    from p2pnode.node.testnet import run_testnet
+
+    with _progress() as task:
+
+        def on_progress(node: int, done: int, total: int, acc: float | None) -> None:
+            info = f"acc {100 * acc:5.1f}%" if acc is not None else ""
+            task(f"node {node}", total, done, info)
+
+        result = run_testnet(settings, on_progress)
     Console().print(results_table(result))
     if json_path:
         write_json(result, json_path)

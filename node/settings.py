@@ -1,74 +1,100 @@
-"""The settings of one run, shared by `p2pnode simulate` and (later) `p2pnode start`."""
+"""The settings of one run, shared by `p2pnode simulate`, `p2pnode start` and `p2pnode testnet`.
+
+Each field's `help` metadata becomes a command-line option (see cli/options.py); values come from,
+in order of precedence: the flag, the environment variable `P2PNODE_<FIELD>`, `--config FILE`
+(TOML, keys named like the fields or flags), the default here.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import torch
 
 from .algorithms import ALGORITHMS
-from .data import parse_split
+from .data import parse_class_set, parse_split
 from .errors import BadInput
 from .models import DEFAULT_MODEL
 
 SCHEDULES = ("cosine", "constant")
 
 
+def opt(default, help: str, **kw):
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
 @dataclass
 class RunSettings:
     # model
-    model: str = DEFAULT_MODEL
-    trainable_blocks: int = 1
-    pretrained: bool = False
-    checkpoint: str | None = None
-    model_seed: int = 0
+    model: str = opt(DEFAULT_MODEL, "timm model name; the default needs no download")
+    trainable_blocks: int = opt(1, "last blocks to fine-tune (Swin: of the last stage)")
+    pretrained: bool = opt(False, "load timm hub weights (needs internet)")
+    checkpoint: str | None = opt(None, "local weights to start from (.safetensors or .pt)")
+    model_seed: int = opt(0, "seed of the random initialisation shared by all nodes")
     # data
-    data: str = "digits"
-    data_root: str | None = None
-    download: bool = False
-    augment: bool = False
-    cache_features: bool = True
-    split: str = "0-1,2-3,4-6,7-9"
-    nodes: int = 4
+    data: str = opt("digits", "digits, cifar10, cifar100, flowers102, pets, or an image folder")
+    data_root: str | None = opt(None, "where torchvision datasets are kept")
+    download: bool = opt(False, "download torchvision datasets into --data-root")
+    augment: bool = opt(False, "random crops and flips (turns the feature cache off)")
+    cache_features: bool = opt(True, "compute the frozen trunk once per sample")
+    split: str = opt("0-1,2-3,4-6,7-9", "class sets per node (0-1,2-3,4-6,7-9), iid, or dirichlet:ALPHA")
+    nodes: int | None = opt(None, "number of nodes [default: one per --split class set, else 4]")
     # graph and algorithm
-    topology: str = "directed-ring"
-    algorithm: str = "p2pft"
-    compare: list[str] = field(default_factory=list)
-    # training
-    epochs: int = 40
-    lr: float = 0.05
-    schedule: str = "cosine"
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    batch_size: int = 32
-    seed: int = 0
-    device: str = "auto"
+    topology: str = opt("directed-ring", "directed-ring, exponential, complete, ring, random:K, or an edge-list file")
+    algorithm: str = opt("p2pft", "p2pft, dsgd, local or central")
+    codec: str = opt("none", "compression of exchanged tensors: none, fp16, bf16, int8, topk:FRACTION")
+    gamma: float = opt(1.0, "consensus step for compressed exchange (<= 1; lower for aggressive top-k)")
+    # training. Defaults found by bench/reproduce_table1.py on digits (see README): they bring every
+    # P2P-FT node within 2 points of central fine-tuning at the same number of passes over the data.
+    epochs: int = opt(40, "passes over all training data")
+    lr: float = opt(0.005, "step size alpha")
+    schedule: str = opt("cosine", "cosine or constant step size")
+    momentum: float = opt(0.9, "heavy-ball momentum, 0 for plain SGD")
+    weight_decay: float = opt(0.0, "L2 penalty on the trainable parameters")
+    batch_size: int = opt(16, "mini-batch size per node")
+    seed: int = opt(0, "seed for partitions, sampling and random topologies")
+    device: str = opt("auto", "auto, cpu or cuda[:N]")
 
     def validate(self) -> RunSettings:
+        from ..protocol.codecs import CodecError, get_codec
+
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise BadInput(f"--lr must be a positive step size (got {self.lr})")
         if self.epochs < 1:
             raise BadInput(f"--epochs must be at least 1 (got {self.epochs})")
         if self.batch_size < 1:
             raise BadInput(f"--batch-size must be at least 1 (got {self.batch_size})")
+        split = parse_split(self.split)
+        if self.nodes is None:
+            self.nodes = len(split) if isinstance(split, list) else 4
         if self.nodes < 1:
             raise BadInput(f"--nodes must be at least 1 (got {self.nodes})")
         if not 0 <= self.momentum < 1:
             raise BadInput(f"--momentum must be in [0, 1) (got {self.momentum})")
         if self.weight_decay < 0:
             raise BadInput(f"--weight-decay must be >= 0 (got {self.weight_decay})")
+        if not 0 < self.gamma <= 1:
+            raise BadInput(f"--gamma must be in (0, 1] (got {self.gamma})")
         if self.schedule not in SCHEDULES:
             raise BadInput(f"unknown --schedule {self.schedule!r}: use {' or '.join(SCHEDULES)}")
-        for name in [self.algorithm, *self.compare]:
+        for name in [self.algorithm, *getattr(self, "compare", [])]:
             if name not in ALGORITHMS:
                 raise BadInput(f"unknown algorithm {name!r}: choose from {', '.join(sorted(ALGORITHMS))}")
+        try:
+            get_codec(self.codec)
+        except CodecError as e:
+            raise BadInput(str(e)) from None
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise BadInput(f"unknown --device {self.device!r}: use auto, cpu or cuda[:N]")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise BadInput(f"--device {self.device} asked for, but this machine has no CUDA GPU; use --device cpu")
-        split = parse_split(self.split)
-        if isinstance(split, list) and len(split) != self.nodes:
+        if isinstance(split, list) and len(split) != self.nodes and getattr(self, "classes", None) is None:
             raise BadInput(f"--split lists {len(split)} class sets but --nodes is {self.nodes}; give one per node")
         if self.augment:
             self.cache_features = False
@@ -82,3 +108,115 @@ class RunSettings:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def run_fields(self) -> dict:
+        """The settings every member of a run must share (checked through the DHT)."""
+        shared = {f.name for f in fields(RunSettings)} - {"device", "data_root", "download", "checkpoint", "split"}
+        return {k: v for k, v in asdict(self).items() if k in shared}
+
+    def settings_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.run_fields(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class SimulateSettings(RunSettings):
+    compare: list[str] = opt([], "other algorithms to run on the same data, e.g. local,central,dsgd")
+
+
+@dataclass
+class NodeSettings(RunSettings):
+    peers: list[str] = opt([], "bootstrap multiaddrs (repeat the flag or separate with commas)")
+    listen: list[str] = opt(["/ip4/0.0.0.0/tcp/0"], "multiaddrs to listen on")
+    announce: list[str] = opt([], "public multiaddrs to announce (behind NAT: your public address)")
+    identity: str | None = opt(None, "file with this node's private key (keeps the peer id across restarts)")
+    run_id: str = opt("default", "name of the run to join")
+    classes: str | None = opt(None, "this node's classes, e.g. 0-1 (default: its share of --split)")
+    index: int = opt(-1, "this node's position in the run (default: order by peer id)")
+    state_dir: str = opt("p2pnode-state", "where checkpoints, progress and result.json go")
+    checkpoint_every: int = opt(50, "write a checkpoint every N rounds (and on shutdown)")
+    round_timeout: float = opt(60.0, "seconds to wait for in-neighbours before a round goes on without them")
+    join_timeout: float = opt(600.0, "seconds to wait for --nodes members before giving up")
+    heartbeat: float = opt(5.0, "seconds between membership refreshes in the DHT")
+    use_relay: bool = opt(True, "reach peers behind NAT through libp2p relays")
+    use_auto_relay: bool = opt(False, "look for relays to become reachable when behind NAT yourself")
+
+    def validate(self) -> NodeSettings:
+        super().validate()
+        if self.classes is not None:
+            parse_class_set(self.classes)
+        if not self.run_id or any(c in self.run_id for c in " /\\.:"):
+            raise BadInput(f"bad --run-id {self.run_id!r}: use letters, digits, '-' and '_'")
+        if self.checkpoint_every < 1:
+            raise BadInput(f"--checkpoint-every must be at least 1 (got {self.checkpoint_every})")
+        if self.round_timeout <= 0 or self.join_timeout <= 0 or self.heartbeat <= 0:
+            raise BadInput("--round-timeout, --join-timeout and --heartbeat must be positive")
+        if self.algorithm == "central" and self.nodes != 1:
+            raise BadInput("central is the single-node reference: use it with simulate, or --nodes 1")
+        return self
+
+
+def load_config(path: str | Path) -> dict:
+    """Read a TOML config file; keys may use dashes or underscores."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    p = Path(path)
+    if not p.is_file():
+        raise BadInput(f"config file {p} does not exist")
+    try:
+        raw = tomllib.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise BadInput(f"config file {p} is not valid TOML: {e}") from None
+    return {k.replace("-", "_"): v for k, v in raw.items()}
+
+
+def build_settings(cls: type[RunSettings], values: dict, config: str | Path | None = None) -> RunSettings:
+    """Merge flags (`values`, None = not given) over the config file over the defaults; validate."""
+    names = {f.name: f for f in fields(cls)}
+    merged = load_config(config) if config else {}
+    unknown = sorted(set(merged) - set(names))
+    if unknown:
+        raise BadInput(f"config file {config} has unknown setting {unknown[0]!r}")
+    merged.update({k: v for k, v in values.items() if v is not None})
+    for k, v in merged.items():
+        if isinstance(names[k].default, bool) and not isinstance(v, bool):
+            raise BadInput(f"setting {k} must be true or false (got {v!r})")
+        if "list" in str(names[k].type) and isinstance(v, str):
+            merged[k] = [x for x in v.split(",") if x]
+        elif "list" in str(names[k].type):
+            merged[k] = [x for item in v for x in str(item).split(",") if x]
+    try:
+        settings = cls(**merged)
+    except TypeError as e:
+        raise BadInput(f"bad settings: {e}") from None
+    return settings.validate()
+
+
+@dataclass
+class TestnetSettings(RunSettings):
+    __test__ = False  # not a pytest class
+
+    run_id: str = opt("testnet", "name of the run")
+    workdir: str | None = opt(None, "folder for each node's state and log [default: a temporary folder]")
+    round_timeout: float = opt(60.0, "seconds a node waits for its in-neighbours each round")
+    timeout: float = opt(1800.0, "give up (and tear everything down) after this many seconds")
+
+
+def to_flags(settings: RunSettings, only: type[RunSettings] = RunSettings) -> list[str]:
+    """Command-line flags that reproduce the fields of `only` (the shared run settings by default)."""
+    flags: list[str] = []
+    for f in fields(only):
+        value = getattr(settings, f.name)
+        name = "--" + f.name.replace("_", "-")
+        if value is None or value == []:
+            continue
+        if isinstance(value, bool):
+            flags.append(name if value else f"--no-{name[2:]}")
+        elif isinstance(value, list):
+            for item in value:
+                flags += [name, str(item)]
+        else:
+            flags += [name, str(value)]
+    return flags

@@ -10,13 +10,14 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from ..protocol.codecs import get_codec
 from .algorithms import ALGORITHMS, StepRule
-from .data import ImageData, load_data, parse_split, partition
+from .data import parse_split, partition
 from .engine import InMemoryNetwork
-from .models import FineTuneModel, build_model
+from .errors import BadInput
 from .settings import RunSettings
 from .topology import Topology, make_topology
-from .training import FeatureBank, VisionObjective, accuracy
+from .training import FeatureBank, VisionObjective, accuracy, prepare_model_and_data
 
 # (algorithm, epoch, epochs, mean accuracy) after each evaluated epoch
 EpochCallback = Callable[[str, int, int, float], None]
@@ -50,19 +51,27 @@ def cosine(lr: float, total: int) -> Callable[[int], float]:
     return lambda k: lr * 0.5 * (1 + math.cos(math.pi * min(k, total) / max(total, 1)))
 
 
+def step_schedule(settings: RunSettings, total: int) -> Callable[[int], float]:
+    return cosine(settings.lr, total) if settings.schedule == "cosine" else (lambda k: settings.lr)
+
+
+def objective_seed(settings: RunSettings, node: int) -> int:
+    """Mini-batch order of node `node`: the same in the simulator and in the daemon."""
+    return settings.seed * 1000 + node
+
+
+def iterations_per_epoch(total_samples: int, nodes: int, batch_size: int) -> int:
+    """One epoch = one pass over all training data, summed over the nodes that train."""
+    return max(1, math.ceil(total_samples / (nodes * batch_size)))
+
+
 class Simulation:
     """Builds the model, data, partitions and feature caches once; runs any algorithm on them."""
 
     def __init__(self, settings: RunSettings, on_cache: Callable[[int, int], None] | None = None) -> None:
         self.settings = s = settings.validate()
         self.device = s.torch_device
-        probe = build_model(s.model, 1, s.trainable_blocks, s.pretrained, None, s.model_seed)
-        self.data: ImageData = load_data(
-            s.data, probe.input_size, probe.mean, probe.std, s.data_root, s.augment, s.download
-        )
-        self.model: FineTuneModel = build_model(
-            s.model, self.data.num_classes, s.trainable_blocks, s.pretrained, s.checkpoint, s.model_seed
-        ).to(self.device)
+        self.model, self.data = prepare_model_and_data(s, self.device)
         self.parts = partition(
             self.data.train_labels, parse_split(s.split), s.nodes, s.seed, self.data.num_classes, self.data.name
         )
@@ -79,11 +88,6 @@ class Simulation:
         self.test_bank = FeatureBank(self.model, self.data.test, self.data.test_labels, None, True, self.device)
         self.initial = self.model.trainable_vector().to(self.device)
 
-    def iterations_per_epoch(self, nodes: int) -> int:
-        """One epoch = one pass over all training data, summed over the nodes that train."""
-        total = sum(len(p) for p in self.parts)
-        return max(1, math.ceil(total / (nodes * self.settings.batch_size)))
-
     def run(self, name: str, on_epoch: EpochCallback | None = None) -> AlgorithmResult:
         s = self.settings
         cls = ALGORITHMS[name]
@@ -92,18 +96,18 @@ class Simulation:
         else:
             topo, shards = self.topology, self.parts
         if cls.needs_undirected and not topo.is_undirected:
-            from .errors import BadInput
-
             raise BadInput(f"{name} needs an undirected topology (ring, complete); {topo.name} is directed")
-        per_epoch = self.iterations_per_epoch(len(shards))
+        per_epoch = iterations_per_epoch(sum(len(p) for p in shards), len(shards), s.batch_size)
         total = per_epoch * s.epochs
-        lr = cosine(s.lr, total) if s.schedule == "cosine" else (lambda k: s.lr)
+        lr = step_schedule(s, total)
         nodes = []
         for i, shard in enumerate(shards):
             objective = VisionObjective(
-                self.model, self.train_bank, shard, s.batch_size, seed=s.seed * 1000 + i, weight_decay=s.weight_decay
+                self.model, self.train_bank, shard, s.batch_size, seed=objective_seed(s, i), weight_decay=s.weight_decay
             )
-            nodes.append(cls(topo.neighbourhood(i), objective, self.initial, StepRule(lr, s.momentum)))
+            codec = None if s.codec == "none" else get_codec(s.codec)
+            step = StepRule(lr, s.momentum)
+            nodes.append(cls(topo.neighbourhood(i), objective, self.initial, step, codec, s.gamma))
         net = InMemoryNetwork(nodes)
         history: dict[str, list] = {"epoch": [], "accuracy": [], "loss": []}
         start = time.perf_counter()

@@ -14,9 +14,19 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
-from .models import FineTuneModel
+from .data import ImageData, load_data
+from .models import FineTuneModel, build_model
 
 Progress = Callable[[int, int], None]
+
+
+def prepare_model_and_data(settings, device: torch.device) -> tuple[FineTuneModel, ImageData]:
+    """The model (frozen trunk + new head for the data's classes) and the data at its input size."""
+    s = settings
+    probe = build_model(s.model, 1, s.trainable_blocks, False, None, s.model_seed)
+    data = load_data(s.data, probe.input_size, probe.mean, probe.std, s.data_root, s.augment, s.download)
+    model = build_model(s.model, data.num_classes, s.trainable_blocks, s.pretrained, s.checkpoint, s.model_seed)
+    return model.to(device), data
 
 
 class FeatureBank:

@@ -15,6 +15,7 @@ from typing import ClassVar, Protocol
 
 import torch
 
+from ...protocol.codecs import Codec, Encoded, get_codec
 from ..errors import BadInput
 from ..topology import Neighbourhood
 
@@ -30,6 +31,12 @@ class Objective(Protocol):
 
 
 LearningRate = Callable[[int], float]
+Payload = torch.Tensor | Encoded
+
+
+def as_tensor(x: Payload) -> torch.Tensor:
+    """A message tensor as a torch tensor, decoding it if it is still encoded."""
+    return get_codec(x.codec).decode(x) if isinstance(x, Encoded) else x
 
 
 @dataclass
@@ -41,12 +48,13 @@ class Message:
     round: int
     phase: str
     kind: str
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, Payload]
     seq: int = 0
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+        """Tensor payload bytes (encoded size where encoded)."""
+        return sum(t.nbytes for t in self.tensors.values())
 
 
 @dataclass
@@ -70,7 +78,8 @@ class StepRule:
         return {} if self._buffer is None else {"momentum_buffer": self._buffer}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self._buffer = state.get("momentum_buffer")
+        buffer = state.get("momentum_buffer")
+        self._buffer = None if buffer is None else buffer.clone()
 
 
 class Algorithm(ABC):
@@ -81,11 +90,21 @@ class Algorithm(ABC):
     communicates: ClassVar[bool] = True
     needs_undirected: ClassVar[bool] = False
 
-    def __init__(self, hood: Neighbourhood, objective: Objective, params: torch.Tensor, step: StepRule) -> None:
+    def __init__(
+        self,
+        hood: Neighbourhood,
+        objective: Objective,
+        params: torch.Tensor,
+        step: StepRule,
+        codec: Codec | None = None,
+        gamma: float = 1.0,
+    ) -> None:
         self.hood = hood
         self.objective = objective
         self.params = params.detach().clone()
         self.step = step
+        self.codec = codec
+        self.gamma = gamma
         self.iteration = 0
         self.last_loss = float("nan")
 
@@ -101,30 +120,22 @@ class Algorithm(ABC):
     def incoming(self, phase: str, k: int, messages: Sequence[Message]) -> None:
         """Apply the messages that arrived for `phase` of iteration `k` (possibly fewer than sent)."""
 
-    def _to_out_neighbours(self, phase: str, k: int, kind: str, **tensors: torch.Tensor) -> list[Message]:
-        return [Message(self.node, dst, k, phase, kind, dict(tensors)) for dst in self.hood.out_neighbours]
+    def request_keyframe(self, dst: int) -> None:  # noqa: B027 - a no-op for algorithms without increments
+        """The link to `dst` lost messages: send full state on it next time (if the algorithm has any)."""
 
-    def _newest_by_sender(self, messages: Sequence[Message]) -> dict[int, Message]:
-        newest: dict[int, Message] = {}
-        for m in messages:
-            if m.src in self.hood.in_neighbours and (m.src not in newest or m.round >= newest[m.src].round):
-                newest[m.src] = m
-        return newest
-
-    def _mix(self, own: torch.Tensor, messages: Sequence[Message], key: str) -> torch.Tensor:
-        """sum_j a_ij x_j over self and the in-neighbours heard from, renormalised over those."""
-        newest = self._newest_by_sender(messages)
-        total = own * self.hood.self_row_weight
-        weight = self.hood.self_row_weight
-        for j, m in newest.items():
-            w = self.hood.row_weight(j)
-            total = total + w * m.tensors[key].to(own.dtype)
-            weight += w
-        return total / weight if abs(weight - 1.0) > 1e-12 else total
+    @property
+    def gaps(self) -> set[int]:
+        """In-neighbours whose stream of increments has a gap (they must send a keyframe)."""
+        return set()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Everything needed to resume this node (extended by subclasses)."""
-        return {"params": self.params, **self.step.state_dict()}
+        return {"params": self.params, "iteration": torch.tensor(self.iteration), **self.step.state_dict()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.params = state["params"].clone()
+        self.iteration = int(state["iteration"])
+        self.step.load_state_dict(state)
 
 
 ALGORITHMS: dict[str, type[Algorithm]] = {}

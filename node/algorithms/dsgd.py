@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .base import Algorithm, Message, register
+from .pull import PullChannel
 
 
 @register
@@ -15,11 +16,30 @@ class DSGD(Algorithm):
     name = "dsgd"
     phases = ("mix",)
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.pull = PullChannel(self.hood, self.params, self.codec, self.gamma)
+
     def outgoing(self, phase: str, k: int) -> list[Message]:
-        return self._to_out_neighbours(phase, k, "value", theta=self.params)
+        return self.pull.send(self.params, k, phase)
 
     def incoming(self, phase: str, k: int, messages: Sequence[Message]) -> None:
         grad, self.last_loss = self.objective.gradient(self.params)
-        mixed = self._mix(self.params, messages, "theta")
+        self.pull.receive(messages)
+        mixed = self.pull.mix(self.params)
         self.params = mixed - self.step.lr(k) * self.step.direction(grad)
         self.iteration = k + 1
+
+    def request_keyframe(self, dst: int) -> None:
+        self.pull.request_keyframe(dst)
+
+    @property
+    def gaps(self) -> set[int]:
+        return self.pull.gaps
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), **self.pull.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.pull.load_state_dict(state)

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..topology import Neighbourhood
-from .base import Algorithm, Message, Objective, StepRule, register
+from .base import Algorithm, Message, register
+from .pull import PullChannel
 from .running_sums import PushReceiver, PushSender
 
 
@@ -25,24 +25,26 @@ class P2PFT(Algorithm):
     name = "p2pft"
     phases = ("pull", "push")
 
-    def __init__(self, hood: Neighbourhood, objective: Objective, params: torch.Tensor, step: StepRule) -> None:
-        super().__init__(hood, objective, params, step)
-        self.grad, self.last_loss = objective.gradient(self.params)
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.grad, self.last_loss = self.objective.gradient(self.params)
         self.tau = self.grad.clone()
         self.z = torch.zeros_like(self.tau)
         self.v = self.params.clone()
-        self.sender = PushSender(hood, self.params.numel())
-        self.receiver = PushReceiver(hood, self.params.numel())
+        self.pull = PullChannel(self.hood, self.params, self.codec, self.gamma)
+        self.sender = PushSender(self.hood, self.params.numel(), self.codec)
+        self.receiver = PushReceiver(self.hood, self.params.numel())
 
     def outgoing(self, phase: str, k: int) -> list[Message]:
         if phase == "pull":
             self.v = self.params - self.step.lr(k) * self.step.direction(self.tau)
-            return self._to_out_neighbours(phase, k, "value", v=self.v)
+            return self.pull.send(self.v, k, phase)
         return self.sender.send(self.z, k, phase)
 
     def incoming(self, phase: str, k: int, messages: Sequence[Message]) -> None:
         if phase == "pull":
-            self.params = self._mix(self.v, messages, "v")
+            self.pull.receive(messages)
+            self.params = self.pull.mix(self.v)
             grad, self.last_loss = self.objective.gradient(self.params)
             self.z = self.tau + grad - self.grad
             self.grad = grad
@@ -53,11 +55,30 @@ class P2PFT(Algorithm):
             self.tau = self.tau + arrived.to(self.tau.dtype)
         self.iteration = k + 1
 
+    def request_keyframe(self, dst: int) -> None:
+        self.pull.request_keyframe(dst)
+        self.sender.request_keyframe(dst)
+
+    @property
+    def gaps(self) -> set[int]:
+        return self.pull.gaps | self.receiver.gaps
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {
             **super().state_dict(),
             "tau": self.tau,
             "grad": self.grad,
+            "z": self.z,
+            "v": self.v,
+            **self.pull.state_dict(),
             **self.sender.state_dict(),
             **self.receiver.state_dict(),
         }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        super().load_state_dict(state)
+        for name in ("tau", "grad", "z", "v"):
+            setattr(self, name, state[name].clone())
+        self.pull.load_state_dict(state)
+        self.sender.load_state_dict(state)
+        self.receiver.load_state_dict(state)

@@ -14,13 +14,14 @@ from collections.abc import Sequence
 
 import torch
 
+from ...protocol.codecs import Codec
 from ..topology import Neighbourhood
-from .base import Message
+from .base import Message, as_tensor
 
 
 class PushSender:
-    def __init__(self, hood: Neighbourhood, dim: int) -> None:
-        self.hood = hood
+    def __init__(self, hood: Neighbourhood, dim: int, codec: Codec | None = None) -> None:
+        self.hood, self.codec = hood, codec
         self.sigma = {d: torch.zeros(dim, dtype=torch.float64) for d in hood.out_neighbours}
         self.delivered = {d: torch.zeros(dim, dtype=torch.float64) for d in hood.out_neighbours}
         self.seq = dict.fromkeys(hood.out_neighbours, 0)
@@ -41,8 +42,9 @@ class PushSender:
                     )
                 )
                 continue
-            delta = (self.sigma[dst] - self.delivered[dst]).to(z.dtype)
-            self.delivered[dst] += delta.to(torch.float64)
+            pending = (self.sigma[dst] - self.delivered[dst]).to(z.dtype)
+            delta = pending if self.codec is None else self.codec.encode(pending)
+            self.delivered[dst] += as_tensor(delta).to(torch.float64)
             out.append(Message(self.hood.node, dst, round_, phase, "delta", {"delta": delta}, self.seq[dst]))
         return out
 
@@ -60,6 +62,12 @@ class PushSender:
             state[f"push.delivered.{d}"] = self.delivered[d]
             state[f"push.seq.{d}"] = torch.tensor(self.seq[d])
         return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for d in self.sigma:
+            self.sigma[d] = state[f"push.sigma.{d}"].clone()
+            self.delivered[d] = state[f"push.delivered.{d}"].clone()
+            self.seq[d] = int(state[f"push.seq.{d}"])
 
 
 class PushReceiver:
@@ -84,7 +92,7 @@ class PushReceiver:
                 self.rho[m.src] = m.tensors["sigma"].to(torch.float64).clone()
                 self.gaps.discard(m.src)
             elif m.kind == "delta" and m.seq == self.last_seq[m.src] + 1 and m.src not in self.gaps:
-                new = m.tensors["delta"].to(torch.float64)
+                new = as_tensor(m.tensors["delta"]).to(torch.float64)
                 self.rho[m.src] += new
             else:
                 self.gaps.add(m.src)
@@ -99,3 +107,8 @@ class PushReceiver:
             state[f"push.rho.{s}"] = self.rho[s]
             state[f"push.last_seq.{s}"] = torch.tensor(self.last_seq[s])
         return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for s in self.rho:
+            self.rho[s] = state[f"push.rho.{s}"].clone()
+            self.last_seq[s] = int(state[f"push.last_seq.{s}"])

@@ -1,0 +1,101 @@
+"""Pull channel: out-neighbours learn this node's value; mixing uses the newest one per in-neighbour.
+
+Exact mode (no codec): each message carries the value itself (`value`); the receiver keeps the
+newest per in-neighbour by round, so a lost or late message only makes the mix use an older value.
+
+Compressed mode (DESIGN §4): every node keeps a public copy h_i of its own value, and every
+receiver a replica H_j of each in-neighbour's copy. The sender transmits C(v_i - h_i) (`copy`,
+tensor `d`) and both ends add the decoded increment, so copy and replica stay identical. Mixing is a
+consensus step  theta_i = v_i + gamma * sum_j a_ij (H_j - h_i),  which with exact copies and
+gamma = 1 is the plain mix sum_j a_ij v_j. Replicas need every increment in order: after a gap the
+receiver lists the sender in `gaps` and ignores increments until a keyframe (tensor `h`) arrives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ...protocol.codecs import Codec
+from ..topology import Neighbourhood
+from .base import Message, as_tensor
+
+
+class PullChannel:
+    def __init__(self, hood: Neighbourhood, like: torch.Tensor, codec: Codec | None = None, gamma: float = 1.0):
+        self.hood, self.codec, self.gamma = hood, codec, gamma
+        self.copy = torch.zeros_like(like)  # h_i, compressed mode only
+        self.replicas: dict[int, torch.Tensor] = {}  # H_j, or the newest exact value v_j
+        self.replica_round = dict.fromkeys(hood.in_neighbours, -1)
+        self.seq = 0
+        self.last_seq = dict.fromkeys(hood.in_neighbours, 0)
+        self.gaps: set[int] = set()
+        self.keyframe_due: set[int] = set()
+
+    def send(self, v: torch.Tensor, round_: int, phase: str) -> list[Message]:
+        me = self.hood.node
+        if self.codec is None:
+            return [Message(me, d, round_, phase, "value", {"v": v}) for d in self.hood.out_neighbours]
+        self.seq += 1
+        increment = self.codec.encode(v - self.copy)
+        self.copy += as_tensor(increment).to(self.copy.dtype)
+        out = []
+        for d in self.hood.out_neighbours:
+            if d in self.keyframe_due:
+                self.keyframe_due.discard(d)
+                out.append(Message(me, d, round_, phase, "copy", {"h": self.copy.clone()}, self.seq))
+            else:
+                out.append(Message(me, d, round_, phase, "copy", {"d": increment}, self.seq))
+        return out
+
+    def receive(self, messages: Sequence[Message]) -> None:
+        for m in sorted(messages, key=lambda m: (m.seq, m.round)):
+            j = m.src
+            if j not in self.replica_round:
+                continue
+            if m.kind == "value":
+                if m.round > self.replica_round[j]:
+                    self.replicas[j], self.replica_round[j] = as_tensor(m.tensors["v"]), m.round
+            elif m.kind == "copy" and m.seq > self.last_seq[j]:
+                if "h" in m.tensors:
+                    self.replicas[j] = as_tensor(m.tensors["h"]).clone()
+                    self.gaps.discard(j)
+                elif m.seq == self.last_seq[j] + 1 and j not in self.gaps:
+                    inc = as_tensor(m.tensors["d"])
+                    self.replicas[j] = self.replicas[j] + inc if j in self.replicas else inc.clone()
+                else:
+                    self.gaps.add(j)
+                    continue
+                self.last_seq[j], self.replica_round[j] = m.seq, m.round
+
+    def mix(self, v: torch.Tensor) -> torch.Tensor:
+        if self.codec is None:
+            total, weight = v * self.hood.self_row_weight, self.hood.self_row_weight
+            for j, vj in self.replicas.items():
+                total, weight = total + self.hood.row_weight(j) * vj.to(v.dtype), weight + self.hood.row_weight(j)
+            return total / weight if abs(weight - 1.0) > 1e-12 else total
+        step = torch.zeros_like(v)
+        for j, hj in self.replicas.items():
+            step += self.hood.row_weight(j) * (hj.to(v.dtype) - self.copy)
+        return v + self.gamma * step
+
+    def request_keyframe(self, dst: int) -> None:
+        self.keyframe_due.add(dst)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {"pull.copy": self.copy, "pull.seq": torch.tensor(self.seq)}
+        for j, r in self.replicas.items():
+            state[f"pull.replica.{j}"] = r
+            state[f"pull.replica_round.{j}"] = torch.tensor(self.replica_round[j])
+            state[f"pull.last_seq.{j}"] = torch.tensor(self.last_seq[j])
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.copy = state["pull.copy"].clone()
+        self.seq = int(state["pull.seq"])
+        for j in self.hood.in_neighbours:
+            if f"pull.replica.{j}" in state:
+                self.replicas[j] = state[f"pull.replica.{j}"].clone()
+                self.replica_round[j] = int(state[f"pull.replica_round.{j}"])
+                self.last_seq[j] = int(state[f"pull.last_seq.{j}"])

@@ -1,0 +1,110 @@
+"""Directed links over hivemind's P2P layer.
+
+Each message travels as one binary stream: an 8-byte big-endian length, the packed envelope, and a
+one-byte answer from the receiver (1 = accepted, 0 = rejected). Streams avoid the 4 MiB cap of
+unary calls, whose oversized responses hang the caller (DESIGN §6). Sends to one destination are
+serialised, so each link delivers in order; every call has a timeout. The handler name carries the
+run id, so runs sharing a peer do not mix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+
+from hivemind.p2p import P2P, PeerID
+
+logger = logging.getLogger(__name__)
+
+ACCEPTED, REJECTED = b"\x01", b"\x00"
+HEADER_LEN = 8
+
+# (payload, sender's authenticated peer id) -> accepted?
+FrameHandler = Callable[[bytes, PeerID], Awaitable[bool]]
+
+
+def handler_name(run_id: str) -> str:
+    return f"p2pnode.{run_id}.link"
+
+
+class Links:
+    def __init__(self, p2p: P2P, run_id: str, on_frame: FrameHandler, max_bytes: int, timeout: float) -> None:
+        self.p2p, self.run_id, self.on_frame = p2p, run_id, on_frame
+        self.max_bytes, self.timeout = max_bytes, timeout
+        self._locks: dict[PeerID, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.bytes_sent = 0
+        self.frames_sent = 0
+        self.rejected = 0
+
+    @classmethod
+    async def create(
+        cls, p2p: P2P, run_id: str, on_frame: FrameHandler, *, max_bytes: int, timeout: float = 30.0
+    ) -> Links:
+        self = cls(p2p, run_id, on_frame, max_bytes, timeout)
+        await p2p.add_binary_stream_handler(handler_name(run_id), self._handle)
+        return self
+
+    async def send(self, peer: PeerID, data: bytes) -> bool:
+        """Deliver one frame; False if the peer is unreachable, too slow, or rejected it."""
+        async with self._locks[peer]:
+            try:
+                return await asyncio.wait_for(self._send(peer, data), self.timeout)
+            except (asyncio.TimeoutError, OSError, ConnectionError, asyncio.IncompleteReadError) as e:
+                logger.warning("send to %s failed: %s", str(peer)[-8:], type(e).__name__)
+            except Exception as e:
+                logger.warning("send to %s failed: %s: %s", str(peer)[-8:], type(e).__name__, e)
+            return False
+
+    async def _send(self, peer: PeerID, data: bytes) -> bool:
+        _, reader, writer = await self.p2p.call_binary_stream_handler(peer, handler_name(self.run_id))
+        try:
+            writer.write(len(data).to_bytes(HEADER_LEN, "big"))
+            view = memoryview(data)
+            for offset in range(0, len(view), 1 << 20):
+                writer.write(view[offset : offset + (1 << 20)])
+            await writer.drain()
+            answer = await reader.readexactly(1)
+        finally:
+            writer.close()
+        self.bytes_sent += len(data) + HEADER_LEN
+        self.frames_sent += 1
+        if answer != ACCEPTED:
+            logger.warning("peer %s rejected a message (see its log for the reason)", str(peer)[-8:])
+        return answer == ACCEPTED
+
+    async def _handle(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        ok = False
+        try:
+            header = await asyncio.wait_for(reader.readexactly(HEADER_LEN), self.timeout)
+            size = int.from_bytes(header, "big")
+            if size > self.max_bytes:
+                logger.warning(
+                    "rejected a %d-byte message from %s: over the %d-byte limit",
+                    size,
+                    str(info.peer_id)[-8:],
+                    self.max_bytes,
+                )
+            else:
+                data = await asyncio.wait_for(reader.readexactly(size), self.timeout)
+                ok = await self.on_frame(data, info.peer_id)
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError) as e:
+            logger.warning("incomplete message from %s: %s", str(info.peer_id)[-8:], type(e).__name__)
+        except Exception:
+            logger.exception("error while handling a message from %s", str(info.peer_id)[-8:])
+        if not ok:
+            self.rejected += 1
+        try:
+            writer.write(ACCEPTED if ok else REJECTED)
+            await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def shutdown(self) -> None:
+        try:
+            await self.p2p.remove_binary_stream_handler(handler_name(self.run_id))
+        except Exception as e:
+            logger.debug("removing the link handler failed: %s", e)
