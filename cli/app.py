@@ -57,7 +57,8 @@ def _progress() -> Iterator[Callable[[str, int, int, str], None]]:
     try:
         yield update
     finally:
-        progress.stop()
+        if progress.live.is_started:
+            progress.stop()
 
 
 @app.callback()

@@ -39,6 +39,7 @@ from .training import FeatureBank, VisionObjective, accuracy, prepare_model_and_
 logger = logging.getLogger(__name__)
 
 TOPOLOGY_EPOCH = 0  # bumped by a coordinated restart of tracking after a permanent departure
+RETRY_UNREACHABLE_S = 10.0  # after a failed send, skip that peer this long (then try again)
 
 
 class Node:
@@ -61,6 +62,8 @@ class Node:
         self._arrival = asyncio.Event()
         self._stop = asyncio.Event()
         self._absent: set[int] = set()
+        self._pending: set[asyncio.Task] = set()
+        self._unreachable: dict[int, float] = {}
         self._index_of: dict[str, int] = {}
         self._peer_of: dict[int, PeerID] = {}
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="p2pnode-train")
@@ -162,6 +165,8 @@ class Node:
         self._stop.set()
 
     async def shutdown(self) -> None:
+        for task in list(self._pending):
+            task.cancel()
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -290,6 +295,10 @@ class Node:
     # --- sending ---------------------------------------------------------------------------------
 
     async def _send_all(self, messages: list[Message]) -> None:
+        """Encode now, deliver in the background: a slow or dead out-neighbour never stalls a round.
+
+        Sends to one peer stay in order (the link's lock is FIFO). A failed send makes the algorithm
+        send full state (a keyframe) on that link next time, and the peer is skipped for a while."""
         if not messages:
             return
         loop = asyncio.get_running_loop()
@@ -299,12 +308,25 @@ class Node:
             return pack(from_message(m, s.run_id, TOPOLOGY_EPOCH, self.peer_id))
 
         frames = await loop.run_in_executor(self._decode, lambda: [encode(m) for m in messages])
-        results = await asyncio.gather(
-            *(self.links.send(self._peer_of[m.dst], f) for m, f in zip(messages, frames, strict=True))
-        )
-        for m, ok in zip(messages, results, strict=True):
-            if not ok:
-                self.algorithm.request_keyframe(m.dst)
+        for m, frame in zip(messages, frames, strict=True):
+            task = asyncio.create_task(self._send_one(m.dst, frame))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+    async def _send_one(self, dst: int, frame: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._unreachable.get(dst, 0.0):
+            self.algorithm.request_keyframe(dst)
+            return
+        if await self.links.send(self._peer_of[dst], frame):
+            self._unreachable.pop(dst, None)
+        else:
+            self._unreachable[dst] = loop.time() + RETRY_UNREACHABLE_S
+            self.algorithm.request_keyframe(dst)
+
+    async def _drain_sends(self, limit: float = 30.0) -> None:
+        if self._pending:
+            await asyncio.wait(list(self._pending), timeout=limit)
 
     # --- the run ---------------------------------------------------------------------------------
 
@@ -367,6 +389,7 @@ class Node:
                 await self._end_of_epoch(k // per_epoch)
             if k % s.checkpoint_every == 0:
                 await loop.run_in_executor(self._compute, self._checkpoint)
+        await self._drain_sends()
         await loop.run_in_executor(self._compute, self._checkpoint)
         if k < self.rounds:
             self.info.status = "left"

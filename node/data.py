@@ -9,6 +9,7 @@ Every image comes out at the model's input size, channel count and normalisation
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,8 +112,9 @@ def load_image_folder(root: Path, size, mean, std, augment: bool) -> ImageData:
                 len(train.classes),
                 train.classes,
             )
-        full_train = ImageFolder(str(root), transform=_transforms(size, mean, std, augment))
-        full_test = ImageFolder(str(root), transform=_transforms(size, mean, std, False))
+        whole = train_dir if train_dir.is_dir() else root  # ROOT/train alone: split it 80/20
+        full_train = ImageFolder(str(whole), transform=_transforms(size, mean, std, augment))
+        full_test = ImageFolder(str(whole), transform=_transforms(size, mean, std, False))
     except (FileNotFoundError, RuntimeError) as e:
         raise BadInput(f"{root} is not an image folder ({e}); expected ROOT/CLASS/IMAGE files") from None
     labels = np.asarray(full_train.targets)
@@ -212,7 +214,7 @@ def parse_split(spec: str) -> list[list[int]] | str | float:
             alpha = float(spec.split(":", 1)[1])
         except ValueError:
             alpha = -1.0
-        if not alpha > 0:
+        if not (alpha > 0 and math.isfinite(alpha)):
             raise BadInput(f"bad --split {spec!r}: write dirichlet:ALPHA with ALPHA > 0, e.g. dirichlet:0.5")
         return alpha
     if not spec:

@@ -157,8 +157,9 @@ class FineTuneModel:
 
 
 def _check_name(name: str) -> None:
-    if name not in timm.list_models():
-        near = difflib.get_close_matches(name, timm.list_models(), n=3)
+    """Accept any name timm can build, pretrained tags included (`deit_small_patch16_224.fb_in1k`)."""
+    if not timm.is_model(name):
+        near = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=3)
         hint = f" (did you mean {', '.join(near)}?)" if near else f"; see `timm.list_models()` or use {DEFAULT_MODEL}"
         raise BadInput(f"unknown model {name!r}{hint}")
 

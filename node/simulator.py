@@ -109,6 +109,7 @@ class Simulation:
             step = StepRule(lr, s.momentum)
             nodes.append(cls(topo.neighbourhood(i), objective, self.initial, step, codec, s.gamma))
         net = InMemoryNetwork(nodes)
+        self.nodes = nodes  # the last run's node objects, for inspection
         history: dict[str, list] = {"epoch": [], "accuracy": [], "loss": []}
         start = time.perf_counter()
         k = 0

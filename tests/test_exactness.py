@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+
 from p2pnode.node.algorithms import ALGORITHMS, StepRule
 from p2pnode.node.engine import InMemoryNetwork
 from p2pnode.node.topology import Topology, directed_ring

@@ -1,0 +1,160 @@
+"""`p2pnode simulate` through `main(argv)`: one-line errors with exit code 2, and a short real run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from p2pnode.cli.app import main
+from p2pnode.node.models import build_model
+
+FAST = ["--epochs", "1"]
+
+
+def disconnected_topology(tmp_path) -> str:
+    path = tmp_path / "islands.txt"
+    path.write_text("# two islands\n0 <-> 1\n2 <-> 3\n")
+    return str(path)
+
+
+ERROR_CASES = {
+    "malformed-split": (["--split", "0-1,2-x,4-6,7-9"], "bad --split"),
+    "classes-missing-from-data": (["--split", "0-1,2-3,4-6,7-12"], "class 10 is not in digits"),
+    "reversed-class-range": (["--split", "0-1,3-2,4-6,7-9"], "bad --split '3-2'"),
+    "disconnected-topology": (["--topology", "{islands}"], "not strongly connected"),
+    "unknown-model": (["--model", "vit_smal_patch16_224"], "did you mean"),
+    "missing-checkpoint": (["--checkpoint", "{tmp}/missing.safetensors"], "does not exist"),
+    "zero-lr": (["--lr", "0"], "--lr must be a positive"),
+    "negative-lr": (["--lr", "-1"], "--lr must be a positive"),
+    "negative-lr-equals": (["--lr=-1"], "--lr must be a positive"),
+    "unknown-option": (["--no-such-option"], "No such option"),
+    "non-integer-epochs": (["--epochs", "two"], "--epochs"),
+    "unknown-algorithm": (["--algorithm", "fedavg"], "unknown algorithm 'fedavg'"),
+    "unknown-compare-algorithm": (["--compare", "local,fedavg"], "unknown algorithm 'fedavg'"),
+    "split-longer-than-nodes": (["--nodes", "3"], "4 class sets but --nodes is 3"),
+}
+
+
+@pytest.mark.parametrize("case", list(ERROR_CASES))
+def test_bad_input_exits_2_with_one_error_line_and_no_traceback(case, tmp_path, capsys):
+    args, message = ERROR_CASES[case]
+    args = [a.format(islands=disconnected_topology(tmp_path), tmp=tmp_path) for a in args]
+    code = main(["simulate", *FAST, *args])
+    out, err = capsys.readouterr()
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ")
+    assert message in lines[0]
+    assert "Traceback" not in err + out
+
+
+def test_error_raised_inside_simulation_is_the_only_stderr_output(capsys):
+    code = main(["simulate", *FAST, "--split", "0-1,2-3,4-6,7-12"])
+    _, err = capsys.readouterr()
+    assert code == 2
+    assert err == "error: class 10 is not in digits (it has classes 0-9)\n"
+
+
+def test_help_exits_0_and_lists_simulate(capsys):
+    assert main(["--help"]) == 0
+    out, err = capsys.readouterr()
+    assert "simulate" in out
+    assert not err.strip()
+
+
+def test_simulate_help_exits_0_and_lists_options(capsys):
+    assert main(["simulate", "--help"]) == 0
+    out, _ = capsys.readouterr()
+    for option in ("--split", "--topology", "--compare", "--checkpoint", "--json", "--plot"):
+        assert option in out
+
+
+# --- a short real run ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    json_path, plot_path = out / "result.json", out / "result.png"
+    code = main(
+        [
+            "simulate",
+            "--epochs",
+            "2",
+            "--compare",
+            "local,central,dsgd",
+            "--json",
+            str(json_path),
+            "--plot",
+            str(plot_path),
+        ]
+    )
+    return code, json_path, plot_path
+
+
+@pytest.mark.timeout(120)
+def test_simulate_run_exits_0(run):
+    code, json_path, plot_path = run
+    assert code == 0
+    assert json_path.is_file()
+    assert plot_path.is_file()
+
+
+@pytest.mark.timeout(120)  # runs the shared simulation when selected alone
+def test_simulate_json_has_results_of_every_algorithm_and_settings(run):
+    _, json_path, _ = run
+    doc = json.loads(json_path.read_text())
+    assert set(doc["results"]) == {"p2pft", "local", "central", "dsgd"}
+    settings = doc["settings"]
+    assert settings["epochs"] == 2
+    assert settings["algorithm"] == "p2pft"
+    assert settings["compare"] == ["local", "central", "dsgd"]
+    assert settings["nodes"] == 4
+    assert settings["split"] == "0-1,2-3,4-6,7-9"
+    assert settings["model"] == "vit_digits"
+    assert doc["fingerprint"] == build_model("vit_digits", num_classes=10).fingerprint
+
+
+@pytest.mark.timeout(120)  # runs the shared simulation when selected alone
+def test_simulate_json_accuracies_are_fractions_per_node(run):
+    _, json_path, _ = run
+    results = json.loads(json_path.read_text())["results"]
+    for name, count in (("p2pft", 4), ("local", 4), ("central", 1), ("dsgd", 4)):
+        acc = results[name]["accuracy"]
+        assert len(acc) == count, name
+        assert all(isinstance(a, float) and 0.0 <= a <= 1.0 for a in acc), (name, acc)
+        assert len(results[name]["history"]["accuracy"]) == 2  # one entry per epoch
+    # local nodes never see 6+ of the 10 classes; with 360 test images their accuracy is at most 40 %
+    assert max(results["local"]["accuracy"]) <= 0.4 + 1e-9
+    # central training on all data beats chance clearly even after two epochs
+    assert results["central"]["accuracy"][0] > 0.2
+
+
+@pytest.mark.timeout(120)  # runs the shared simulation when selected alone
+def test_simulate_json_counts_bytes_sent_per_node(run):
+    _, json_path, _ = run
+    results = json.loads(json_path.read_text())["results"]
+    for name in ("p2pft", "local", "dsgd"):
+        sent = results[name]["bytes_sent"]
+        assert len(sent) == 4
+        assert all(isinstance(b, int) for b in sent)
+    assert results["local"]["bytes_sent"] == [0, 0, 0, 0]
+    assert results["central"]["bytes_sent"] == [0]
+    dsgd, p2pft = results["dsgd"]["bytes_sent"], results["p2pft"]["bytes_sent"]
+    assert all(b > 0 for b in dsgd)
+    # directed ring: one float32 vector of the trainable size to one neighbour per iteration
+    dim = build_model("vit_digits", num_classes=10).num_trainable
+    assert dsgd == [results["dsgd"]["iterations"] * dim * 4] * 4
+    # P2P-FT sends two messages of that size per iteration (pull value, push mass)
+    assert p2pft == [2 * b for b in dsgd]
+    assert results["p2pft"]["iterations"] == results["dsgd"]["iterations"]
+
+
+@pytest.mark.timeout(120)  # runs the shared simulation when selected alone
+def test_simulate_plot_is_a_png(run):
+    _, _, plot_path = run
+    data = plot_path.read_bytes()
+    assert len(data) > 1000
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
