@@ -22,6 +22,7 @@ import hivemind
 import numpy as np
 import torch
 from hivemind.p2p import PeerID
+from hivemind.utils.crypto import RSAPrivateKey
 from safetensors.torch import load_file, save_file
 
 from ..protocol.codecs import get_codec
@@ -123,7 +124,7 @@ class Node:
 
     async def _join_network(self) -> None:
         s = self.settings
-        validators = run_validators(s.run_id)
+        validators = run_validators(s.run_id, RSAPrivateKey())  # own key: several nodes may share a process
         loop = asyncio.get_running_loop()
 
         def start_dht() -> hivemind.DHT:
@@ -517,6 +518,8 @@ class Node:
         self.algorithm.load_state_dict(state)
         self.history = meta["history"]
         self.round = meta["round"]
+        for dst in self.algorithm.hood.out_neighbours:  # a restart is a reconnect: resynchronise every link
+            self.algorithm.request_keyframe(dst)
         logger.info("resumed from %s at round %d", self.state_dir, self.round)
         return self.round
 

@@ -37,7 +37,9 @@ def results_table(result: SimulationResult) -> Table:
         cells = accs if len(accs) == n else [accs[0]] + ["" for _ in range(n - 1)]
         mean = 100 * sum(r.accuracy) / len(r.accuracy)
         sent = sum(r.bytes_sent) / len(r.bytes_sent)
-        table.add_row(LABELS.get(name, name), *cells, f"{mean:.1f}", _fmt_bytes(sent))
+        source = result.settings.get("sources", {}).get(name)
+        label = LABELS.get(name, name) + (f" ({source})" if source else "")
+        table.add_row(label, *cells, f"{mean:.1f}", _fmt_bytes(sent))
     return table
 
 

@@ -199,6 +199,7 @@ class TestnetSettings(RunSettings):
     __test__ = False  # not a pytest class
 
     run_id: str = opt("testnet", "name of the run")
+    compare: list[str] = opt([], "algorithms to run in-process on the same data for reference, e.g. local,central,dsgd")
     workdir: str | None = opt(None, "folder for each node's state and log [default: a temporary folder]")
     round_timeout: float = opt(60.0, "seconds a node waits for its in-neighbours each round")
     timeout: float = opt(1800.0, "give up (and tear everything down) after this many seconds")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import select
 import subprocess
 import sys
@@ -112,6 +113,9 @@ def run_testnet(settings: TestnetSettings, on_progress: ProgressCallback | None 
     try:
         boot, addrs = start_bootstrap(s.run_id, workdir / "bootstrap.log")
         procs.append(boot)
+        # N daemons share this machine's cores: one torch thread pool each would oversubscribe them
+        threads = max(1, (os.cpu_count() or 1) // s.nodes)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         nodes = []
         for i in range(s.nodes):
             state = workdir / f"node{i}"
@@ -119,7 +123,9 @@ def run_testnet(settings: TestnetSettings, on_progress: ProgressCallback | None 
             for stale in ("result.json", "progress.json", "state.json", "state.safetensors"):
                 (state / stale).unlink(missing_ok=True)
             log = (workdir / f"node{i}.log").open("w")
-            nodes.append(subprocess.Popen(node_command(s, i, addrs, state), stdout=log, stderr=subprocess.STDOUT))
+            nodes.append(
+                subprocess.Popen(node_command(s, i, addrs, state), stdout=log, stderr=subprocess.STDOUT, env=env)
+            )
         procs += nodes
         deadline = time.monotonic() + s.timeout
         results: dict[int, dict] = {}
@@ -160,4 +166,11 @@ def run_testnet(settings: TestnetSettings, on_progress: ProgressCallback | None 
         history=history,
     )
     shared = {f.name: getattr(s, f.name) for f in fields(TestnetSettings)}
-    return SimulationResult({**shared, "workdir": str(workdir)}, {s.algorithm: algo}, ordered[0]["fingerprint"])
+    results = {s.algorithm: algo}
+    if s.compare:  # references the daemons cannot run (central) or that are not the point: in-process
+        from .simulator import Simulation
+
+        sim = Simulation(s)
+        results.update({name: sim.run(name) for name in s.compare if name != s.algorithm})
+    sources = {name: "daemons" if name == s.algorithm else "simulated" for name in results}
+    return SimulationResult({**shared, "workdir": str(workdir), "sources": sources}, results, ordered[0]["fingerprint"])

@@ -106,6 +106,19 @@ def test_int8_roundtrip_error_is_within_half_a_block_scale(x: torch.Tensor, bloc
     assert (err <= int8_error_bound(x, block)).all()
 
 
+@pytest.mark.parametrize("block", [1, 256])
+def test_int8_roundtrips_the_float32_extremes(block: int) -> None:
+    top = float(np.finfo(np.float32).max)
+    x = torch.tensor([top, -top, 1.0, -(2.0**-149)], dtype=torch.float32)
+    y = Int8Codec(block).roundtrip(x)  # float32(max / 127) rounds up; 127 times it must not overflow
+    assert (np.abs(as_f64(y) - as_f64(x)) <= int8_error_bound(x, block)).all()
+
+
+def test_int8_refuses_float64_values_beyond_the_float32_range() -> None:
+    with pytest.raises(CodecError, match="float32 range"):
+        Int8Codec().encode(torch.tensor([1e39], dtype=torch.float64))
+
+
 @PROPERTY
 @given(
     x=st.one_of(tensors("float32"), tensors("float64")),
@@ -354,19 +367,22 @@ def test_codec_refuses_to_decode_another_codecs_tensor() -> None:
         get_codec("fp16").decode(encoded("none"))
 
 
+junk = st.none() | st.lists(st.integers(), max_size=2) | st.floats() | st.booleans()
+
+
 @settings(max_examples=300, deadline=None)
 @given(
-    codec=st.sampled_from(["none", "fp16", "bf16", "int8", "topk", "zstd"]),
-    dtype=st.sampled_from(["float32", "float64", "float16", "bfloat16", "int8"]),
-    shape=st.lists(st.integers(-3, 40), max_size=3),
-    meta=st.dictionaries(st.sampled_from(["block", "k", "x"]), st.integers(-(2**40), 2**40), max_size=2),
-    payload=st.binary(max_size=300),
+    codec=st.sampled_from(["none", "fp16", "bf16", "int8", "topk", "zstd"]) | junk,
+    dtype=st.sampled_from(["float32", "float64", "float16", "bfloat16", "int8"]) | junk,
+    shape=st.lists(st.integers(-3, 40) | st.booleans() | st.floats(), max_size=3).map(tuple) | junk,
+    meta=st.dictionaries(st.sampled_from(["block", "k", "x"]), st.integers(-(2**40), 2**40) | junk, max_size=2) | junk,
+    payload=st.binary(max_size=300) | junk,
 )
 def test_arbitrary_encodings_raise_only_codec_error(
-    codec: str, dtype: str, shape: list[int], meta: dict[str, int], payload: bytes
+    codec: object, dtype: object, shape: object, meta: object, payload: object
 ) -> None:
     with contextlib.suppress(CodecError):
-        decode(Encoded(codec, dtype, tuple(shape), payload, meta))
+        decode(Encoded(codec, dtype, shape, payload, meta))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from typing import ClassVar, Protocol
 
 import torch
 
-from ...protocol.codecs import Codec, Encoded, get_codec
+from ...protocol.codecs import Codec, Encoded, decode
 from ..errors import BadInput
 from ..topology import Neighbourhood
 
@@ -36,7 +36,7 @@ Payload = torch.Tensor | Encoded
 
 def as_tensor(x: Payload) -> torch.Tensor:
     """A message tensor as a torch tensor, decoding it if it is still encoded."""
-    return get_codec(x.codec).decode(x) if isinstance(x, Encoded) else x
+    return decode(x) if isinstance(x, Encoded) else x
 
 
 @dataclass
