@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/p2pnode simulate --compare local,central,dsgd --json results/demo.json --plot results/demo.png
+	$(VENV)/bin/p2pnode testnet --nodes 4 --split 0-1,2-3,4-6,7-9 --compare local,central,dsgd \
+		--json results/demo.json --plot results/demo.png
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
