@@ -50,8 +50,10 @@ def main() -> None:
     print("| run | wall (s) | training only (s) | ratio to simulator (wall / training) |")
     print("|---|---|---|---|")
     print(f"| simulate | {sim_wall:.1f} | {reference.seconds:.1f} (setup {setup:.1f}) | 1.00 / 1.00 |")
-    print(f"| testnet | {net_wall:.1f} | {daemons.seconds:.1f} | {net_wall / sim_wall:.2f} / "
-          f"{daemons.seconds / reference.seconds:.2f} |")
+    print(
+        f"| testnet | {net_wall:.1f} | {daemons.seconds:.1f} | {net_wall / sim_wall:.2f} / "
+        f"{daemons.seconds / reference.seconds:.2f} |"
+    )
     print(f"per-node accuracy, simulator: {np.round(100 * np.array(reference.accuracy), 1).tolist()}")
     print(f"per-node accuracy, testnet:   {np.round(100 * np.array(daemons.accuracy), 1).tolist()}")
     print(f"largest per-node difference: {gap:.2f} points (issue target: at most 0.5)")

@@ -34,6 +34,11 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 
+def _stdout() -> Console:
+    """Tables for stdout: full width when piped or captured, so no cell is cut short."""
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
+
 @contextlib.contextmanager
 def _progress() -> Iterator[Callable[[str, int, int, str], None]]:
     """Progress bars on stderr, started lazily so that early errors print on a clean line."""
@@ -86,7 +91,7 @@ def simulate(
             task(name, total, epoch, f"mean acc {100 * acc:5.1f}%")
 
         result = run_simulation(settings, on_epoch, on_cache)
-    Console().print(results_table(result))
+    _stdout().print(results_table(result))
     if json_path:
         write_json(result, json_path)
         console.print(f"wrote {json_path}")
@@ -202,7 +207,7 @@ def status(
             f"{m.bytes_sent / 1e6:.1f} MB",
             f"{time.time() - m.updated:.0f} s ago",
         )
-    Console().print(table)
+    _stdout().print(table)
 
 
 @app.command()
@@ -223,7 +228,7 @@ def testnet(
             task(f"node {node}", total, done, info)
 
         result = run_testnet(settings, on_progress)
-    Console().print(results_table(result))
+    _stdout().print(results_table(result))
     if json_path:
         write_json(result, json_path)
         console.print(f"wrote {json_path}")

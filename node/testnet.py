@@ -57,10 +57,21 @@ def start_bootstrap(run_id: str, log: Path, timeout: float = 60.0) -> tuple[subp
     return proc, addrs
 
 
+def format_class_set(classes: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2+5' (what --classes parses)."""
+    runs: list[list[int]] = []
+    for c in sorted(classes):
+        if runs and c == runs[-1][1] + 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    return "+".join(f"{a}-{b}" if a != b else f"{a}" for a, b in runs)
+
+
 def node_command(settings: TestnetSettings, index: int, peers: list[str], state_dir: Path) -> list[str]:
     """The `p2pnode start` command of node `index` (also what docker-compose.yml runs)."""
     split = parse_split(settings.split)
-    data_flags = ["--classes", "+".join(map(str, split[index]))] if isinstance(split, list) else []
+    data_flags = ["--classes", format_class_set(split[index])] if isinstance(split, list) else []
     return cli_command(
         "start",
         *to_flags(settings, RunSettings),
@@ -75,6 +86,8 @@ def node_command(settings: TestnetSettings, index: int, peers: list[str], state_
         LOOPBACK,
         "--state-dir",
         str(state_dir),
+        "--identity",
+        str(state_dir / "node.key"),
         "--round-timeout",
         str(settings.round_timeout),
         "--checkpoint-every",

@@ -20,15 +20,22 @@ import pytest
 MARKER = "P2PNODE_TEST_SESSION"
 
 
+OURS = (b"hivemind_cli/p2pd", b"p2pnode.cli.app")  # never others: torch's shm manager must outlive pytest
+
+
 def session_processes(token: str) -> set[int]:
+    """p2pd daemons and p2pnode processes started by this session (found by the inherited marker)."""
     needle = f"{MARKER}={token}".encode()
     found = set()
     for environ in Path("/proc").glob("[0-9]*/environ"):
         try:
-            if needle in environ.read_bytes().split(b"\0"):
-                found.add(int(environ.parent.name))
+            if needle not in environ.read_bytes().split(b"\0"):
+                continue
+            cmdline = (environ.parent / "cmdline").read_bytes()
         except OSError:
             continue
+        if any(name in cmdline for name in OURS):
+            found.add(int(environ.parent.name))
     return found - {os.getpid()}
 
 
@@ -38,6 +45,24 @@ def remove_stale_sockets() -> None:
     for path in glob.glob("/tmp/hivemind-*.sock"):
         if path not in bound:
             Path(path).unlink(missing_ok=True)
+
+
+@pytest.fixture
+def own_processes():
+    """A callable listing the live processes this test session started (daemons included)."""
+    token = os.environ[MARKER]
+
+    def live() -> set[int]:
+        return {pid for pid in session_processes(token) if not _is_zombie(pid)}
+
+    return live
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
+    except (OSError, IndexError):
+        return True
 
 
 @pytest.fixture(scope="session", autouse=True)

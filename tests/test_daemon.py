@@ -29,11 +29,6 @@ from p2pnode.protocol.envelope import Envelope, pack
 FAST = {"epochs": 1, "batch_size": 72}  # 4 nodes: 5 rounds per epoch
 
 
-def p2pd_count() -> int:
-    out = subprocess.run(["pgrep", "-f", "hivemind_cli/p2pd"], capture_output=True, text=True).stdout
-    return len(out.split())
-
-
 def wait_for(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -44,8 +39,8 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_four_daemons_match_the_simulator_after_five_rounds_and_leave_nothing_behind(tmp_path):
-    before = p2pd_count()
+def test_four_daemons_match_the_simulator_after_five_rounds_and_leave_nothing_behind(tmp_path, own_processes):
+    assert not own_processes()
     settings = TestnetSettings(nodes=4, workdir=str(tmp_path), run_id="equiv", timeout=240, **FAST).validate()
     result = run_testnet(settings)
     daemons = result.results["p2pft"]
@@ -62,7 +57,8 @@ def test_four_daemons_match_the_simulator_after_five_rounds_and_leave_nothing_be
     # two phases per round, one message per out-neighbour each: 10 messages of 34,250 floats and a header
     assert all(n == 10 for n in daemons.messages_sent)
     assert all(10 * 34250 * 4 < b < 10 * 34250 * 4 * 1.01 for b in daemons.bytes_sent)
-    assert p2pd_count() == before, "a daemon outlived the testnet"
+    assert not own_processes(), "a daemon or node process outlived the testnet"
+    assert not [p for p in tmp_path.rglob("*") if p.is_socket()]
 
 
 @pytest.mark.timeout(300)
