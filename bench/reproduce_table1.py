@@ -24,7 +24,7 @@ import numpy as np
 from rich.console import Console
 
 from p2pnode.node.report import results_table
-from p2pnode.node.settings import RunSettings
+from p2pnode.node.settings import SimulateSettings
 from p2pnode.node.simulator import simulate
 
 
@@ -50,7 +50,7 @@ def main() -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     rows, runs, all_ok = [], {}, True
     for seed in seeds:
-        settings = RunSettings(seed=seed, compare=["central", "local", "dsgd"])
+        settings = SimulateSettings(seed=seed, compare=["central", "local", "dsgd"])
         start = time.perf_counter()
         result = simulate(settings)
         wall = time.perf_counter() - start
@@ -62,7 +62,7 @@ def main() -> int:
         console.print(f"  seed {seed}: {wall:.0f} s wall for all four algorithms")
         rows.append({k: [100 * a for a in v.accuracy] for k, v in result.results.items()} | {"wall_s": wall})
         runs[str(seed)] = result.to_json()
-    s = RunSettings()
+    s = SimulateSettings().validate()
     console.print(
         f"\nSettings: {s.model}, {s.data}, split {s.split}, topology {s.topology}, epochs {s.epochs}, "
         f"lr {s.lr} ({s.schedule}), momentum {s.momentum}, batch {s.batch_size} per node"

@@ -266,12 +266,13 @@ class Node:
         self._arrival.set()
         return True
 
-    async def _collect(self, phase: str, k: int) -> list[Message]:
+    async def _collect(self, phase: str, k: int, wait: bool = True) -> list[Message]:
         """Wait for every in-neighbour's message of round k (or the deadline); return what has arrived."""
         loop = asyncio.get_running_loop()
         hood = self.algorithm.hood
         start = loop.time()
-        while True:
+        waiting: list[int] = []
+        while wait:
             self._arrival.clear()
             inbox = self._inbox.get(phase, [])
             heard = {m.src for m in inbox if m.round >= k}
@@ -284,6 +285,7 @@ class Node:
                 break
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._arrival.wait(), limit - elapsed)
+        inbox = self._inbox.get(phase, [])
         if waiting:
             newly = [j for j in waiting if j not in self._absent]
             if newly:
@@ -346,9 +348,10 @@ class Node:
             weight_decay=s.weight_decay,
         )
         codec = None if s.codec == "none" else get_codec(s.codec)
-        step = StepRule(step_schedule(s, self.rounds), s.momentum)
+        step = StepRule(step_schedule(s, self.rounds), s.momentum, s.optimizer)
         initial = self.model.trainable_vector().to(self.device)
         algo = ALGORITHMS[s.algorithm](topo.neighbourhood(self.index), objective, initial, step, codec, s.gamma)
+        algo.configure(iterations_per_epoch=per_epoch, settings=s)
         return algo, per_epoch
 
     async def run(self) -> dict | None:
@@ -382,7 +385,8 @@ class Node:
             for phase in self.algorithm.phases:
                 out = await loop.run_in_executor(self._compute, self.algorithm.outgoing, phase, k)
                 await self._send_all(out)
-                arrived = await self._collect(phase, k) if hood.in_neighbours else []
+                wait = bool(hood.in_neighbours) and self.algorithm.expects_messages(phase, k)
+                arrived = await self._collect(phase, k, wait)
                 await loop.run_in_executor(self._compute, self.algorithm.incoming, phase, k, arrived)
             k += 1
             self.round = self.info.round = k
@@ -390,7 +394,7 @@ class Node:
                 await self._end_of_epoch(k // per_epoch)
             if k % s.checkpoint_every == 0:
                 await loop.run_in_executor(self._compute, self._checkpoint)
-        await self._drain_sends()
+        await self._drain_sends(limit=5.0 if self._stop.is_set() else 30.0)
         await loop.run_in_executor(self._compute, self._checkpoint)
         if k < self.rounds:
             self.info.status = "left"

@@ -56,6 +56,9 @@ class RunSettings:
     lr: float = opt(0.005, "step size alpha")
     schedule: str = opt("cosine", "cosine or constant step size")
     momentum: float = opt(0.9, "heavy-ball momentum, 0 for plain SGD")
+    optimizer: str = opt("sgd", "local optimizer: sgd (with --momentum) or adam")
+    merge_every: int = opt(1, "dimat, wa, wm: merge with neighbours every N epochs")
+    warmup_epochs: int = opt(0, "dimat, wa, wm: local training epochs before the first merge")
     weight_decay: float = opt(0.0, "L2 penalty on the trainable parameters")
     batch_size: int = opt(16, "mini-batch size per node")
     seed: int = opt(0, "seed for partitions, sampling and random topologies")
@@ -81,6 +84,12 @@ class RunSettings:
             raise BadInput(f"--weight-decay must be >= 0 (got {self.weight_decay})")
         if not 0 < self.gamma <= 1:
             raise BadInput(f"--gamma must be in (0, 1] (got {self.gamma})")
+        if self.optimizer not in ("sgd", "adam"):
+            raise BadInput(f"unknown --optimizer {self.optimizer!r}: use sgd or adam")
+        if self.merge_every < 1:
+            raise BadInput(f"--merge-every must be at least 1 epoch (got {self.merge_every})")
+        if self.warmup_epochs < 0:
+            raise BadInput(f"--warmup-epochs must be >= 0 (got {self.warmup_epochs})")
         if self.schedule not in SCHEDULES:
             raise BadInput(f"unknown --schedule {self.schedule!r}: use {' or '.join(SCHEDULES)}")
         for name in [self.algorithm, *getattr(self, "compare", [])]:
@@ -96,6 +105,16 @@ class RunSettings:
             raise BadInput(f"--device {self.device} asked for, but this machine has no CUDA GPU; use --device cpu")
         if isinstance(split, list) and len(split) != self.nodes and getattr(self, "classes", None) is None:
             raise BadInput(f"--split lists {len(split)} class sets but --nodes is {self.nodes}; give one per node")
+        for name in [self.algorithm, *getattr(self, "compare", [])]:
+            if ALGORITHMS[name].needs_undirected:
+                from .topology import make_topology
+
+                topo = make_topology(self.topology, self.nodes, self.seed)
+                if not topo.is_undirected:
+                    raise BadInput(
+                        f"{name} merges with doubly stochastic weights, which need an undirected topology: "
+                        f"{topo.name} is directed; use ring, complete or an edge-list file with A <-> B links"
+                    )
         if self.augment:
             self.cache_features = False
         return self

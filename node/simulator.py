@@ -14,7 +14,6 @@ from ..protocol.codecs import get_codec
 from .algorithms import ALGORITHMS, StepRule
 from .data import parse_split, partition
 from .engine import InMemoryNetwork
-from .errors import BadInput
 from .settings import RunSettings
 from .topology import Topology, make_topology
 from .training import FeatureBank, VisionObjective, accuracy, prepare_model_and_data
@@ -95,8 +94,6 @@ class Simulation:
             topo, shards = make_topology("complete", 1), [np.concatenate(self.parts)]
         else:
             topo, shards = self.topology, self.parts
-        if cls.needs_undirected and not topo.is_undirected:
-            raise BadInput(f"{name} needs an undirected topology (ring, complete); {topo.name} is directed")
         per_epoch = iterations_per_epoch(sum(len(p) for p in shards), len(shards), s.batch_size)
         total = per_epoch * s.epochs
         lr = step_schedule(s, total)
@@ -106,8 +103,9 @@ class Simulation:
                 self.model, self.train_bank, shard, s.batch_size, seed=objective_seed(s, i), weight_decay=s.weight_decay
             )
             codec = None if s.codec == "none" else get_codec(s.codec)
-            step = StepRule(lr, s.momentum)
+            step = StepRule(lr, s.momentum, s.optimizer)
             nodes.append(cls(topo.neighbourhood(i), objective, self.initial, step, codec, s.gamma))
+            nodes[-1].configure(iterations_per_epoch=per_epoch, settings=s)
         net = InMemoryNetwork(nodes)
         self.nodes = nodes  # the last run's node objects, for inspection
         history: dict[str, list] = {"epoch": [], "accuracy": [], "loss": []}

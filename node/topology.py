@@ -24,6 +24,8 @@ class Neighbourhood:
     node: int
     in_neighbours: tuple[int, ...]
     out_neighbours: tuple[int, ...]
+    # in-degree of each in-neighbour: lets a node of an undirected graph compute Metropolis weights
+    neighbour_degrees: tuple[tuple[int, int], ...] = ()
 
     @property
     def self_row_weight(self) -> float:
@@ -40,6 +42,14 @@ class Neighbourhood:
     def col_weight(self, dst: int) -> float:
         """b_li: the share of this node's push mass that goes to out-neighbour l."""
         return self.self_col_weight
+
+    def metropolis_weight(self, j: int) -> float:
+        """pi_ij = 1 / (1 + max(d_i, d_j)) on an undirected graph: symmetric, so doubly stochastic."""
+        return 1.0 / (1 + max(len(self.in_neighbours), dict(self.neighbour_degrees)[j]))
+
+    @property
+    def self_metropolis_weight(self) -> float:
+        return 1.0 - sum(self.metropolis_weight(j) for j in self.in_neighbours)
 
 
 @dataclass(frozen=True)
@@ -69,7 +79,8 @@ class Topology:
         return self._out[i]
 
     def neighbourhood(self, i: int) -> Neighbourhood:
-        return Neighbourhood(i, self._in[i], self._out[i])
+        degrees = tuple((j, len(self._in[j])) for j in self._in[i])
+        return Neighbourhood(i, self._in[i], self._out[i], degrees)
 
     @property
     def is_undirected(self) -> bool:

@@ -46,16 +46,25 @@ class Links:
         await p2p.add_binary_stream_handler(handler_name(run_id), self._handle)
         return self
 
-    async def send(self, peer: PeerID, data: bytes) -> bool:
-        """Deliver one frame; False if the peer is unreachable, too slow, or rejected it."""
+    async def send(self, peer: PeerID, data: bytes, attempts: int = 3) -> bool:
+        """Deliver one frame; False if the peer is unreachable, too slow, or rejected it.
+
+        A stream can break in transit (p2pd resets it now and then); the frame is then sent again, up
+        to `attempts` times. A frame that did arrive twice is harmless: receivers drop stale seqs."""
+        error = ""
         async with self._locks[peer]:
-            try:
-                return await asyncio.wait_for(self._send(peer, data), self.timeout)
-            except (asyncio.TimeoutError, OSError, ConnectionError, asyncio.IncompleteReadError) as e:
-                logger.warning("send to %s failed: %s", str(peer)[-8:], type(e).__name__)
-            except Exception as e:
-                logger.warning("send to %s failed: %s: %s", str(peer)[-8:], type(e).__name__, e)
-            return False
+            for attempt in range(attempts):
+                try:
+                    return await asyncio.wait_for(self._send(peer, data), self.timeout)
+                except (asyncio.TimeoutError, OSError, ConnectionError, asyncio.IncompleteReadError) as e:
+                    error = type(e).__name__
+                except Exception as e:  # p2pd control errors surface as assorted types
+                    error = f"{type(e).__name__}: {e}"
+                if attempt + 1 < attempts:
+                    logger.info("send to %s failed (%s), retrying", str(peer)[-8:], error)
+                    await asyncio.sleep(0.1 * 2**attempt)
+        logger.warning("send to %s failed %d times: %s", str(peer)[-8:], attempts, error)
+        return False
 
     async def _send(self, peer: PeerID, data: bytes) -> bool:
         _, reader, writer = await self.p2p.call_binary_stream_handler(peer, handler_name(self.run_id))

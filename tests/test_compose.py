@@ -248,10 +248,10 @@ def wait_for(condition, timeout: float) -> bool:
 def ended(proc: subprocess.Popen):
     try:
         yield proc
-    finally:
+    finally:  # the whole group, always: a child may outlive its shell wrapper
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
         if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(5)
 
 

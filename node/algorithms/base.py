@@ -11,13 +11,16 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import torch
 
 from ...protocol.codecs import Codec, Encoded, decode
 from ..errors import BadInput
 from ..topology import Neighbourhood
+
+if TYPE_CHECKING:
+    from ..settings import RunSettings
 
 
 class Objective(Protocol):
@@ -59,13 +62,22 @@ class Message:
 
 @dataclass
 class StepRule:
-    """Local optimizer: SGD with optional heavy-ball momentum, step size from a schedule."""
+    """Local optimizer: SGD (heavy-ball momentum when momentum > 0) or Adam, step size from a schedule.
+
+    `direction(g)` is what the step size multiplies: g, the momentum buffer, or Adam's m_hat / sqrt(v_hat)."""
 
     lr: LearningRate
     momentum: float = 0.0
+    optimizer: str = "sgd"
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
     _buffer: torch.Tensor | None = field(default=None, repr=False)
+    _second: torch.Tensor | None = field(default=None, repr=False)
+    _steps: int = 0
 
     def direction(self, grad: torch.Tensor) -> torch.Tensor:
+        if self.optimizer == "adam":
+            return self._adam(grad)
         if self.momentum == 0.0:
             return grad
         if self._buffer is None:
@@ -74,12 +86,28 @@ class StepRule:
             self._buffer.mul_(self.momentum).add_(grad)
         return self._buffer
 
+    def _adam(self, grad: torch.Tensor) -> torch.Tensor:
+        b1, b2 = self.betas
+        if self._buffer is None:
+            self._buffer, self._second = torch.zeros_like(grad), torch.zeros_like(grad)
+        self._steps += 1
+        self._buffer.mul_(b1).add_(grad, alpha=1 - b1)
+        self._second.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        m_hat = self._buffer / (1 - b1**self._steps)
+        v_hat = self._second / (1 - b2**self._steps)
+        return m_hat / (v_hat.sqrt() + self.eps)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {} if self._buffer is None else {"momentum_buffer": self._buffer}
+        state = {} if self._buffer is None else {"momentum_buffer": self._buffer}
+        if self._second is not None:
+            state |= {"adam_second": self._second, "adam_steps": torch.tensor(self._steps)}
+        return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        buffer = state.get("momentum_buffer")
+        buffer, second = state.get("momentum_buffer"), state.get("adam_second")
         self._buffer = None if buffer is None else buffer.clone()
+        self._second = None if second is None else second.clone()
+        self._steps = int(state.get("adam_steps", 0))
 
 
 class Algorithm(ABC):
@@ -107,6 +135,16 @@ class Algorithm(ABC):
         self.gamma = gamma
         self.iteration = 0
         self.last_loss = float("nan")
+        self.iterations_per_epoch = 1
+
+    def configure(self, *, iterations_per_epoch: int, settings: RunSettings | None = None) -> None:
+        """Told by the driver once, before the first iteration: epoch length and the run's settings
+        (for schedules in epochs and algorithm options such as DIMAT's --merge-every)."""
+        self.iterations_per_epoch = iterations_per_epoch
+
+    def expects_messages(self, phase: str, k: int) -> bool:
+        """Whether in-neighbours send in `phase` of iteration k (the daemon waits only then)."""
+        return self.communicates
 
     @property
     def node(self) -> int:

@@ -16,9 +16,11 @@ class DSGD(Algorithm):
     name = "dsgd"
     phases = ("mix",)
 
+    metropolis = False
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.pull = PullChannel(self.hood, self.params, self.codec, self.gamma)
+        self.pull = PullChannel(self.hood, self.params, self.codec, self.gamma, self.metropolis)
 
     def outgoing(self, phase: str, k: int) -> list[Message]:
         return self.pull.send(self.params, k, phase)
@@ -43,3 +45,12 @@ class DSGD(Algorithm):
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.pull.load_state_dict(state)
+
+
+@register
+class CDSGD(DSGD):
+    """Consensus SGD (CDSGD): the same step with doubly stochastic Metropolis weights on an undirected graph."""
+
+    name = "cdsgd"
+    needs_undirected = True
+    metropolis = True

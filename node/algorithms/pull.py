@@ -23,8 +23,18 @@ from .base import Message, as_tensor
 
 
 class PullChannel:
-    def __init__(self, hood: Neighbourhood, like: torch.Tensor, codec: Codec | None = None, gamma: float = 1.0):
+    def __init__(
+        self,
+        hood: Neighbourhood,
+        like: torch.Tensor,
+        codec: Codec | None = None,
+        gamma: float = 1.0,
+        metropolis: bool = False,
+    ):
         self.hood, self.codec, self.gamma = hood, codec, gamma
+        # row-stochastic a_ij from this node's in-degree, or doubly stochastic Metropolis pi_ij
+        self.weight = hood.metropolis_weight if metropolis else hood.row_weight
+        self.self_weight = hood.self_metropolis_weight if metropolis else hood.self_row_weight
         self.copy = torch.zeros_like(like)  # h_i, compressed mode only
         self.replicas: dict[int, torch.Tensor] = {}  # H_j, or the newest exact value v_j
         self.replica_round = dict.fromkeys(hood.in_neighbours, -1)
@@ -71,13 +81,13 @@ class PullChannel:
 
     def mix(self, v: torch.Tensor) -> torch.Tensor:
         if self.codec is None:
-            total, weight = v * self.hood.self_row_weight, self.hood.self_row_weight
+            total, weight = v * self.self_weight, self.self_weight
             for j, vj in self.replicas.items():
-                total, weight = total + self.hood.row_weight(j) * vj.to(v.dtype), weight + self.hood.row_weight(j)
+                total, weight = total + self.weight(j) * vj.to(v.dtype), weight + self.weight(j)
             return total / weight if abs(weight - 1.0) > 1e-12 else total
         step = torch.zeros_like(v)
         for j, hj in self.replicas.items():
-            step += self.hood.row_weight(j) * (hj.to(v.dtype) - self.copy)
+            step += self.weight(j) * (hj.to(v.dtype) - self.copy)
         return v + self.gamma * step
 
     def request_keyframe(self, dst: int) -> None:
