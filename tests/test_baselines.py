@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_exactness import problem, ring_with_chord
 
 from p2pnode.node.algorithms import ALGORITHMS, StepRule
 from p2pnode.node.engine import InMemoryNetwork
@@ -11,8 +12,6 @@ from p2pnode.node.errors import BadInput
 from p2pnode.node.settings import SimulateSettings
 from p2pnode.node.simulator import Simulation
 from p2pnode.node.topology import Topology, make_topology
-
-from test_exactness import problem, ring_with_chord
 
 
 def run_least_squares(name: str, topo: Topology, iterations: int, lr: float = 0.002, check=None):
@@ -27,13 +26,17 @@ def run_least_squares(name: str, topo: Topology, iterations: int, lr: float = 0.
     return nodes, x_star
 
 
-def test_sgp_conserves_push_sum_weight_and_approaches_the_optimum_on_a_directed_graph():
+def test_sgp_conserves_push_sum_weight_and_its_constant_step_bias_shrinks_with_the_step():
     totals: list[float] = []
-    nodes, x_star = run_least_squares("sgp", ring_with_chord(8), 4000, check=lambda ns: totals.append(sum(n.w for n in ns)))
+    nodes, x_star = run_least_squares(
+        "sgp", ring_with_chord(8), 4000, check=lambda ns: totals.append(sum(n.w for n in ns))
+    )
     assert max(abs(t - 8.0) for t in totals) < 1e-9  # column-stochastic pushes conserve the weight mass
-    errors = [float((n.params - x_star).norm() / x_star.norm()) for n in nodes]
-    # constant step: an O(alpha) bias remains (DESIGN §2), but de-biasing keeps every node near the optimum
-    assert max(errors) < 0.05, errors
+    coarse = max(float((n.params - x_star).norm() / x_star.norm()) for n in nodes)
+    nodes, _ = run_least_squares("sgp", ring_with_chord(8), 16000, lr=0.0005)
+    fine = max(float((n.params - x_star).norm() / x_star.norm()) for n in nodes)
+    # a constant step leaves an O(alpha) bias (DESIGN §2): a quarter of the step, a much smaller error
+    assert fine < 0.4 * coarse, (coarse, fine)
 
 
 def test_sgp_without_weights_would_be_biased_so_the_weights_are_not_all_one():
@@ -55,10 +58,23 @@ def test_metropolis_weights_are_doubly_stochastic_on_undirected_graphs(spec, n):
     assert (pi >= 0).all()
 
 
-def test_cdsgd_reaches_consensus_near_the_optimum_on_an_undirected_ring():
-    nodes, x_star = run_least_squares("cdsgd", make_topology("ring", 8), 4000)
-    errors = [float((n.params - x_star).norm() / x_star.norm()) for n in nodes]
-    assert max(errors) < 0.2, errors
+def test_cdsgd_mixing_preserves_the_network_average_where_row_stochastic_dsgd_drifts():
+    # an undirected star: the hub has degree 4, the leaves 1, so a_ij = 1/(deg_i + 1) is not doubly stochastic
+    star = Topology(5, frozenset({(0, j) for j in range(1, 5)} | {(j, 0) for j in range(1, 5)}), "star")
+    objectives, _ = problem(n=5)
+    starts = [torch.full((objectives[0].dim,), float(i), dtype=torch.float64) for i in range(5)]
+    means = {}
+    for name in ("cdsgd", "dsgd"):
+        nodes = [
+            ALGORITHMS[name](star.neighbourhood(i), o, x0, StepRule(lambda k: 0.0))
+            for i, (o, x0) in enumerate(zip(objectives, starts, strict=True))
+        ]
+        net = InMemoryNetwork(nodes)
+        for k in range(50):
+            net.iteration(k)
+        means[name] = float(sum(n.params for n in nodes)[0] / 5)
+    assert means["cdsgd"] == pytest.approx(2.0, abs=1e-12)  # the mean of 0..4
+    assert abs(means["dsgd"] - 2.0) > 0.1
 
 
 @pytest.mark.parametrize("algorithm", ["dimat", "wa", "wm", "cdsgd"])
@@ -82,8 +98,9 @@ def test_dimat_merges_at_the_end_of_every_merge_every_th_epoch_after_the_warmup(
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("algorithm", ["dimat", "wa", "wm"])
 def test_dimat_family_trains_on_digits_and_sends_only_at_merges(algorithm):
-    settings = SimulateSettings(algorithm=algorithm, nodes=3, split="iid", topology="ring", epochs=2,
-                                batch_size=64, lr=0.05, merge_every=1).validate()
+    settings = SimulateSettings(
+        algorithm=algorithm, nodes=3, split="iid", topology="ring", epochs=2, batch_size=64, lr=0.05, merge_every=1
+    ).validate()
     sim = Simulation(settings)
     result = sim.run(algorithm)
     assert all(n.merges == 2 for n in sim.nodes)

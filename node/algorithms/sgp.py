@@ -32,17 +32,12 @@ class SGP(Algorithm):
         grad, self.last_loss = self.objective.gradient(self.x / self.w)
         self.x = self.x - self.step.lr(k) * self.step.direction(grad)
         hood = self.hood
-        return [
-            Message(
-                self.node,
-                d,
-                k,
-                phase,
-                "params",
-                {"x": hood.col_weight(d) * self.x, "w": torch.tensor([hood.col_weight(d) * self.w])},
-            )
-            for d in hood.out_neighbours
-        ]
+        messages = []
+        for d in hood.out_neighbours:
+            share = hood.col_weight(d)
+            weight = torch.tensor([share * self.w], dtype=torch.float64)  # float64: the mass must add up
+            messages.append(Message(self.node, d, k, phase, "params", {"x": share * self.x, "w": weight}))
+        return messages
 
     def incoming(self, phase: str, k: int, messages: Sequence[Message]) -> None:
         x, w = self.hood.self_col_weight * self.x, self.hood.self_col_weight * self.w
