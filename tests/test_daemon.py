@@ -210,3 +210,17 @@ def test_a_daemon_survives_thousands_of_hostile_messages_and_refuses_a_foreign_t
     assert results[0]["accuracy"] == results[1]["accuracy"]  # still in consensus
     assert "dropped a message" in caplog.text
     assert "refusing peer" in caplog.text
+
+
+@pytest.mark.timeout(300)
+def test_dimat_merge_rounds_run_over_the_daemon_testnet_and_match_the_simulator(tmp_path):
+    # 3 nodes, iid, ring (every node has 2 neighbours); batch 96: 5 rounds an epoch, a merge each epoch
+    common = dict(nodes=3, split="iid", topology="ring", algorithm="dimat", epochs=2, batch_size=96, lr=0.05)
+    result = run_testnet(TestnetSettings(workdir=str(tmp_path), run_id="dimat", timeout=240, **common).validate())
+    daemons = result.results["dimat"]
+    assert daemons.iterations == 10
+    assert all(n == 2 * 2 for n in daemons.messages_sent)  # 2 merges x 2 neighbours, nothing in between
+    reference = Simulation(SimulateSettings(**common)).run("dimat")
+    for got, want in zip(daemons.accuracy, reference.accuracy, strict=True):
+        assert abs(got - want) <= 0.005
+    assert all(a > 0.5 for a in daemons.accuracy)
