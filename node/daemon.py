@@ -463,6 +463,8 @@ class Node:
             "rounds": self.round,
             "bytes_sent": self.links.bytes_sent,
             "messages_sent": self.links.frames_sent,
+            "bytes_per_epoch": self.links.bytes_sent / self.settings.epochs,
+            "messages_per_epoch": self.links.frames_sent / self.settings.epochs,
             "rejected": self.links.rejected,
             "seconds": seconds,
             "index": self.index,

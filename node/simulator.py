@@ -30,6 +30,8 @@ class AlgorithmResult:
     iterations: int
     seconds: float
     history: dict[str, list] = field(default_factory=dict)
+    bytes_per_epoch: list[float] = field(default_factory=list)  # per node
+    messages_per_epoch: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -130,6 +132,8 @@ class Simulation:
             iterations=total,
             seconds=time.perf_counter() - start,
             history=history,
+            bytes_per_epoch=[b / s.epochs for b in net.bytes_sent],
+            messages_per_epoch=[m / s.epochs for m in net.messages_sent],
         )
 
 

@@ -177,6 +177,8 @@ def run_testnet(settings: TestnetSettings, on_progress: ProgressCallback | None 
         iterations=ordered[0]["rounds"],
         seconds=max(r["seconds"] for r in ordered),
         history=history,
+        bytes_per_epoch=[r["bytes_per_epoch"] for r in ordered],
+        messages_per_epoch=[r["messages_per_epoch"] for r in ordered],
     )
     shared = {f.name: getattr(s, f.name) for f in fields(TestnetSettings)}
     results = {s.algorithm: algo}
