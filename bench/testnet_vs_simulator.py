@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--topology")
     parser.add_argument("--codec")
     parser.add_argument("--model")
+    parser.add_argument("--trainable-blocks", type=int)
     args = parser.parse_args()
     shared = {k: v for k, v in vars(args).items() if v is not None}
     overrides = dict(shared)
