@@ -66,6 +66,23 @@ def _progress() -> Iterator[Callable[[str, int, int, str], None]]:
             progress.stop()
 
 
+JsonPath = Annotated[Path | None, typer.Option("--json", help="write results and settings as JSON")]
+PlotPath = Annotated[Path | None, typer.Option(help="write accuracy against epoch as an image")]
+
+
+def _report(result, json_path: Path | None, plot: Path | None) -> None:
+    """The per-node table on stdout, then the JSON and the plot if asked for."""
+    from p2pnode.node.report import results_table, write_json, write_plot
+
+    _stdout().print(results_table(result))
+    if json_path:
+        write_json(result, json_path)
+        console.print(f"wrote {json_path}")
+    if plot:
+        write_plot(result, plot)
+        console.print(f"wrote {plot}")
+
+
 @app.callback()
 def _root() -> None:
     """Fine-tune one vision transformer together, peer to peer, without sharing data."""
@@ -75,11 +92,10 @@ def _root() -> None:
 @with_settings(SimulateSettings)
 def simulate(
     settings: SimulateSettings,
-    json_path: Annotated[Path | None, typer.Option("--json", help="write results and settings as JSON")] = None,
-    plot: Annotated[Path | None, typer.Option(help="write accuracy against epoch as an image")] = None,
+    json_path: JsonPath = None,
+    plot: PlotPath = None,
 ) -> None:
     """Run NODES nodes in one process over in-memory links and print a per-node accuracy table."""
-    from p2pnode.node.report import results_table, write_json, write_plot
     from p2pnode.node.simulator import simulate as run_simulation
 
     with _progress() as task:
@@ -91,13 +107,7 @@ def simulate(
             task(name, total, epoch, f"mean acc {100 * acc:5.1f}%")
 
         result = run_simulation(settings, on_epoch, on_cache)
-    _stdout().print(results_table(result))
-    if json_path:
-        write_json(result, json_path)
-        console.print(f"wrote {json_path}")
-    if plot:
-        write_plot(result, plot)
-        console.print(f"wrote {plot}")
+    _report(result, json_path, plot)
 
 
 def _log_to_stderr(level: int = logging.INFO) -> None:
@@ -214,11 +224,10 @@ def status(
 @with_settings(TestnetSettings)
 def testnet(
     settings: TestnetSettings,
-    json_path: Annotated[Path | None, typer.Option("--json", help="write results and settings as JSON")] = None,
-    plot: Annotated[Path | None, typer.Option(help="write accuracy against epoch as an image")] = None,
+    json_path: JsonPath = None,
+    plot: PlotPath = None,
 ) -> None:
     """Start a bootstrap peer and NODES `p2pnode start` processes on 127.0.0.1, run, and tear down."""
-    from p2pnode.node.report import results_table, write_json, write_plot
     from p2pnode.node.testnet import run_testnet
 
     with _progress() as task:
@@ -228,13 +237,7 @@ def testnet(
             task(f"node {node}", total, done, info)
 
         result = run_testnet(settings, on_progress)
-    _stdout().print(results_table(result))
-    if json_path:
-        write_json(result, json_path)
-        console.print(f"wrote {json_path}")
-    if plot:
-        write_plot(result, plot)
-        console.print(f"wrote {plot}")
+    _report(result, json_path, plot)
 
 
 def main(argv: list[str] | None = None) -> int:
