@@ -6,6 +6,7 @@ import contextlib
 import logging
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
@@ -23,6 +24,9 @@ try:  # typer >= 0.26 vendors its own click
     from typer._click.exceptions import NoArgsIsHelpError, UsageError
 except ImportError:  # pragma: no cover - older typer with the click package
     from click.exceptions import NoArgsIsHelpError, UsageError
+
+# importing hivemind makes torch warn that torch.jit.script is deprecated: not the user's concern
+warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
 
 app = typer.Typer(
     name="p2pnode",

@@ -530,11 +530,23 @@ class Node:
         return self.round
 
 
+def _quiet_stream_resets(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """hivemind's p2pd bindings log a full traceback when p2pd drops a stream before announcing it
+    (asyncio's 'Unhandled exception in client_connected_cb'); the sender retries, so one line will do."""
+    if isinstance(context.get("exception"), asyncio.IncompleteReadError) and "client_connected_cb" in str(
+        context.get("message", "")
+    ):
+        logger.debug("p2pd dropped an incoming stream before it started (the sender retries)")
+        return
+    loop.default_exception_handler(context)
+
+
 async def run_node(settings: NodeSettings) -> dict | None:
     """Create a node, run it to the end (or until stopped by a signal), always shut it down."""
     import signal
 
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(_quiet_stream_resets)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
