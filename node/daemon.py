@@ -40,6 +40,7 @@ from .training import FeatureBank, VisionObjective, accuracy, prepare_model_and_
 logger = logging.getLogger(__name__)
 
 TOPOLOGY_EPOCH = 0  # bumped by a coordinated restart of tracking after a permanent departure
+INLINE_BYTES = 1 << 20  # messages below this are encoded and decoded on the event loop
 RETRY_UNREACHABLE_S = 10.0  # after a failed send, skip that peer this long (then try again)
 
 
@@ -245,19 +246,20 @@ class Node:
         if sender not in self._index_of:
             logger.warning("dropped a message from %s: not an in-neighbour in this run", sender[-8:])
             return False
-        loop = asyncio.get_running_loop()
-        try:
-            in_peers = [str(self._peer_of[j]) for j in self.algorithm.hood.in_neighbours]
-            env = await loop.run_in_executor(
-                self._decode, lambda: unpack(data, run=self.settings.run_id, senders=in_peers)
-            )
+        in_peers = [str(self._peer_of[j]) for j in self.algorithm.hood.in_neighbours]
+
+        def decode() -> Message:
+            env = unpack(data, run=self.settings.run_id, senders=in_peers)
             if env.sender != sender:
                 raise ProtocolError(f"envelope claims sender {env.sender[-8:]} but came from {sender[-8:]}")
             if env.epoch != TOPOLOGY_EPOCH:
                 raise ProtocolError(f"topology epoch {env.epoch}, this node is at {TOPOLOGY_EPOCH}")
             if env.phase not in self.algorithm.phases:
                 raise ProtocolError(f"unknown phase {env.phase!r} for {self.algorithm.name}")
-            msg = await loop.run_in_executor(self._decode, lambda: to_message(env, self._index_of[sender], self.index))
+            return to_message(env, self._index_of[sender], self.index)
+
+        try:
+            msg = await self._off_loop(decode, len(data))
         except ProtocolError as e:
             logger.warning("dropped a message from %s: %s", sender[-8:], e)
             return False
@@ -304,17 +306,23 @@ class Node:
         send full state (a keyframe) on that link next time, and the peer is skipped for a while."""
         if not messages:
             return
-        loop = asyncio.get_running_loop()
         s = self.settings
 
         def encode(m: Message) -> bytes:
             return pack(from_message(m, s.run_id, TOPOLOGY_EPOCH, self.peer_id))
 
-        frames = await loop.run_in_executor(self._decode, lambda: [encode(m) for m in messages])
+        frames = await self._off_loop(lambda: [encode(m) for m in messages], sum(m.nbytes for m in messages))
         for m, frame in zip(messages, frames, strict=True):
             task = asyncio.create_task(self._send_one(m.dst, frame))
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
+
+    async def _off_loop(self, work, nbytes: int):
+        """Run encode/decode work in the decode pool, or inline when it is small: a thread hop costs
+        more than packing a small message and would add to every round's latency."""
+        if nbytes < INLINE_BYTES:
+            return work()
+        return await asyncio.get_running_loop().run_in_executor(self._decode, work)
 
     async def _send_one(self, dst: int, frame: bytes) -> None:
         loop = asyncio.get_running_loop()
