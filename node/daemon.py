@@ -40,6 +40,7 @@ from .training import FeatureBank, VisionObjective, accuracy, prepare_model_and_
 logger = logging.getLogger(__name__)
 
 TOPOLOGY_EPOCH = 0  # bumped by a coordinated restart of tracking after a permanent departure
+MAX_CATCH_UP = 2  # rounds a resumed node may skip to rejoin peers that stopped later
 INLINE_BYTES = 1 << 20  # messages below this are encoded and decoded on the event loop
 RETRY_UNREACHABLE_S = 10.0  # after a failed send, skip that peer this long (then try again)
 
@@ -151,7 +152,10 @@ class Node:
             self.p2p, s.run_id, self._on_frame, max_bytes=MAX_MESSAGE_BYTES, timeout=max(30.0, s.round_timeout)
         )
         self.membership = Membership(self.dht, s.run_id, validators[0], ttl=4 * s.heartbeat)
+        saved = self.state_dir / "state.json"
+        saved_round = json.loads(saved.read_text()).get("round", 0) if saved.is_file() else 0
         self.info = MemberInfo(
+            round=saved_round,  # peers resuming together use it to start at the same round
             peer_id=self.peer_id,
             fingerprint=self.model.fingerprint,
             settings_hash=s.settings_hash(),
@@ -165,6 +169,7 @@ class Node:
     def request_stop(self) -> None:
         """Finish the current step, checkpoint and leave (what SIGINT / SIGTERM do)."""
         self._stop.set()
+        self._arrival.set()  # wake a round that is waiting for messages
 
     async def shutdown(self) -> None:
         for task in list(self._pending):
@@ -264,7 +269,8 @@ class Node:
             logger.warning("dropped a message from %s: %s", sender[-8:], e)
             return False
         self._inbox.setdefault(msg.phase, []).append(msg)
-        self._absent.discard(msg.src)
+        if msg.round >= self.round:  # a neighbour still behind stays on the short grace
+            self._absent.discard(msg.src)
         self._arrival.set()
         return True
 
@@ -283,7 +289,9 @@ class Node:
             elapsed = loop.time() - start
             # an in-neighbour that already missed a deadline gets a short grace, not the full timeout
             limit = self.settings.round_timeout if present else min(2.0, self.settings.round_timeout)
-            if not waiting or elapsed >= limit or (self._stop.is_set() and elapsed >= 1.0):
+            if self._stop.is_set():
+                limit = min(limit, 1.0)  # stopping: give in-flight messages a moment, then finish the step
+            if not waiting or elapsed >= limit:
                 break
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._arrival.wait(), limit - elapsed)
@@ -385,6 +393,8 @@ class Node:
             per_epoch,
         )
         start_round = await loop.run_in_executor(self._compute, self._resume)
+        if start_round > 0:
+            start_round = self.round = self.info.round = self._catch_up(start_round)
         self._ready.set()
         self.info.status, self.info.rounds = "training", self.rounds
         started = time.perf_counter()
@@ -414,6 +424,16 @@ class Node:
         await self._announce()
         await self._linger()
         return result
+
+    def _catch_up(self, start_round: int) -> int:
+        """Members that stopped a round or two apart resume at the latest one (DESIGN §3 tolerates the
+        skipped local steps; the first push on every link is a keyframe). Otherwise each would wait
+        for the other's next message until the round timeout."""
+        latest = max((m.round for m in self.members), default=start_round)
+        if start_round < latest <= start_round + MAX_CATCH_UP:
+            logger.info("peers resumed at round %d: skipping ahead from round %d", latest, start_round)
+            return latest
+        return start_round
 
     async def _end_of_epoch(self, epoch: int) -> None:
         loop = asyncio.get_running_loop()
@@ -555,12 +575,21 @@ async def run_node(settings: NodeSettings) -> dict | None:
 
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(_quiet_stream_resets)
-    stop = asyncio.Event()
+    nodes: list[Node] = []
+    stopped = asyncio.Event()
+
+    def on_signal() -> None:
+        stopped.set()
+        for n in nodes:
+            n.request_stop()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
     node = await Node.create(settings)
-    node._stop = stop
+    nodes.append(node)
+    if stopped.is_set():  # a signal while the node was starting
+        node.request_stop()
     try:
         return await node.run()
     finally:
