@@ -99,6 +99,20 @@ def test_a_killed_node_does_not_hang_the_others_and_status_lists_the_run(tmp_pat
         stop_processes(procs)
 
 
+def launch_and_wait(commands: list[list[str]], tmp_path, log: str, marker: str, what: str) -> list:
+    """Start one node per command (logs tmp_path/LOG{i}.log) and wait until each state dir has MARKER."""
+    nodes = [
+        subprocess.Popen(c, stdout=(tmp_path / f"{log}{i}.log").open("w"), stderr=subprocess.STDOUT)
+        for i, c in enumerate(commands)
+    ]
+    try:
+        wait_for(lambda: all((tmp_path / f"n{i}" / marker).exists() for i in range(len(commands))), 150, what)
+    except AssertionError:
+        stop_processes(nodes)
+        raise
+    return nodes
+
+
 @pytest.mark.timeout(300)
 def test_sigterm_checkpoints_and_a_restarted_node_resumes_where_it_stopped(tmp_path):
     settings = TestnetSettings(nodes=2, split="0-4,5-9", epochs=2, batch_size=72, run_id="resume").validate()
@@ -108,16 +122,8 @@ def test_sigterm_checkpoints_and_a_restarted_node_resumes_where_it_stopped(tmp_p
         commands = [node_command(settings, i, addrs, tmp_path / f"n{i}") for i in range(2)]
         for i in range(2):
             (tmp_path / f"n{i}").mkdir()
-        nodes = [
-            subprocess.Popen(c, stdout=(tmp_path / f"a{i}.log").open("w"), stderr=subprocess.STDOUT)
-            for i, c in enumerate(commands)
-        ]
+        nodes = launch_and_wait(commands, tmp_path, "a", "progress.json", "both nodes to finish epoch 1 (round 10)")
         procs += nodes
-        wait_for(
-            lambda: all((tmp_path / f"n{i}" / "progress.json").exists() for i in range(2)),
-            150,
-            "both nodes to finish epoch 1 (round 10)",
-        )
         nodes[0].send_signal(signal.SIGTERM)
         assert nodes[0].wait(60) == 0
         # node 1's only in-neighbour is gone: it must still stop promptly, not sit out the 60 s round timeout
@@ -129,16 +135,7 @@ def test_sigterm_checkpoints_and_a_restarted_node_resumes_where_it_stopped(tmp_p
         assert all(10 <= r < 20 for r in stopped), stopped
         assert not any((tmp_path / f"n{i}" / "result.json").exists() for i in range(2))
 
-        nodes = [
-            subprocess.Popen(c, stdout=(tmp_path / f"b{i}.log").open("w"), stderr=subprocess.STDOUT)
-            for i, c in enumerate(commands)
-        ]
-        procs += nodes
-        wait_for(
-            lambda: all((tmp_path / f"n{i}" / "result.json").exists() for i in range(2)),
-            150,
-            "the restarted nodes to finish",
-        )
+        procs += launch_and_wait(commands, tmp_path, "b", "result.json", "the restarted nodes to finish")
         for i in range(2):
             assert f"resumed from {tmp_path / f'n{i}'} at round {stopped[i]}" in (tmp_path / f"b{i}.log").read_text()
             result = json.loads((tmp_path / f"n{i}" / "result.json").read_text())
