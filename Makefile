@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -r requirements.lock
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	command -v nft >/dev/null || (apt-get update -qq && apt-get install -y -qq nftables) || true
 	touch $(STAMP)
 
 demo: $(STAMP)
