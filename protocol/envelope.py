@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import msgpack
 import torch
 
-from ..node.algorithms.base import Message
 from .codecs import Codec, CodecError, Encoded, decode, get_codec, validate
+from .message import Message
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 256 * 2**20
@@ -310,4 +310,4 @@ def from_message(msg: Message, run: str, epoch: int, sender: str, codec: Codec |
 
 def to_message(env: Envelope, src: int, dst: int) -> Message:
     """The in-memory message for an unpacked envelope, with decoded tensors; `src`/`dst` are node indices."""
-    return Message(src, dst, env.round, env.phase, env.kind, decode_tensors(env), env.seq)
+    return Message(src, dst, env.round, env.phase, env.kind, decode_tensors(env), env.seq, env.epoch)

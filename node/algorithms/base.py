@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, ClassVar, Protocol
 import torch
 
 from ...protocol.codecs import Codec, Encoded, decode
+from ...protocol.message import Message, Payload
 from ..errors import BadInput
 from ..topology import Neighbourhood
 
@@ -34,30 +35,11 @@ class Objective(Protocol):
 
 
 LearningRate = Callable[[int], float]
-Payload = torch.Tensor | Encoded
 
 
 def as_tensor(x: Payload) -> torch.Tensor:
     """A message tensor as a torch tensor, decoding it if it is still encoded."""
     return decode(x) if isinstance(x, Encoded) else x
-
-
-@dataclass
-class Message:
-    """One directed message. `kind` says how the receiver applies it (see each algorithm)."""
-
-    src: int
-    dst: int
-    round: int
-    phase: str
-    kind: str
-    tensors: dict[str, Payload]
-    seq: int = 0
-
-    @property
-    def nbytes(self) -> int:
-        """Tensor payload bytes (encoded size where encoded)."""
-        return sum(t.nbytes for t in self.tensors.values())
 
 
 @dataclass
@@ -134,6 +116,7 @@ class Algorithm(ABC):
         self.codec = codec
         self.gamma = gamma
         self.iteration = 0
+        self.epoch = 0
         self.last_loss = float("nan")
         self.iterations_per_epoch = 1
 
@@ -141,6 +124,33 @@ class Algorithm(ABC):
         """Told by the driver once, before the first iteration: epoch length and the run's settings
         (for schedules in epochs and algorithm options such as DIMAT's --merge-every)."""
         self.iterations_per_epoch = iterations_per_epoch
+
+    def enter_epoch(self, hood: Neighbourhood, epoch: int) -> None:
+        """Take part in a new membership epoch from the next round on (DESIGN §8).
+
+        `hood` is this node's neighbourhood in the new member list (positions renumbered). Every
+        link starts afresh: counters, sequence numbers, gaps, codec replicas and residuals are reset
+        and trackers restart from the latest gradient; the parameters and the optimizer state stay.
+        The driver calls it between rounds, on every member of the new epoch at the same round."""
+        self.hood = hood
+        self.epoch = epoch
+        self.reset_links()
+
+    def reset_links(self) -> None:  # noqa: B027 - a no-op for algorithms without per-link state
+        """Forget all per-link state (subclasses with channels or trackers rebuild them here)."""
+
+    def send(self, phase: str, k: int) -> list[Message]:
+        """What drivers call: `outgoing`, each message stamped with this node's epoch."""
+        messages = self.outgoing(phase, k)
+        for m in messages:
+            m.epoch = self.epoch
+        return messages
+
+    def receive(self, phase: str, k: int, messages: Sequence[Message]) -> None:
+        """What drivers call: `incoming` with only the messages of this node's epoch from its in-neighbours
+        (a message of another epoch numbers its nodes differently and carries no usable state)."""
+        ins = set(self.hood.in_neighbours)
+        self.incoming(phase, k, [m for m in messages if m.epoch == self.epoch and m.src in ins])
 
     def expects_messages(self, phase: str, k: int) -> bool:
         """Whether in-neighbours send in `phase` of iteration k (the daemon waits only then)."""
@@ -171,8 +181,15 @@ class Algorithm(ABC):
         return {"params": self.params, "iteration": torch.tensor(self.iteration), **self.step.state_dict()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.params = state["params"].clone()
+        """Resume everything, links included: only for a snapshot of this same epoch (tests, analysis).
+        A node that restarts uses `load_model_state` and then enters a new epoch."""
+        self.load_model_state(state)
         self.iteration = int(state["iteration"])
+
+    def load_model_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Take the parameters and optimizer state of a checkpoint, nothing that belongs to links:
+        a restarted node never resumes running-sum counters (their receivers have moved on)."""
+        self.params = state["params"].clone()
         self.step.load_state_dict(state)
 
 

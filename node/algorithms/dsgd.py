@@ -20,6 +20,9 @@ class DSGD(Algorithm):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.reset_links()
+
+    def reset_links(self) -> None:
         self.pull = PullChannel(self.hood, self.params, self.codec, self.gamma, self.metropolis)
 
     def outgoing(self, phase: str, k: int) -> list[Message]:

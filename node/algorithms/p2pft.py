@@ -28,9 +28,14 @@ class P2PFT(Algorithm):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.grad, self.last_loss = self.objective.gradient(self.params)
+        self.v = self.params.clone()
+        self.reset_links()
+
+    def reset_links(self) -> None:
+        """Restart tracking: tau = g (the latest gradient) and empty running sums, so sum tau = sum g
+        holds again over the new members whatever mass was lost with the old ones (DESIGN §8)."""
         self.tau = self.grad.clone()
         self.z = torch.zeros_like(self.tau)
-        self.v = self.params.clone()
         self.pull = PullChannel(self.hood, self.params, self.codec, self.gamma)
         self.sender = PushSender(self.hood, self.params.numel(), self.codec)
         self.receiver = PushReceiver(self.hood, self.params.numel())

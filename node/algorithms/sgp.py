@@ -25,6 +25,10 @@ class SGP(Algorithm):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.reset_links()
+
+    def reset_links(self) -> None:
+        """Restart push-sum from the de-biased parameters: mass lost with departed nodes is forgotten."""
         self.x = self.params.clone()
         self.w = 1.0
 
