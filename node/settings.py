@@ -47,7 +47,7 @@ class RunSettings:
     nodes: int | None = opt(None, "number of nodes [default: one per --split class set, else 4]")
     # graph and algorithm
     topology: str = opt("directed-ring", "directed-ring, exponential, complete, ring, random:K, or an edge-list file")
-    algorithm: str = opt("p2pft", "p2pft, dsgd, local or central")
+    algorithm: str = opt("p2pft", "p2pft, sgp, dsgd, cdsgd, dimat, wa, wm, local or central (see README)")
     codec: str = opt("none", "compression of exchanged tensors: none, fp16, bf16, int8, topk:FRACTION")
     gamma: float = opt(1.0, "consensus step for compressed exchange (<= 1; lower for aggressive top-k)")
     # training. Defaults found by bench/reproduce_table1.py on digits (see README): they bring every
@@ -140,6 +140,17 @@ class RunSettings:
 @dataclass
 class SimulateSettings(RunSettings):
     compare: list[str] = opt([], "other algorithms to run on the same data, e.g. local,central,dsgd")
+    churn: str | None = opt(
+        None,
+        "membership changes, ACTION:NODE@ROUND with ACTION join, leave, crash or rejoin: e.g. leave:3@200,join:3@400",
+    )
+
+    def validate(self) -> SimulateSettings:
+        from .churn import parse_churn
+
+        super().validate()
+        parse_churn(self.churn, self.nodes)
+        return self
 
 
 @dataclass
@@ -158,6 +169,11 @@ class NodeSettings(RunSettings):
     heartbeat: float = opt(5.0, "seconds between membership refreshes in the DHT")
     use_relay: bool = opt(True, "reach peers behind NAT through libp2p relays")
     use_auto_relay: bool = opt(False, "look for relays to become reachable when behind NAT yourself")
+    leave_timeout: float = opt(
+        60.0, "after SIGTERM, seconds to wait for the epoch that drops this node before just going"
+    )
+    metrics_port: int | None = opt(None, "serve Prometheus metrics on this port (127.0.0.1; see --metrics-addr)")
+    metrics_addr: str = opt("127.0.0.1", "address for --metrics-port (0.0.0.0 exposes it)")
 
     def validate(self) -> NodeSettings:
         super().validate()
@@ -167,8 +183,10 @@ class NodeSettings(RunSettings):
             raise BadInput(f"bad --run-id {self.run_id!r}: use letters, digits, '-' and '_'")
         if self.checkpoint_every < 1:
             raise BadInput(f"--checkpoint-every must be at least 1 (got {self.checkpoint_every})")
-        if self.round_timeout <= 0 or self.join_timeout <= 0 or self.heartbeat <= 0:
-            raise BadInput("--round-timeout, --join-timeout and --heartbeat must be positive")
+        if min(self.round_timeout, self.join_timeout, self.heartbeat, self.leave_timeout) <= 0:
+            raise BadInput("--round-timeout, --join-timeout, --heartbeat and --leave-timeout must be positive")
+        if self.metrics_port is not None and not 1 <= self.metrics_port <= 65535:
+            raise BadInput(f"--metrics-port must be a port number 1-65535 (got {self.metrics_port})")
         if self.algorithm == "central" and self.nodes != 1:
             raise BadInput("central is the single-node reference: use it with simulate, or --nodes 1")
         return self
@@ -222,6 +240,10 @@ class TestnetSettings(RunSettings):
     workdir: str | None = opt(None, "folder for each node's state and log [default: a temporary folder]")
     round_timeout: float = opt(60.0, "seconds a node waits for its in-neighbours each round")
     timeout: float = opt(1800.0, "give up (and tear everything down) after this many seconds")
+    churn: str | None = opt(
+        None,
+        "membership changes in seconds, ACTION:NODE@SECONDSs (join, leave, crash, rejoin): e.g. crash:3@40s,join:4@30s",
+    )
 
 
 def to_flags(settings: RunSettings, only: type[RunSettings] = RunSettings) -> list[str]:
