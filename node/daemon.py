@@ -1,48 +1,53 @@
-"""The peer daemon behind `p2pnode start`: DHT membership, directed links, and rounds of an algorithm.
+"""The peer daemon behind `p2pnode start`: one `Node` per machine, a member of an elastic run.
 
-One `Node` per machine. It joins the run's DHT key, waits for `--nodes` members that share its trunk
-fingerprint and settings, derives the topology from the member order (identically on every node),
-and drives the same algorithm object the simulator uses: for each phase it sends `outgoing`, waits
-until every in-neighbour's message for the round has arrived or `--round-timeout` passes, and
-applies `incoming` in a worker thread, so the event loop keeps serving peers while it computes.
+A node prepares its model and data, joins the run's DHT, and waits for an epoch record that names
+it (`node/membership.py`, `node/epochs.py`): epoch 0 once `--nodes` peers are present, or a later
+epoch that lets it in as a joiner, with parameters from its own checkpoint or a donor
+(`protocol/transfer.py`). Then it drives the same algorithm object the simulator uses, round after
+round: for each phase it sends `send`, waits until every in-neighbour's message for the round has
+arrived or its deadline passed (`node/rounds.py`), and applies `receive` in a worker thread. Between
+rounds it enters the next epoch at the round that epoch names. SIGTERM makes it leave gracefully;
+a second signal stops it at once. Files in the state directory: `node/state_store.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import hivemind
 import numpy as np
-import torch
 from hivemind.p2p import PeerID
 from hivemind.utils.crypto import RSAPrivateKey
-from safetensors.torch import load_file, save_file
 
 from ..protocol.codecs import get_codec
-from ..protocol.envelope import MAX_MESSAGE_BYTES, ProtocolError, from_message, pack, to_message, unpack
+from ..protocol.envelope import MAX_MESSAGE_BYTES, Envelope, ProtocolError, from_message, pack, to_message, unpack
 from ..protocol.links import Links
-from ..protocol.membership import MemberInfo, Membership, run_validators
-from .algorithms import ALGORITHMS, Algorithm, Message, StepRule
+from ..protocol.membership import EpochRecord, MemberInfo, Membership, run_validators
+from ..protocol.message import Message
+from ..protocol.transfer import TransferError, fetch_state, serve_state
+from . import epochs
+from .algorithms import ALGORITHMS, Algorithm, StepRule
 from .data import parse_class_set, parse_split, partition
 from .errors import BadInput
+from .membership import MembershipAgent
+from .metrics import NodeMetrics
+from .rounds import Inbox
 from .settings import NodeSettings
 from .simulator import iterations_per_epoch, objective_seed, step_schedule
+from .state_store import StateStore
 from .topology import make_topology
 from .training import FeatureBank, VisionObjective, accuracy, prepare_model_and_data
 
 logger = logging.getLogger(__name__)
 
-TOPOLOGY_EPOCH = 0  # bumped by a coordinated restart of tracking after a permanent departure
-MAX_CATCH_UP = 2  # rounds a resumed node may skip to rejoin peers that stopped later
 INLINE_BYTES = 1 << 20  # messages below this are encoded and decoded on the event loop
 RETRY_UNREACHABLE_S = 10.0  # after a failed send, skip that peer this long (then try again)
+JUMP_ROUNDS = 20  # a node this far behind an epoch's start round jumps to it instead of catching up
 
 
 class Node:
@@ -54,25 +59,27 @@ class Node:
         self.dht: hivemind.DHT | None = None
         self.p2p = None
         self.links: Links | None = None
-        self.membership: Membership | None = None
+        self.agent: MembershipAgent | None = None
+        self.store: StateStore | None = None
+        self.metrics: NodeMetrics | None = None
         self.algorithm: Algorithm | None = None
-        self.members: list[MemberInfo] = []
+        self.record: EpochRecord | None = None  # the epoch this node runs in
         self.index = -1
         self.round = 0
         self.rounds = 0
+        self.per_epoch = 1
+        self._started = time.perf_counter()
         self.history: dict[str, list] = {"epoch": [], "accuracy": [], "loss": []}
-        self._inbox: dict[str, list[Message]] = {}
-        self._arrival = asyncio.Event()
+        self.epoch_log: list[dict] = []  # every epoch change this node saw
+        self.inbox = Inbox()
         self._stop = asyncio.Event()
-        self._absent: set[int] = set()
+        self._leave_by: float | None = None  # loop time after which a leaving node just goes
         self._pending: set[asyncio.Task] = set()
         self._unreachable: dict[int, float] = {}
         self._index_of: dict[str, int] = {}
         self._peer_of: dict[int, PeerID] = {}
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="p2pnode-train")
         self._decode = ThreadPoolExecutor(2, thread_name_prefix="p2pnode-decode")
-        self._heartbeat: asyncio.Task | None = None
-        self._ready = asyncio.Event()  # set once members, topology and algorithm are known
         self.info: MemberInfo | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -115,6 +122,10 @@ class Node:
             return train, test
 
         self.train_bank, self.test_bank = await loop.run_in_executor(self._compute, banks)
+        self.store = StateStore(
+            self.state_dir,
+            {"run_id": s.run_id, "fingerprint": self.model.fingerprint, "settings_hash": s.settings_hash()},
+        )
         logger.info(
             "model %s (trunk %s, %d trainable), %d local samples of %s",
             s.model,
@@ -151,11 +162,12 @@ class Node:
         self.links = await Links.create(
             self.p2p, s.run_id, self._on_frame, max_bytes=MAX_MESSAGE_BYTES, timeout=max(30.0, s.round_timeout)
         )
-        self.membership = Membership(self.dht, s.run_id, validators[0], ttl=4 * s.heartbeat)
-        saved = self.state_dir / "state.json"
-        saved_round = json.loads(saved.read_text()).get("round", 0) if saved.is_file() else 0
+        await serve_state(self.p2p, s.run_id, self._snapshot)
+        if s.metrics_port is not None:
+            self.metrics = NodeMetrics(s.run_id)
+            self.metrics.serve(s.metrics_port, s.metrics_addr)
         self.info = MemberInfo(
-            round=saved_round,  # peers resuming together use it to start at the same round
+            round=self.store.saved_round(),  # peers restarting together start at the furthest checkpoint
             peer_id=self.peer_id,
             fingerprint=self.model.fingerprint,
             settings_hash=s.settings_hash(),
@@ -163,147 +175,199 @@ class Node:
             index=s.index,
             classes=s.classes or "",
         )
+        membership = Membership(self.dht, s.run_id, validators[0], ttl=4 * s.heartbeat)
+        self.agent = await MembershipAgent.create(membership, self.info, s.heartbeat)
+        self.agent.on_change = lambda _record: self.inbox.arrival.set()  # wake a waiting round
+        self.store.events.write("start", peer_id=self.peer_id, run_id=s.run_id, settings=s.to_dict())
         for addr in self.dht.get_visible_maddrs():
             logger.info("listening on %s", addr)
 
+    def request_leave(self) -> None:
+        """SIGTERM: leave gracefully (take part until the epoch that drops this node, at most
+        --leave-timeout seconds); a node not yet in a run, or a second request, stops at once."""
+        if self.algorithm is None or self._leave_by is not None:
+            self.request_stop()
+            return
+        self._leave_by = asyncio.get_running_loop().time() + self.settings.leave_timeout
+        self.info.status = "leaving"
+        logger.info("leaving: waiting for the epoch that drops this node (at most %.0f s)", self.settings.leave_timeout)
+        if self.agent is not None:
+            asyncio.get_running_loop().create_task(self.agent.announce())
+
     def request_stop(self) -> None:
-        """Finish the current step, checkpoint and leave (what SIGINT / SIGTERM do)."""
+        """Finish the current step, checkpoint and go now."""
         self._stop.set()
-        self._arrival.set()  # wake a round that is waiting for messages
+        self.inbox.arrival.set()  # wake a round that is waiting for messages
 
     async def shutdown(self) -> None:
         for task in list(self._pending):
             task.cancel()
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._heartbeat
+        if self.agent is not None:
+            await self.agent.shutdown()
         if self.links is not None:
             await self.links.shutdown()
+        if self.metrics is not None:
+            self.metrics.shutdown()
         if self.p2p is not None:
             with contextlib.suppress(Exception):
                 await self.p2p.shutdown()
         if self.dht is not None:
             dht, self.dht = self.dht, None
             await asyncio.get_running_loop().run_in_executor(None, dht.shutdown)
+        if self.store is not None:
+            self.store.close()
         self._compute.shutdown(wait=True)
         self._decode.shutdown(wait=True)
 
-    # --- membership ------------------------------------------------------------------------------
+    # --- joining ---------------------------------------------------------------------------------
 
-    async def _announce(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            await loop.run_in_executor(None, self.membership.announce, self.info)
-        except Exception as e:
-            logger.warning("membership refresh failed: %s", e)
+    def _schedule(self, members: list[MemberInfo]) -> tuple[int, int]:
+        """The run's length, fixed at epoch 0 from the first members' data (shared by all nodes)."""
+        s = self.settings
+        per_epoch = iterations_per_epoch(sum(m.samples for m in members), len(members), s.batch_size)
+        return per_epoch * s.epochs, per_epoch
 
-    async def _beat(self) -> None:
-        while True:
-            await self._announce()
-            await asyncio.sleep(self.settings.heartbeat)
-
-    async def _wait_for_members(self) -> list[MemberInfo]:
+    async def _wait_for_epoch(self, after: EpochRecord | None = None) -> EpochRecord | None:
+        """Wait for an epoch record that names this node (newer than `after`); propose epoch 0 if the
+        run has none and enough peers are waiting. None if stopped first."""
         s = self.settings
         loop = asyncio.get_running_loop()
         deadline = loop.time() + s.join_timeout
         refused: set[str] = set()
         last_count = -1
         while loop.time() < deadline and not self._stop.is_set():
-            found = await loop.run_in_executor(None, self.membership.members)
-            ok = []
-            for m in found:
-                if m.fingerprint != self.info.fingerprint or m.settings_hash != self.info.settings_hash:
-                    if m.peer_id not in refused:
-                        refused.add(m.peer_id)
-                        what = "trunk fingerprint" if m.fingerprint != self.info.fingerprint else "settings"
-                        logger.warning(
-                            "refusing peer %s: its %s differ from this run's (%s vs %s)",
-                            m.peer_id[-8:],
-                            what,
-                            m.fingerprint if what[0] == "t" else m.settings_hash,
-                            self.info.fingerprint if what[0] == "t" else self.info.settings_hash,
-                        )
+            await self.agent.refresh()
+            record, infos = self.agent.record, self.agent.infos
+            self._log_refused(infos, refused)
+            if record is not None and self.peer_id in record.members and (after is None or record.rank > after.rank):
+                return record
+            stale = record is not None and not epochs.live(record, infos)
+            if record is None or stale:
+                proposal = epochs.first_epoch(infos, self.info, s.nodes, self._schedule, record if stale else None)
+                if proposal is not None:
+                    await self.agent.propose(proposal)
                     continue
-                ok.append(m)
-            if len(ok) != last_count:
-                logger.info("%d of %d members present", len(ok), s.nodes)
-                last_count = len(ok)
-            if len(ok) >= s.nodes and any(m.peer_id == self.peer_id for m in ok[: s.nodes]):
-                if len(ok) > s.nodes:
-                    logger.warning("%d members present, the run takes the first %d", len(ok), s.nodes)
-                return ok[: s.nodes]
-            await asyncio.sleep(min(1.0, s.heartbeat))
+            count = sum(1 for m in infos if epochs.compatible(m, self.info.fingerprint, self.info.settings_hash))
+            if count != last_count:
+                if record is None or stale:
+                    logger.info("%d of %d members present", count, s.nodes)
+                else:
+                    logger.info("run in progress (epoch %d): waiting to be let in as a joiner", record.number)
+                last_count = count
+            await asyncio.sleep(self.agent.poll)
         if self._stop.is_set():
-            return []
+            return None
         raise BadInput(f"only {last_count} of {s.nodes} members joined run {s.run_id!r} within {s.join_timeout:.0f} s")
+
+    def _log_refused(self, infos: list[MemberInfo], refused: set[str]) -> None:
+        for m in infos:
+            if m.peer_id in refused or epochs.compatible(m, self.info.fingerprint, self.info.settings_hash):
+                continue
+            refused.add(m.peer_id)
+            what = "trunk fingerprint" if m.fingerprint != self.info.fingerprint else "settings"
+            theirs, ours = (
+                (m.fingerprint, self.info.fingerprint) if what[0] == "t" else (m.settings_hash, self.info.settings_hash)
+            )
+            logger.warning(
+                "refusing peer %s: its %s differ from this run's (%s vs %s)", m.peer_id[-8:], what, theirs, ours
+            )
+
+    async def _start_training(self, record: EpochRecord) -> None:
+        """Build the algorithm for the first epoch this node is in: parameters from its checkpoint
+        (a restart), the model (epoch 0 of a fresh run) or a donor (a joiner)."""
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        self.rounds, self.per_epoch = record.rounds, record.per_epoch
+        checkpoint = await loop.run_in_executor(self._compute, self.store.load, self.device)
+        initial = self.model.trainable_vector().to(self.device)
+        source = "the model's initial parameters"
+        if checkpoint is not None:
+            initial, source = checkpoint.state["params"], f"its checkpoint of round {checkpoint.round}"
+            self.history = checkpoint.meta.get("history", self.history)
+            self.epoch_log = checkpoint.meta.get("epochs", [])
+        elif record.start_round > 0 or record.donors:
+            donors = [p for p in record.donors if p != self.peer_id]
+            try:
+                got = await fetch_state(self.p2p, s.run_id, donors, initial.numel(), total_timeout=s.join_timeout / 4)
+                initial, source = got.params.to(self.device), f"donor {got.donor[-8:]} at round {got.round}"
+            except TransferError as e:
+                logger.warning("%s; starting from the model's initial parameters (mixing pulls them in)", e)
+        topo = make_topology(s.topology, len(record.members), s.seed)
+        index = record.members.index(self.peer_id)
+        objective = VisionObjective(
+            self.model,
+            self.train_bank,
+            self.indices,
+            s.batch_size,
+            seed=objective_seed(s, index),
+            weight_decay=s.weight_decay,
+        )
+        codec = None if s.codec == "none" else get_codec(s.codec)
+        step = StepRule(step_schedule(s, self.rounds), s.momentum, s.optimizer)
+
+        def build() -> Algorithm:
+            algo = ALGORITHMS[s.algorithm](topo.neighbourhood(index), objective, initial, step, codec, s.gamma)
+            algo.configure(iterations_per_epoch=self.per_epoch, settings=s)
+            if checkpoint is not None:
+                StateStore.restore_objective(algo, checkpoint)
+                algo.load_model_state(checkpoint.state)  # parameters and momentum, never link state
+            return algo
+
+        self.algorithm = await loop.run_in_executor(self._compute, build)
+        logger.info("starting from %s", source)
+        if checkpoint is not None:
+            logger.info("resumed from %s at round %d", self.state_dir, checkpoint.round)
 
     # --- receiving -------------------------------------------------------------------------------
 
     async def _on_frame(self, data: bytes, peer: PeerID) -> bool:
         """Validate and queue one message; never raises (a bad message is logged and dropped)."""
         sender = str(peer)
-        try:  # a faster peer may send before this node has built its algorithm: hold the sender back
-            await asyncio.wait_for(self._ready.wait(), self.links.timeout / 2)
-        except asyncio.TimeoutError:
-            logger.warning("dropped a message from %s: this node is not in a run yet", sender[-8:])
-            return False
-        if sender not in self._index_of:
-            logger.warning("dropped a message from %s: not an in-neighbour in this run", sender[-8:])
-            return False
-        in_peers = [str(self._peer_of[j]) for j in self.algorithm.hood.in_neighbours]
+        known = self._known_peers()
+        if known is not None and sender not in known:
+            return self._refuse(sender, "not a member of this run")
 
-        def decode() -> Message:
-            env = unpack(data, run=self.settings.run_id, senders=in_peers)
+        def decode() -> Envelope:
+            env = unpack(data, run=self.settings.run_id, senders=[sender])
             if env.sender != sender:
                 raise ProtocolError(f"envelope claims sender {env.sender[-8:]} but came from {sender[-8:]}")
-            if env.epoch != TOPOLOGY_EPOCH:
-                raise ProtocolError(f"topology epoch {env.epoch}, this node is at {TOPOLOGY_EPOCH}")
-            if env.phase not in self.algorithm.phases:
-                raise ProtocolError(f"unknown phase {env.phase!r} for {self.algorithm.name}")
-            return to_message(env, self._index_of[sender], self.index)
+            return env
 
         try:
-            msg = await self._off_loop(decode, len(data))
+            env = await self._off_loop(decode, len(data))
+            current = self.record.number if self.record is not None else -1
+            if env.epoch < current:
+                return True  # sent before the sender entered this epoch: harmless, ignored
+            if env.epoch > current or self.algorithm is None:
+                self.inbox.hold(sender, env)  # the sender entered a later epoch first: keep it for then
+                return True
+            msg = await self._off_loop(lambda: self._to_message(sender, env, strict=True), len(data))
         except ProtocolError as e:
-            logger.warning("dropped a message from %s: %s", sender[-8:], e)
-            return False
-        self._inbox.setdefault(msg.phase, []).append(msg)
-        if msg.round >= self.round:  # a neighbour still behind stays on the short grace
-            self._absent.discard(msg.src)
-        self._arrival.set()
+            return self._refuse(sender, str(e))
+        self.inbox.put(msg)
+        self.agent.heard_from(sender)
         return True
 
-    async def _collect(self, phase: str, k: int, wait: bool = True) -> list[Message]:
-        """Wait for every in-neighbour's message of round k (or the deadline); return what has arrived."""
-        loop = asyncio.get_running_loop()
-        hood = self.algorithm.hood
-        start = loop.time()
-        waiting: list[int] = []
-        while wait:
-            self._arrival.clear()
-            inbox = self._inbox.get(phase, [])
-            heard = {m.src for m in inbox if m.round >= k}
-            waiting = [j for j in hood.in_neighbours if j not in heard]
-            present = [j for j in waiting if j not in self._absent]
-            elapsed = loop.time() - start
-            # an in-neighbour that already missed a deadline gets a short grace, not the full timeout
-            limit = self.settings.round_timeout if present else min(2.0, self.settings.round_timeout)
-            if self._stop.is_set():
-                limit = min(limit, 1.0)  # stopping: give in-flight messages a moment, then finish the step
-            if not waiting or elapsed >= limit:
-                break
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._arrival.wait(), limit - elapsed)
-        inbox = self._inbox.get(phase, [])
-        if waiting:
-            newly = [j for j in waiting if j not in self._absent]
-            if newly:
-                logger.warning("round %d %s: going on without node(s) %s", k, phase, newly)
-            self._absent.update(waiting)
-        ready = [m for m in inbox if m.round <= k]
-        self._inbox[phase] = [m for m in inbox if m.round > k]
-        return ready
+    def _refuse(self, sender: str, reason: str) -> bool:
+        logger.warning("dropped a message from %s: %s", sender[-8:], reason)
+        if self.store is not None:
+            self.store.events.write("refused", peer=sender, reason=reason)
+        if self.metrics is not None:
+            self.metrics.refused()
+        return False
+
+    def _known_peers(self) -> set[str] | None:
+        """Peers that may send to this node: members of its epoch and of the record the run follows
+        (None while this node knows of no epoch yet: frames are then held back)."""
+        records = [r for r in (self.record, self.agent.record if self.agent else None) if r is not None]
+        return {p for r in records for p in r.members} if records else None
+
+    def _to_message(self, sender: str, env: Envelope, strict: bool = False) -> Message | None:
+        if sender not in self._index_of or env.phase not in self.algorithm.phases:
+            if strict:
+                raise ProtocolError(f"not an in-neighbour in epoch {env.epoch}, or phase {env.phase!r} unknown")
+            return None
+        return to_message(env, self._index_of[sender], self.index)
 
     # --- sending ---------------------------------------------------------------------------------
 
@@ -317,11 +381,11 @@ class Node:
         s = self.settings
 
         def encode(m: Message) -> bytes:
-            return pack(from_message(m, s.run_id, TOPOLOGY_EPOCH, self.peer_id))
+            return pack(from_message(m, s.run_id, m.epoch, self.peer_id))
 
         frames = await self._off_loop(lambda: [encode(m) for m in messages], sum(m.nbytes for m in messages))
         for m, frame in zip(messages, frames, strict=True):
-            task = asyncio.create_task(self._send_one(m.dst, frame))
+            task = asyncio.create_task(self._send_one(m.dst, self._peer_of[m.dst], frame))
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
 
@@ -332,14 +396,14 @@ class Node:
             return work()
         return await asyncio.get_running_loop().run_in_executor(self._decode, work)
 
-    async def _send_one(self, dst: int, frame: bytes) -> None:
+    async def _send_one(self, dst: int, peer: PeerID, frame: bytes) -> None:
         loop = asyncio.get_running_loop()
         if loop.time() < self._unreachable.get(dst, 0.0):
             self.algorithm.request_keyframe(dst)
             return
-        if await self.links.send(self._peer_of[dst], frame):
+        if await self.links.send(peer, frame):
             self._unreachable.pop(dst, None)
-        else:
+        elif self._peer_of.get(dst) == peer:  # still the same link (no epoch change since)
             self._unreachable[dst] = loop.time() + RETRY_UNREACHABLE_S
             self.algorithm.request_keyframe(dst)
 
@@ -347,98 +411,164 @@ class Node:
         if self._pending:
             await asyncio.wait(list(self._pending), timeout=limit)
 
-    # --- the run ---------------------------------------------------------------------------------
+    # --- epochs ----------------------------------------------------------------------------------
 
-    def _build_algorithm(self) -> tuple[Algorithm, int]:
+    def _enter_epoch(self, record: EpochRecord, k: int) -> None:
+        """Run in `record`'s epoch from round k on: new positions, neighbourhood and fresh links."""
         s = self.settings
-        n = len(self.members)
-        topo = make_topology(s.topology, n, s.seed)
-        per_epoch = iterations_per_epoch(sum(m.samples for m in self.members), n, s.batch_size)
-        self.rounds = per_epoch * s.epochs
-        objective = VisionObjective(
-            self.model,
-            self.train_bank,
-            self.indices,
-            s.batch_size,
-            seed=objective_seed(s, self.index),
-            weight_decay=s.weight_decay,
-        )
-        codec = None if s.codec == "none" else get_codec(s.codec)
-        step = StepRule(step_schedule(s, self.rounds), s.momentum, s.optimizer)
-        initial = self.model.trainable_vector().to(self.device)
-        algo = ALGORITHMS[s.algorithm](topo.neighbourhood(self.index), objective, initial, step, codec, s.gamma)
-        algo.configure(iterations_per_epoch=per_epoch, settings=s)
-        return algo, per_epoch
-
-    async def run(self) -> dict | None:
-        """Join, train for the run's rounds, write result.json. None if stopped before the end."""
-        s = self.settings
-        loop = asyncio.get_running_loop()
-        self._heartbeat = asyncio.create_task(self._beat())
-        self.members = await self._wait_for_members()
-        if not self.members:
-            return None
-        self._index_of = {m.peer_id: i for i, m in enumerate(self.members)}
-        self._peer_of = {i: PeerID.from_base58(m.peer_id) for i, m in enumerate(self.members)}
-        self.index = self._index_of[self.peer_id]
-        self.algorithm, per_epoch = await loop.run_in_executor(self._compute, self._build_algorithm)
+        previous = self.record
+        self.record = record
+        self.index = record.members.index(self.peer_id)
+        self._index_of = {p: i for i, p in enumerate(record.members)}
+        self._peer_of = {i: PeerID.from_base58(p) for i, p in enumerate(record.members)}
+        self._unreachable = {}
+        topo = make_topology(s.topology, len(record.members), s.seed)
+        self.algorithm.enter_epoch(topo.neighbourhood(self.index), record.number)
+        self.algorithm.iteration = k
+        self.inbox.enter_epoch(record.number, self._to_message)
+        before = set(previous.members) if previous is not None else set()
+        change = {
+            "round": k,
+            "epoch": record.number,
+            "members": list(record.members),
+            "joined": [p for p in record.members if p not in before] if previous else [],
+            "left": [p for p in before if p not in record.members],
+        }
+        self.epoch_log.append(change)
+        self.store.events.write("epoch_change", start_round=k, **{x: change[x] for x in change if x != "round"})
+        if self.metrics is not None:
+            self.metrics.epoch_changed(record.number, record.members)
+        self.info.status = "training" if self.info.status != "leaving" else "leaving"
+        self.agent.acknowledge(record)
         hood = self.algorithm.hood
         logger.info(
-            "node %d of %d: in-neighbours %s, out-neighbours %s, %d rounds (%d per epoch)",
+            "epoch %d at round %d: node %d of %d, in-neighbours %s, out-neighbours %s",
+            record.number,
+            k,
             self.index,
-            len(self.members),
+            len(record.members),
             list(hood.in_neighbours),
             list(hood.out_neighbours),
-            self.rounds,
-            per_epoch,
         )
-        start_round = await loop.run_in_executor(self._compute, self._resume)
-        if start_round > 0:
-            start_round = self.round = self.info.round = self._catch_up(start_round)
-        self._ready.set()
-        self.info.status, self.info.rounds = "training", self.rounds
-        started = time.perf_counter()
-        k = start_round
-        while k < self.rounds and not self._stop.is_set():
-            for phase in self.algorithm.phases:
-                out = await loop.run_in_executor(self._compute, self.algorithm.outgoing, phase, k)
-                await self._send_all(out)
-                wait = bool(hood.in_neighbours) and self.algorithm.expects_messages(phase, k)
-                arrived = await self._collect(phase, k, wait)
-                await loop.run_in_executor(self._compute, self.algorithm.incoming, phase, k, arrived)
+
+    def _others_stay(self) -> bool:
+        """Whether another live member of this epoch goes on training (else a leaver need not wait)."""
+        alive = epochs.live(self.record, self.agent.infos)
+        gone = epochs.gone(self.record, self.agent.infos)
+        return any(m.status == "training" and p != self.peer_id and p not in gone for p, m in alive.items())
+
+    def _excluded(self) -> set[int]:
+        """Positions of in-neighbours that the epoch the run follows leaves out: not waited for."""
+        latest = self.agent.record
+        if latest is None or latest.rank <= self.record.rank:
+            return set()
+        keep = set(latest.members)
+        return {i for p, i in self._index_of.items() if p not in keep}
+
+    # --- the run ---------------------------------------------------------------------------------
+
+    async def run(self) -> dict | None:
+        """Join, train until the run's last round, write result.json. None if this node left first."""
+        record = await self._wait_for_epoch()
+        if record is None:
+            return None
+        await self._start_training(record)
+        self._started = time.perf_counter()
+        while True:
+            outcome = await self._train(record)
+            if outcome != "left out":
+                break
+            # an epoch went on without this node (it was thought gone): rejoin as a joiner, keeping its parameters
+            logger.warning("the run went on without this node: rejoining as a joiner")
+            self.info.status = "joining"
+            await self.agent.announce()
+            record = await self._wait_for_epoch(after=self.agent.record)
+            if record is None:
+                outcome = "stopped"
+                break
+        return await self._finish(outcome)
+
+    async def _train(self, record: EpochRecord) -> str:
+        """Rounds until the end ('done'), a stop ('stopped'), a graceful leave ('left') or an epoch that
+        leaves this node out ('left out')."""
+        loop = asyncio.get_running_loop()
+        s = self.settings
+        k = max(record.start_round, self.round if self.record is not None else 0)
+        self._enter_epoch(record, k)
+        self.round = self.info.round = k
+        while k < self.rounds:
+            if self._stop.is_set():
+                return "stopped"
+            if self._leave_by is not None and loop.time() > self._leave_by:
+                logger.warning("no epoch without this node came within --leave-timeout: leaving anyway")
+                return "left"
+            if self._leave_by is not None and not self._others_stay():
+                return "left"  # nobody stays to form an epoch without this node
+            latest = self.agent.record
+            if latest is not None and latest.rank > self.record.rank:
+                if self.peer_id not in latest.members:
+                    if k >= latest.start_round or latest.start_round - k > JUMP_ROUNDS:
+                        return "left" if self._leave_by is not None else "left out"
+                elif k >= latest.start_round or latest.start_round - k > JUMP_ROUNDS:
+                    k = max(k, latest.start_round)
+                    self._enter_epoch(latest, k)
+            started = time.perf_counter()
+            await self._round(k)
             k += 1
             self.round = self.info.round = k
-            if k % per_epoch == 0:
-                await self._end_of_epoch(k // per_epoch)
+            seconds = time.perf_counter() - started
+            self.agent.round_seconds = 0.9 * self.agent.round_seconds + 0.1 * seconds if k > 1 else seconds
+            if self.metrics is not None:
+                self.metrics.observe_round(k, seconds)
+                self.metrics.set_bytes(self.links.bytes_sent, self.links.frames_sent)
+            if k % self.per_epoch == 0:
+                await self._end_of_epoch(k // self.per_epoch)
             if k % s.checkpoint_every == 0:
                 await loop.run_in_executor(self._compute, self._checkpoint)
-        await self._drain_sends(limit=5.0 if self._stop.is_set() else 30.0)
+        return "done"
+
+    async def _round(self, k: int) -> None:
+        loop = asyncio.get_running_loop()
+        algo = self.algorithm
+        for phase in algo.phases:
+            out = await loop.run_in_executor(self._compute, algo.send, phase, k)
+            await self._send_all(out)
+            wait = bool(algo.hood.in_neighbours) and algo.expects_messages(phase, k)
+            arrived = await self.inbox.collect(
+                phase, k, algo.hood.in_neighbours, self.settings.round_timeout, self._stop.is_set, self._excluded, wait
+            )
+            for j in self.inbox.silent():
+                self.agent.report_silent(self.record.members[j])
+            await loop.run_in_executor(self._compute, algo.receive, phase, k, arrived)
+
+    async def _finish(self, outcome: str) -> dict | None:
+        loop = asyncio.get_running_loop()
+        await self._drain_sends(limit=5.0 if outcome != "done" else 30.0)
         await loop.run_in_executor(self._compute, self._checkpoint)
-        if k < self.rounds:
+        if outcome != "done":
             self.info.status = "left"
-            await self._announce()
-            logger.info("left the run at round %d of %d; state saved in %s", k, self.rounds, self.state_dir)
+            self.store.events.write("leave", round=self.round, reason=outcome)
+            await self.agent.announce()
+            logger.info("left the run at round %d of %d; state saved in %s", self.round, self.rounds, self.state_dir)
             return None
-        result = self._write_result(time.perf_counter() - started)
+        result = self._write_result()
+        self.store.events.write("done", accuracy=result["accuracy"], rounds=self.round)
         self.info.status = "done"
-        await self._announce()
+        await self.agent.announce()
         await self._linger()
         return result
 
-    def _catch_up(self, start_round: int) -> int:
-        """Members that stopped a round or two apart resume at the latest one (DESIGN §3 tolerates the
-        skipped local steps; the first push on every link is a keyframe). Otherwise each would wait
-        for the other's next message until the round timeout."""
-        latest = max((m.round for m in self.members), default=start_round)
-        if start_round < latest <= start_round + MAX_CATCH_UP:
-            logger.info("peers resumed at round %d: skipping ahead from round %d", latest, start_round)
-            return latest
-        return start_round
+    async def _snapshot(self) -> tuple[int, object]:
+        """What a donor serves a joiner: its current parameters (a consistent tensor: rounds replace
+        `params`, they do not modify it in place)."""
+        if self.algorithm is None:
+            raise TransferError("this node is not training yet")
+        return self.round, self.algorithm.params
 
     async def _end_of_epoch(self, epoch: int) -> None:
         loop = asyncio.get_running_loop()
         acc = await loop.run_in_executor(self._compute, accuracy, self.model, self.algorithm.params, self.test_bank)
-        self.info.epoch, self.info.accuracy = epoch, acc
+        self.info.train_epoch, self.info.accuracy = epoch, acc
         self.info.loss = float(self.algorithm.last_loss)
         self.info.bytes_sent = self.links.bytes_sent
         self.history["epoch"].append(epoch)
@@ -453,109 +583,67 @@ class Node:
             100 * acc,
             self.links.bytes_sent / 1e6,
         )
-        self._write_json(
-            "progress.json",
-            {
-                "round": self.round,
-                "rounds": self.rounds,
-                "epoch": epoch,
-                "accuracy": acc,
-                "loss": self.info.loss,
-                "bytes_sent": self.links.bytes_sent,
-            },
-        )
-        await self._announce()
+        progress = {
+            "round": self.round,
+            "rounds": self.rounds,
+            "epoch": epoch,
+            "membership_epoch": self.record.number,
+            "accuracy": acc,
+            "loss": self.info.loss,
+            "bytes_sent": self.links.bytes_sent,
+        }
+        self.store.write_json("progress.json", progress)
+        self.store.events.write("eval", **progress)
+        if self.metrics is not None:
+            self.metrics.observe_eval(self.info.loss, acc)
+        await self.agent.announce()
 
     async def _linger(self, limit: float = 10.0) -> None:
         """Stay reachable briefly so slower members can still deliver to us and see us done."""
         loop = asyncio.get_running_loop()
         end = loop.time() + limit
+        mine = set(self.record.members) if self.record is not None else set()
         while loop.time() < end and not self._stop.is_set():
-            members = await loop.run_in_executor(None, self.membership.members)
-            mine = {m.peer_id for m in self.members}
-            if all(m.status in ("done", "left") for m in members if m.peer_id in mine):
+            await self.agent.refresh()
+            if all(m.status in ("done", "left") for m in self.agent.infos if m.peer_id in mine):
                 return
             await asyncio.sleep(1.0)
 
     # --- state -----------------------------------------------------------------------------------
 
-    def _write_json(self, name: str, payload: dict) -> None:
-        path = self.state_dir / name
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(payload, indent=1))
-        os.replace(tmp, path)
-
-    def _write_result(self, seconds: float) -> dict:
+    def _write_result(self) -> dict:
+        s = self.settings
         result = {
             "accuracy": self.history["accuracy"][-1] if self.history["accuracy"] else None,
             "rounds": self.round,
             "bytes_sent": self.links.bytes_sent,
             "messages_sent": self.links.frames_sent,
-            "bytes_per_epoch": self.links.bytes_sent / self.settings.epochs,
-            "messages_per_epoch": self.links.frames_sent / self.settings.epochs,
+            "bytes_per_epoch": self.links.bytes_sent / s.epochs,
+            "messages_per_epoch": self.links.frames_sent / s.epochs,
             "rejected": self.links.rejected,
-            "seconds": seconds,
+            "seconds": time.perf_counter() - self._started,
             "index": self.index,
             "peer_id": self.peer_id,
             "fingerprint": self.model.fingerprint,
-            "settings": self.settings.to_dict(),
+            "settings": s.to_dict(),
             "history": self.history,
+            "epochs": self.epoch_log,
         }
-        self._write_json("result.json", result)
+        self.store.write_json("result.json", result)
         return result
 
-    def _checkpoint_meta(self) -> dict:
-        s = self.settings
-        return {
-            "run_id": s.run_id,
-            "fingerprint": self.model.fingerprint,
-            "settings_hash": s.settings_hash(),
-            "index": self.index,
-            "topology_epoch": TOPOLOGY_EPOCH,
-            "members": [m.peer_id for m in self.members],
-        }
-
     def _checkpoint(self) -> None:
-        """Atomically write the whole algorithm state (safetensors) and its metadata (JSON)."""
-        state = {k: v.detach().to("cpu").clone().contiguous() for k, v in self.algorithm.state_dict().items()}
-        objective = self.algorithm.objective
-        state["objective.order"] = torch.as_tensor(objective._order.copy())
-        tmp = self.state_dir / "state.safetensors.tmp"
-        save_file(state, str(tmp))
-        os.replace(tmp, self.state_dir / "state.safetensors")
+        if self.algorithm is None:
+            return
         meta = {
-            **self._checkpoint_meta(),
             "round": self.round,
+            "index": self.index,
+            "epoch": self.record.number if self.record is not None else -1,
+            "members": list(self.record.members) if self.record is not None else [],
             "history": self.history,
-            "rng": objective.rng.bit_generator.state,
-            "samples_seen": objective.samples_seen,
+            "epochs": self.epoch_log,
         }
-        self._write_json("state.json", meta)
-
-    def _resume(self) -> int:
-        meta_path, state_path = self.state_dir / "state.json", self.state_dir / "state.safetensors"
-        if not (meta_path.is_file() and state_path.is_file()):
-            return 0
-        meta = json.loads(meta_path.read_text())
-        expected = self._checkpoint_meta()
-        differs = [
-            k for k in ("run_id", "fingerprint", "settings_hash", "index", "members") if meta.get(k) != expected[k]
-        ]
-        if differs:
-            logger.warning("not resuming from %s: its %s differ from this run's", self.state_dir, ", ".join(differs))
-            return 0
-        state = load_file(str(state_path), device=str(self.device))
-        objective = self.algorithm.objective
-        objective._order = state.pop("objective.order").cpu().numpy()
-        objective.rng.bit_generator.state = meta["rng"]
-        objective.samples_seen = meta["samples_seen"]
-        self.algorithm.load_state_dict(state)
-        self.history = meta["history"]
-        self.round = meta["round"]
-        for dst in self.algorithm.hood.out_neighbours:  # a restart is a reconnect: resynchronise every link
-            self.algorithm.request_keyframe(dst)
-        logger.info("resumed from %s at round %d", self.state_dir, self.round)
-        return self.round
+        self.store.save(self.algorithm, meta)
 
 
 def _quiet_stream_resets(loop: asyncio.AbstractEventLoop, context: dict) -> None:
@@ -570,25 +658,27 @@ def _quiet_stream_resets(loop: asyncio.AbstractEventLoop, context: dict) -> None
 
 
 async def run_node(settings: NodeSettings) -> dict | None:
-    """Create a node, run it to the end (or until stopped by a signal), always shut it down."""
+    """Create a node, run it to the end (or until it leaves), always shut it down.
+    SIGTERM or SIGINT: leave gracefully; a second one: stop now."""
     import signal
 
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(_quiet_stream_resets)
     nodes: list[Node] = []
-    stopped = asyncio.Event()
+    signals = 0
 
     def on_signal() -> None:
-        stopped.set()
+        nonlocal signals
+        signals += 1
         for n in nodes:
-            n.request_stop()
+            n.request_leave() if signals == 1 else n.request_stop()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, on_signal)
     node = await Node.create(settings)
     nodes.append(node)
-    if stopped.is_set():  # a signal while the node was starting
+    if signals:  # a signal while the node was starting
         node.request_stop()
     try:
         return await node.run()

@@ -1,13 +1,18 @@
-"""Run membership through the hivemind DHT (DESIGN §6).
+"""Run membership through the hivemind DHT (DESIGN §6, §8).
 
-Every node stores its `MemberInfo` under the run's key with its own subkey. The subkey carries the
-node's RSA public key, so `RSASignatureValidator` lets only that node write it; `SchemaValidator`
-checks the value's shape. The DHT has no delete, so membership is a heartbeat: each record expires
-unless refreshed. Every peer of a run must use the same validators (`run_validators`) or reads hang.
+Two keys per run, each a dictionary with one subkey per writer. The subkey carries the writer's RSA
+public key, so `RSASignatureValidator` lets only that peer write it; `SchemaValidator` checks the
+value's shape. Every peer of a run must use the same validators (`run_validators`) or reads hang.
+- `p2pnode_RUN_members`: each node's `MemberInfo`, a heartbeat (the DHT has no delete: a record
+  expires unless refreshed). It carries the node's status, round, the membership epoch it is in
+  (its acknowledgement) and the peers it reports silent.
+- `p2pnode_RUN_epochs`: `EpochRecord`s, written by the coordinator of the run (signed, its own
+  subkey). The record everyone follows is the one with the highest number (ties: lowest proposer).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,7 +35,10 @@ class _MemberRecord(pydantic.BaseModel):
     status: pydantic.StrictStr
     round: pydantic.StrictInt
     rounds: pydantic.StrictInt
+    train_epoch: pydantic.StrictInt
     epoch: pydantic.StrictInt
+    epoch_hash: pydantic.StrictStr
+    silent: list[pydantic.StrictStr]
     loss: pydantic.StrictFloat
     accuracy: pydantic.StrictFloat
     bytes_sent: pydantic.StrictInt
@@ -38,8 +46,22 @@ class _MemberRecord(pydantic.BaseModel):
     updated: pydantic.StrictFloat
 
 
+class _EpochRecord(pydantic.BaseModel):
+    number: pydantic.StrictInt
+    start_round: pydantic.StrictInt
+    members: list[pydantic.StrictStr]
+    donors: list[pydantic.StrictStr]
+    rounds: pydantic.StrictInt
+    per_epoch: pydantic.StrictInt
+    fingerprint: pydantic.StrictStr
+    settings_hash: pydantic.StrictStr
+    proposer: pydantic.StrictStr
+    created: pydantic.StrictFloat
+
+
 class _RunSchema(pydantic.BaseModel):
     members: dict[BytesWithPublicKey, _MemberRecord]
+    epochs: dict[BytesWithPublicKey, _EpochRecord]
 
 
 @dataclass
@@ -49,10 +71,13 @@ class MemberInfo:
     settings_hash: str
     samples: int
     index: int = -1  # preferred position in the member order (-1: order by peer id)
-    status: str = "joining"  # joining, training, done, left
+    status: str = "joining"  # joining, training, leaving, done, left
     round: int = 0
     rounds: int = 0
-    epoch: int = 0
+    train_epoch: int = 0  # passes over the data done
+    epoch: int = -1  # membership epoch this node is in (-1: none yet)
+    epoch_hash: str = ""  # acknowledges the epoch record it follows
+    silent: list[str] = field(default_factory=list)  # peers it has not heard from for several rounds
     loss: float = float("nan")
     accuracy: float = -1.0
     bytes_sent: int = 0
@@ -64,8 +89,48 @@ class MemberInfo:
         return (self.index if self.index >= 0 else 2**31, self.peer_id)
 
 
+@dataclass(frozen=True)
+class EpochRecord:
+    """A membership epoch: who takes part from `start_round` on, in which order (positions in the
+    topology), and the run's fixed length and schedule. `donors` serve parameters to joiners."""
+
+    number: int
+    start_round: int
+    members: tuple[str, ...]
+    donors: tuple[str, ...]
+    rounds: int
+    per_epoch: int
+    fingerprint: str
+    settings_hash: str
+    proposer: str
+    created: float = 0.0
+
+    @property
+    def hash(self) -> str:
+        body = f"{self.number}|{self.start_round}|{','.join(self.members)}|{self.rounds}|{self.proposer}"
+        return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+    @property
+    def rank(self) -> tuple[int, str]:
+        """Higher wins: the highest number, then the lowest proposer id (inverted for max())."""
+        return (self.number, "".join(chr(0x10FFFF - ord(c)) for c in self.proposer))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["members"], d["donors"] = list(self.members), list(self.donors)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EpochRecord:
+        return cls(**{**d, "members": tuple(d["members"]), "donors": tuple(d["donors"])})
+
+
 def run_key(run_id: str) -> str:
     return f"p2pnode_{run_id}_members"
+
+
+def epochs_key(run_id: str) -> str:
+    return f"p2pnode_{run_id}_epochs"
 
 
 def run_validators(run_id: str, private_key=None) -> list:
@@ -85,6 +150,23 @@ class Membership:
         record = asdict(info)
         record["loss"] = float(record["loss"]) if record["loss"] == record["loss"] else -1.0
         return bool(self.dht.store(run_key(self.run_id), record, get_dht_time() + self.ttl, subkey=self.subkey))
+
+    def propose(self, record: EpochRecord, ttl: float) -> bool:
+        """Write (or refresh) this peer's epoch record."""
+        return bool(self.dht.store(epochs_key(self.run_id), record.to_dict(), get_dht_time() + ttl, subkey=self.subkey))
+
+    def epochs(self) -> list[EpochRecord]:
+        """Every epoch record the DHT holds for the run (one per proposer)."""
+        found = self.dht.get(epochs_key(self.run_id), latest=True)
+        if found is None or not isinstance(found.value, dict):
+            return []
+        records = []
+        for item in found.value.values():
+            try:
+                records.append(EpochRecord.from_dict(item.value))
+            except (TypeError, KeyError):
+                logger.warning("ignoring a malformed epoch record")
+        return records
 
     def members(self) -> list[MemberInfo]:
         """Live members, one per peer id (the newest record), in the run's order."""

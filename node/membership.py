@@ -1,0 +1,158 @@
+"""A node's view of the run's membership, kept fresh in the background (DESIGN §8).
+
+`MembershipAgent` publishes this node's heartbeat, reads the run's heartbeats and epoch records
+every `poll` seconds, and, when this node is the coordinator, proposes the next epoch (the rules are
+in `node/epochs.py`). The round driver reads `agent.record` (the epoch the run follows) between
+rounds and reports silent in-neighbours through `agent.report_silent`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import Callable
+
+from ..protocol.membership import EpochRecord, MemberInfo, Membership
+from . import epochs
+
+logger = logging.getLogger(__name__)
+
+EPOCH_TTL = 3600.0  # epoch records live this long unless the coordinator refreshes them
+
+
+class MembershipAgent:
+    """Heartbeats, epoch records and the coordinator role of one node. Build with `await create(...)`."""
+
+    def __init__(self, membership: Membership, info: MemberInfo, heartbeat: float) -> None:
+        self.membership = membership
+        self.info = info
+        self.heartbeat = heartbeat
+        self.poll = min(1.0, heartbeat)
+        self.infos: list[MemberInfo] = []
+        self.records: list[EpochRecord] = []
+        self.record: EpochRecord | None = None  # the epoch record the run follows
+        self.round_seconds = 0.0  # recent time per round, for how far ahead an epoch is scheduled
+        self.on_change: Callable[[EpochRecord], None] | None = None
+        self._silent: set[str] = set()
+        self._tasks: list[asyncio.Task] = []
+        self._refreshed = 0.0
+        self._wake = asyncio.Event()
+
+    @classmethod
+    async def create(cls, membership: Membership, info: MemberInfo, heartbeat: float) -> MembershipAgent:
+        self = cls(membership, info, heartbeat)
+        await self.announce()
+        self._tasks = [asyncio.create_task(self._beat()), asyncio.create_task(self._watch())]
+        return self
+
+    async def shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks = []
+
+    # --- publishing ------------------------------------------------------------------------------
+
+    async def announce(self) -> None:
+        """Publish this node's heartbeat now (status changes should not wait for the next beat)."""
+        self.info.silent = sorted(self._silent)
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.membership.announce, self.info)
+        except Exception as e:
+            logger.warning("membership refresh failed: %s", e)
+
+    def report_silent(self, peer_id: str) -> None:
+        if peer_id not in self._silent:
+            self._silent.add(peer_id)
+            logger.warning("reporting peer %s silent: no message for several rounds", peer_id[-8:])
+            asyncio.get_running_loop().create_task(self.announce())
+
+    def heard_from(self, peer_id: str) -> None:
+        self._silent.discard(peer_id)
+
+    def acknowledge(self, record: EpochRecord) -> None:
+        """This node now runs in `record`'s epoch (published with the next heartbeat, or now)."""
+        self.info.epoch, self.info.epoch_hash = record.number, record.hash
+        self._silent &= set(record.members)
+        asyncio.get_running_loop().create_task(self.announce())
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat)
+            await self.announce()
+
+    # --- reading and coordinating ----------------------------------------------------------------
+
+    async def refresh(self) -> None:
+        """Read heartbeats and epoch records now; propose the next epoch if this node coordinates."""
+        loop = asyncio.get_running_loop()
+        try:
+            self.infos = await loop.run_in_executor(None, self.membership.members)
+            self.records = await loop.run_in_executor(None, self.membership.epochs)
+        except Exception as e:
+            logger.warning("reading the run's membership failed: %s", e)
+            return
+        found = epochs.current_record(self.records, self.info.fingerprint, self.info.settings_hash)
+        if found is not None and (self.record is None or found.rank > self.record.rank):
+            self.record = found
+            logger.info(
+                "epoch %d from round %d: %d member(s), coordinator %s",
+                found.number,
+                found.start_round,
+                len(found.members),
+                found.proposer[-8:],
+            )
+            if self.on_change is not None:
+                self.on_change(found)
+        if self.record is not None and self.record.proposer == self.info.peer_id:
+            await self._keep_alive(self.record)
+        if self.record is not None and self.info.epoch_hash:
+            await self._coordinate(self.record)
+
+    async def _coordinate(self, record: EpochRecord) -> None:
+        lead = math.ceil(2 * self.poll / self.round_seconds) + 1 if self.round_seconds > 0 else 0
+        proposal = epochs.next_epoch(record, self.infos, self.info.peer_id, lead)
+        if proposal is not None:
+            await self.propose(proposal)
+
+    async def propose(self, record: EpochRecord) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            stored = await loop.run_in_executor(None, self.membership.propose, record, EPOCH_TTL)
+        except Exception as e:
+            logger.warning("proposing epoch %d failed: %s", record.number, e)
+            return
+        if stored:
+            self._refreshed = loop.time()
+            logger.info(
+                "proposed epoch %d from round %d: members %s",
+                record.number,
+                record.start_round,
+                [p[-8:] for p in record.members],
+            )
+            self.records.append(record)
+            if self.record is None or record.rank > self.record.rank:
+                self.record = record
+                if self.on_change is not None:
+                    self.on_change(record)
+
+    async def _keep_alive(self, record: EpochRecord) -> None:
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._refreshed > EPOCH_TTL / 4:
+            with contextlib.suppress(Exception):
+                await loop.run_in_executor(None, self.membership.propose, record, EPOCH_TTL)
+            self._refreshed = loop.time()
+
+    async def _watch(self) -> None:
+        while True:
+            await self.refresh()
+            self._wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll)
+
+    def wake(self) -> None:
+        self._wake.set()

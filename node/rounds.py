@@ -1,0 +1,100 @@
+"""The round driver's mailbox: messages by phase for the current epoch, later epochs held back.
+
+`Inbox.collect` waits for every in-neighbour's message of a round, up to a deadline, and keeps track
+of silence: an in-neighbour that missed a deadline gets only a short grace after that, and one that
+missed `SILENT_ROUNDS` deadlines in a row, or that a pending epoch leaves out, is not waited for at
+all (DESIGN §8: after a crash is detected nobody waits for the node again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from ..protocol.envelope import Envelope
+from ..protocol.message import Message
+
+logger = logging.getLogger(__name__)
+
+SILENT_ROUNDS = 3  # deadlines missed in a row before a neighbour is reported silent
+ABSENT_GRACE_S = 2.0  # how long an in-neighbour that missed a deadline is waited for
+MAX_HELD = 4096  # frames of later epochs kept until this node enters that epoch
+
+
+class Inbox:
+    def __init__(self) -> None:
+        self.by_phase: dict[str, list[Message]] = {}
+        self.held: list[tuple[str, Envelope]] = []  # (sender peer id, envelope of a later epoch)
+        self.arrival = asyncio.Event()
+        self.misses: dict[int, int] = {}  # in-neighbour -> deadlines missed in a row
+
+    def put(self, msg: Message) -> None:
+        self.by_phase.setdefault(msg.phase, []).append(msg)
+        self.misses.pop(msg.src, None)
+        self.arrival.set()
+
+    def hold(self, sender: str, env: Envelope) -> None:
+        if len(self.held) >= MAX_HELD:
+            self.held.pop(0)
+        self.held.append((sender, env))
+
+    def enter_epoch(self, epoch: int, convert: Callable[[str, Envelope], Message | None]) -> int:
+        """Forget the old epoch's messages and take the held ones of `epoch`; returns how many."""
+        self.by_phase, self.misses = {}, {}
+        keep, taken = [], 0
+        for sender, env in self.held:
+            if env.epoch == epoch:
+                msg = convert(sender, env)
+                if msg is not None:
+                    self.by_phase.setdefault(msg.phase, []).append(msg)
+                    taken += 1
+            elif env.epoch > epoch:
+                keep.append((sender, env))
+        self.held = keep
+        return taken
+
+    def silent(self) -> set[int]:
+        return {j for j, n in self.misses.items() if n >= SILENT_ROUNDS}
+
+    async def collect(
+        self,
+        phase: str,
+        k: int,
+        in_neighbours: tuple[int, ...],
+        timeout: float,
+        stopping: Callable[[], bool],
+        excluded: Callable[[], set[int]],
+        wait: bool = True,
+    ) -> list[Message]:
+        """Messages of `phase` up to round k, after waiting for each in-neighbour's round-k message or
+        its deadline (`timeout` for a present neighbour, a short grace for an absent one, none for a
+        silent or excluded one). Messages of later rounds stay for later."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        waiting: list[int] = []
+        while wait:
+            self.arrival.clear()
+            inbox = self.by_phase.get(phase, [])
+            heard = {m.src for m in inbox if m.round >= k}
+            skip = self.silent() | excluded()
+            waiting = [j for j in in_neighbours if j not in heard and j not in skip]
+            present = [j for j in waiting if j not in self.misses]
+            limit = timeout if present else min(ABSENT_GRACE_S, timeout)
+            if stopping():
+                limit = min(limit, 1.0)  # stopping: give in-flight messages a moment, then finish the step
+            elapsed = loop.time() - start
+            if not waiting or elapsed >= limit:
+                break
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.arrival.wait(), limit - elapsed)
+        if waiting:
+            newly = [j for j in waiting if j not in self.misses]
+            if newly:
+                logger.warning("round %d %s: going on without node(s) %s", k, phase, newly)
+            for j in waiting:
+                self.misses[j] = self.misses.get(j, 0) + 1
+        inbox = self.by_phase.get(phase, [])
+        self.by_phase[phase] = [m for m in inbox if m.round > k]
+        return [m for m in inbox if m.round <= k]
