@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -187,41 +186,14 @@ def status(
     peers: Maddrs = None,
     run_id: Annotated[str, typer.Option(help="the run to list")] = "default",
 ) -> None:
-    """List a run's members and their progress (round, loss, accuracy, bytes) as the DHT has them."""
-    import hivemind
-    from rich.table import Table
-
-    from p2pnode.protocol.membership import Membership, run_validators
+    """List a run's epoch, coordinator and members (joined / leaving / gone) with their progress."""
+    from p2pnode.node.run_status import read_run_status, status_tables
 
     addrs = _split_addrs(peers)
     if not addrs:
         raise BadInput("status needs --peers: the multiaddr of any peer of the run (e.g. the bootstrap peer)")
-    validators = run_validators(run_id)
-    try:
-        dht = hivemind.DHT(initial_peers=addrs, client_mode=True, start=True, record_validators=validators)
-    except Exception as e:
-        raise BadInput(f"could not reach --peers ({type(e).__name__}: {e})") from None
-    try:
-        members = Membership(dht, run_id, validators[0]).members()
-    finally:
-        dht.shutdown()
-    table = Table(title=f"run {run_id}: {len(members)} member(s)")
-    for col in ("#", "peer", "classes", "status", "round", "epoch", "loss", "accuracy", "sent", "seen"):
-        table.add_column(col, justify="right" if col not in ("peer", "status", "classes") else "left")
-    for i, m in enumerate(members):
-        table.add_row(
-            str(i),
-            m.peer_id[-10:],
-            m.classes or "-",
-            m.status,
-            f"{m.round}/{m.rounds}",
-            str(m.epoch),
-            f"{m.loss:.3f}" if m.loss >= 0 else "-",
-            f"{100 * m.accuracy:.1f}%" if m.accuracy >= 0 else "-",
-            f"{m.bytes_sent / 1e6:.1f} MB",
-            f"{time.time() - m.updated:.0f} s ago",
-        )
-    _stdout().print(table)
+    for table in status_tables(read_run_status(addrs, run_id)):
+        _stdout().print(table)
 
 
 @app.command()

@@ -6,10 +6,12 @@ schema, and tears every process down however the run ends.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import select
+import signal
 import subprocess
 import sys
 import tempfile
@@ -18,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
+from .churn import ChurnEvent, initial_members, parse_churn
 from .data import parse_split
 from .errors import BadInput
 from .settings import RunSettings, TestnetSettings, to_flags
@@ -68,17 +71,30 @@ def format_class_set(classes: list[int]) -> str:
     return "+".join(f"{a}-{b}" if a != b else f"{a}" for a, b in runs)
 
 
-def node_command(settings: TestnetSettings, index: int, peers: list[str], state_dir: Path) -> list[str]:
-    """The `p2pnode start` command of node `index` (also what docker-compose.yml runs)."""
+def node_command(
+    settings: TestnetSettings,
+    index: int,
+    peers: list[str],
+    state_dir: Path,
+    members_to_start: int | None = None,
+    joiner: bool = False,
+) -> list[str]:
+    """The `p2pnode start` command of node `index` (also what docker-compose.yml runs).
+
+    A joiner (a node that enters a run in progress) gets no --index: it is appended to the members.
+    Nodes past the --split's class sets take them again from the start (node 4 of a 4-set split: set 0)."""
     split = parse_split(settings.split)
-    data_flags = ["--classes", format_class_set(split[index])] if isinstance(split, list) else []
+    data_flags = ["--classes", format_class_set(split[index % len(split)])] if isinstance(split, list) else []
+    shared = to_flags(settings, RunSettings)
+    if members_to_start is not None:
+        at = shared.index("--nodes")
+        shared[at + 1] = str(members_to_start)
     return cli_command(
         "start",
-        *to_flags(settings, RunSettings),
+        *shared,
         "--run-id",
         settings.run_id,
-        "--index",
-        str(index),
+        *([] if joiner else ["--index", str(index)]),
         *data_flags,
         "--peers",
         ",".join(peers),
@@ -92,6 +108,8 @@ def node_command(settings: TestnetSettings, index: int, peers: list[str], state_
         str(settings.round_timeout),
         "--checkpoint-every",
         "5",
+        "--heartbeat",
+        "2",
     )
 
 
@@ -116,76 +134,227 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
+def _eval_history(state_dir: Path) -> list[dict]:
+    """The `eval` events a node wrote (one per pass over the data), also for nodes that crashed."""
+    from .events import read_events
+
+    path = state_dir / "events.jsonl"
+    return [e for e in read_events(path) if e.get("kind") == "eval"] if path.is_file() else []
+
+
+class _Fleet:
+    """The testnet's node processes, with the churn actions applied to them."""
+
+    def __init__(self, s: TestnetSettings, workdir: Path, addrs: list[str], total: int, initial: list[int]) -> None:
+        self.s, self.workdir, self.addrs = s, workdir, addrs
+        threads = max(1, (os.cpu_count() or 1) // max(1, len(initial)))  # one torch pool each would oversubscribe
+        self.env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.retired: list[subprocess.Popen] = []
+        self.initial = initial
+        self.total = total
+        self.status = dict.fromkeys(range(total), "out")  # out, in, left, crashed
+        self.log_files: list = []
+
+    def state(self, i: int) -> Path:
+        return self.workdir / f"node{i}"
+
+    def launch(self, i: int, joiner: bool, fresh: bool) -> None:
+        state = self.state(i)
+        state.mkdir(exist_ok=True)
+        if fresh:
+            for stale in ("result.json", "progress.json", "state.json", "state.safetensors", "events.jsonl"):
+                (state / stale).unlink(missing_ok=True)
+        log = (self.workdir / f"node{i}.log").open("a")
+        self.log_files.append(log)
+        command = node_command(self.s, i, self.addrs, state, members_to_start=len(self.initial), joiner=joiner)
+        self.procs[i] = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
+        self.status[i] = "in"
+
+    def apply(self, event: ChurnEvent) -> None:
+        i, proc = event.node, self.procs.get(event.node)
+        logger.info("churn: %s", event)
+        if event.action == "crash" and proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # the machine is gone, p2pd with it
+            self.retired.append(self.procs.pop(i))
+            self.status[i] = "crashed"
+        elif event.action == "leave" and proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            self.retired.append(self.procs.pop(i))
+            self.status[i] = "left"
+        elif event.action == "join":
+            self.launch(i, joiner=True, fresh=True)
+        elif event.action == "rejoin":
+            self.launch(i, joiner=True, fresh=False)  # same identity and state dir: its checkpoint
+
+    def all_processes(self) -> list[subprocess.Popen]:
+        return [*self.procs.values(), *self.retired]
+
+    def close(self) -> None:
+        for f in self.log_files:
+            f.close()
+
+
 def run_testnet(settings: TestnetSettings, on_progress: ProgressCallback | None = None) -> SimulationResult:
     s = settings
     if s.algorithm == "central":
         raise BadInput("central is the single-node reference: compare against it with `p2pnode simulate`")
+    events = parse_churn(s.churn, s.nodes + MAX_EXTRA_JOINERS, seconds=True)
+    total = max([s.nodes - 1, *(e.node for e in events)]) + 1
+    firsts: dict[int, ChurnEvent] = {}
+    for e in events:
+        firsts.setdefault(e.node, e)
+    for node, e in firsts.items():
+        if node >= s.nodes and e.action != "join":
+            raise BadInput(f"--churn event {e}: node {node} is past --nodes {s.nodes}, so its first event must be join")
+    initial = [i for i in initial_members(events, total) if i < s.nodes]
     workdir = Path(s.workdir or tempfile.mkdtemp(prefix="p2pnode-testnet-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    procs: list[subprocess.Popen] = []
+    boot = None
+    fleet: _Fleet | None = None
     try:
         boot, addrs = start_bootstrap(s.run_id, workdir / "bootstrap.log")
-        procs.append(boot)
-        # N daemons share this machine's cores: one torch thread pool each would oversubscribe them
-        threads = max(1, (os.cpu_count() or 1) // s.nodes)
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        nodes = []
-        for i in range(s.nodes):
-            state = workdir / f"node{i}"
-            state.mkdir(exist_ok=True)
-            for stale in ("result.json", "progress.json", "state.json", "state.safetensors"):
-                (state / stale).unlink(missing_ok=True)
-            log = (workdir / f"node{i}.log").open("w")
-            nodes.append(
-                subprocess.Popen(node_command(s, i, addrs, state), stdout=log, stderr=subprocess.STDOUT, env=env)
-            )
-        procs += nodes
-        deadline = time.monotonic() + s.timeout
-        results: dict[int, dict] = {}
-        while len(results) < s.nodes:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the testnet did not finish within {s.timeout:.0f} s; logs in {workdir}")
-            for i, p in enumerate(nodes):
-                if i in results:
-                    continue
-                found = _read_json(workdir / f"node{i}" / "result.json")
-                if found is not None:
-                    results[i] = found
-                    continue
-                if p.poll() is not None:
-                    tail = (workdir / f"node{i}.log").read_text().strip().splitlines()[-3:]
-                    raise RuntimeError(f"node {i} exited with code {p.returncode}: {' | '.join(tail)}")
-                progress = _read_json(workdir / f"node{i}" / "progress.json")
-                if progress and on_progress:
-                    on_progress(i, progress["round"], progress["rounds"], progress["accuracy"])
-            time.sleep(0.5)
-        for i, r in results.items():
-            if on_progress:
-                on_progress(i, r["rounds"], r["rounds"], r["accuracy"])
+        fleet = _Fleet(s, workdir, addrs, total, initial)
+        for i in range(total):
+            for stale in ("result.json", "progress.json", "state.json", "state.safetensors", "events.jsonl"):
+                (fleet.state(i) / stale).unlink(missing_ok=True)
+        for i in initial:
+            fleet.launch(i, joiner=False, fresh=True)
+        results = _watch(s, fleet, events, on_progress)
     finally:
-        stop_processes(procs)
-    ordered = [results[i] for i in range(s.nodes)]
-    history = {
-        "epoch": ordered[0]["history"]["epoch"],
-        "accuracy": [list(a) for a in zip(*(r["history"]["accuracy"] for r in ordered), strict=True)],
-        "loss": [list(a) for a in zip(*(r["history"]["loss"] for r in ordered), strict=True)],
-    }
+        procs = [boot] if boot is not None else []
+        stop_processes(procs + (fleet.all_processes() if fleet else []))
+        if fleet is not None:
+            fleet.close()
+    return _collect(s, workdir, fleet, results, events)
+
+
+MAX_EXTRA_JOINERS = 16  # node ids past --nodes that --churn may introduce with `join`
+
+
+def _training_started(fleet: _Fleet) -> bool:
+    return any((fleet.state(i) / "progress.json").exists() or _entered(fleet.state(i)) for i in fleet.initial)
+
+
+def _entered(state: Path) -> bool:
+    path = state / "events.jsonl"
+    return path.is_file() and b'"epoch_change"' in path.read_bytes()
+
+
+def _watch(
+    s: TestnetSettings, fleet: _Fleet, events: list[ChurnEvent], on_progress: ProgressCallback | None
+) -> dict[int, dict]:
+    """Apply churn on time and wait until every node still in the run has written result.json."""
+    deadline = time.monotonic() + s.timeout
+    t0: float | None = None
+    todo = list(events)
+    results: dict[int, dict] = {}
+    while True:
+        now = time.monotonic()
+        if now > deadline:
+            raise RuntimeError(f"the testnet did not finish within {s.timeout:.0f} s; logs in {fleet.workdir}")
+        if t0 is None and _training_started(fleet):
+            t0 = now  # churn is timed from the start of training, not of the processes
+        while t0 is not None and todo and now - t0 >= todo[0].when:
+            event = todo.pop(0)
+            fleet.apply(event)
+            fleet.applied = [*getattr(fleet, "applied", []), (event, now - t0)]
+        running = [i for i, st in fleet.status.items() if st == "in"]
+        for i in running:
+            if i in results:
+                continue
+            found = _read_json(fleet.state(i) / "result.json")
+            if found is not None:
+                results[i] = found
+                continue
+            p = fleet.procs[i]
+            if p.poll() is not None:
+                tail = (fleet.workdir / f"node{i}.log").read_text().strip().splitlines()[-3:]
+                raise RuntimeError(f"node {i} exited with code {p.returncode}: {' | '.join(tail)}")
+            progress = _read_json(fleet.state(i) / "progress.json")
+            if progress and on_progress:
+                on_progress(i, progress["round"], progress["rounds"], progress["accuracy"])
+        if running and all(i in results for i in running) and not todo:
+            break
+        time.sleep(0.5)
+    for i, r in results.items():
+        if on_progress:
+            on_progress(i, r["rounds"], r["rounds"], r["accuracy"])
+    return results
+
+
+def _collect(
+    s: TestnetSettings, workdir: Path, fleet: _Fleet, results: dict[int, dict], events: list[ChurnEvent]
+) -> SimulationResult:
+    total = fleet.total
+    evals = {i: _eval_history(fleet.state(i)) for i in range(total)}
+    took_part = [i for i in range(total) if evals[i] or i in results]
+    epochs_seen = sorted({e["epoch"] for i in took_part for e in evals[i]})
+    by_epoch = {i: {e["epoch"]: e for e in evals[i]} for i in took_part}
+    accuracy_rows = [
+        [by_epoch[i][ep]["accuracy"] if ep in by_epoch[i] else None for i in range(total) if i in took_part]
+        for ep in epochs_seen
+    ]
+    loss_rows = [
+        [by_epoch[i][ep]["loss"] if ep in by_epoch[i] else None for i in range(total) if i in took_part]
+        for ep in epochs_seen
+    ]
+    final = []
+    for i in took_part:
+        if i in results:
+            final.append(results[i]["accuracy"])
+        else:
+            final.append(evals[i][-1]["accuracy"] if evals[i] else None)
+    reference = next(iter(results.values()))
+    history = {"epoch": epochs_seen, "accuracy": accuracy_rows, "loss": loss_rows}
+    if events:
+        history["membership"] = reference.get("epochs", [])
+        history["churn"] = [{"event": str(e), "at_seconds": round(t, 1)} for e, t in getattr(fleet, "applied", [])]
+        history["presence"] = {
+            str(i): [
+                [
+                    evals[i][0]["round"] if evals[i] else None,
+                    None if i in results else (evals[i][-1]["round"] if evals[i] else None),
+                ]
+            ]
+            for i in took_part
+        }
+        history["round_seconds"] = _round_seconds(evals, results)
+    sent = [results[i]["bytes_sent"] if i in results else 0 for i in took_part]
     algo = AlgorithmResult(
-        accuracy=[r["accuracy"] for r in ordered],
-        bytes_sent=[r["bytes_sent"] for r in ordered],
-        messages_sent=[r["messages_sent"] for r in ordered],
-        iterations=ordered[0]["rounds"],
-        seconds=max(r["seconds"] for r in ordered),
+        accuracy=final,
+        bytes_sent=sent,
+        messages_sent=[results[i]["messages_sent"] if i in results else 0 for i in took_part],
+        iterations=reference["rounds"],
+        seconds=max(r["seconds"] for r in results.values()),
         history=history,
-        bytes_per_epoch=[r["bytes_per_epoch"] for r in ordered],
-        messages_per_epoch=[r["messages_per_epoch"] for r in ordered],
+        bytes_per_epoch=[b / s.epochs for b in sent],
+        messages_per_epoch=[(results[i]["messages_sent"] if i in results else 0) / s.epochs for i in took_part],
     )
     shared = {f.name: getattr(s, f.name) for f in fields(TestnetSettings)}
-    results = {s.algorithm: algo}
+    if events:
+        shared["nodes"] = len(took_part)
+    out = {s.algorithm: algo}
     if s.compare:  # references the daemons cannot run (central) or that are not the point: in-process
         from .simulator import Simulation
 
         sim = Simulation(s)
-        results.update({name: sim.run(name) for name in s.compare if name != s.algorithm})
-    sources = {name: "daemons" if name == s.algorithm else "simulated" for name in results}
-    return SimulationResult({**shared, "workdir": str(workdir), "sources": sources}, results, ordered[0]["fingerprint"])
+        out.update({name: sim.run(name) for name in s.compare if name != s.algorithm})
+    sources = {name: "daemons" if name == s.algorithm else "simulated" for name in out}
+    return SimulationResult({**shared, "workdir": str(workdir), "sources": sources}, out, reference["fingerprint"])
+
+
+def _round_seconds(evals: dict[int, list[dict]], results: dict[int, dict]) -> list[dict]:
+    """Seconds per round between consecutive evaluations of the nodes that finished (median over
+    them): shows how a crash or a join changed the pace of the run."""
+    import statistics
+
+    spans: dict[int, list[float]] = {}
+    for i in results:
+        for a, b in zip(evals[i], evals[i][1:], strict=False):
+            if b["round"] > a["round"]:
+                spans.setdefault(b["round"], []).append((b["t"] - a["t"]) / (b["round"] - a["round"]))
+    return [{"round": r, "seconds_per_round": statistics.median(v)} for r, v in sorted(spans.items())]

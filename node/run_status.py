@@ -1,0 +1,94 @@
+"""`p2pnode status`: what the DHT says about a run — its epoch, coordinator and members."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from rich.table import Table
+
+from ..protocol.membership import EpochRecord, MemberInfo, Membership, run_validators
+from . import epochs
+from .errors import BadInput
+
+
+@dataclass
+class RunStatus:
+    run_id: str
+    record: EpochRecord | None  # the epoch the run follows
+    infos: list[MemberInfo]  # live heartbeats
+
+    def state_of(self, peer_id: str) -> str:
+        """joined (a member of the epoch), leaving, gone (a member without a heartbeat or reported
+        silent), joining (waiting to be let in), or the node's own status (done, left)."""
+        info = next((m for m in self.infos if m.peer_id == peer_id), None)
+        if self.record is None:
+            return info.status if info else "gone"
+        if peer_id in self.record.members:
+            if peer_id in epochs.gone(self.record, self.infos):
+                return "gone" if info is None or info.status in epochs.ACTIVE else info.status
+            return "leaving" if info.status == "leaving" else "joined" if info.status == "training" else info.status
+        return info.status if info else "gone"
+
+
+def read_run_status(peers: list[str], run_id: str) -> RunStatus:
+    """Read a run's heartbeats and epoch records through a client-mode DHT peer (then shut it down)."""
+    import hivemind
+
+    validators = run_validators(run_id)
+    try:
+        dht = hivemind.DHT(initial_peers=peers, client_mode=True, start=True, record_validators=validators)
+    except Exception as e:
+        raise BadInput(f"could not reach --peers ({type(e).__name__}: {e})") from None
+    try:
+        membership = Membership(dht, run_id, validators[0])
+        infos, records = membership.members(), membership.epochs()
+    finally:
+        dht.shutdown()
+    ranked = sorted((r for r in records if r.members), key=lambda r: r.rank, reverse=True)
+    return RunStatus(run_id, ranked[0] if ranked else None, infos)
+
+
+def status_tables(status: RunStatus) -> list[Table]:
+    """Two tables: the epoch (number, start round, coordinator) and one row per peer."""
+    record, infos = status.record, status.infos
+    head = Table(title=f"run {status.run_id}")
+    for col in ("epoch", "from round", "members", "coordinator", "rounds"):
+        head.add_column(col)
+    if record is not None:
+        coordinator = epochs.coordinator(record, infos)
+        head.add_row(
+            str(record.number),
+            str(record.start_round),
+            str(len(record.members)),
+            coordinator[-10:] if coordinator else "-",
+            str(record.rounds),
+        )
+    else:
+        head.add_row("-", "-", "0", "-", "-")
+    peers = list(record.members) if record is not None else []
+    peers += [m.peer_id for m in infos if m.peer_id not in peers]
+    table = Table(title=f"run {status.run_id}: {len(infos)} member(s)")
+    columns = ("#", "peer", "classes", "state", "status", "round", "pass", "loss", "accuracy", "sent", "seen")
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("peer", "state", "status", "classes") else "right")
+    for peer in peers:
+        m = next((x for x in infos if x.peer_id == peer), None)
+        position = str(record.members.index(peer)) if record is not None and peer in record.members else "-"
+        if m is None:
+            table.add_row(position, peer[-10:], "-", status.state_of(peer), "-", "-", "-", "-", "-", "-", "-")
+            continue
+        table.add_row(
+            position,
+            m.peer_id[-10:],
+            m.classes or "-",
+            status.state_of(peer),
+            m.status,
+            f"{m.round}/{m.rounds}",
+            str(m.train_epoch),
+            f"{m.loss:.3f}" if m.loss >= 0 else "-",
+            f"{100 * m.accuracy:.1f}%" if m.accuracy >= 0 else "-",
+            f"{m.bytes_sent / 1e6:.1f} MB",
+            f"{time.time() - m.updated:.0f} s ago",
+        )
+    return [head, table]
