@@ -278,6 +278,7 @@ class Node:
         s = self.settings
         loop = asyncio.get_running_loop()
         self.rounds, self.per_epoch = record.rounds, record.per_epoch
+        self.info.rounds = self.rounds
         checkpoint = await loop.run_in_executor(self._compute, self.store.load, self.device)
         initial = self.model.trainable_vector().to(self.device)
         source = "the model's initial parameters"
