@@ -158,16 +158,14 @@ def bootstrap(
     import signal
     import threading
 
-    import hivemind
-
+    from p2pnode.node.dht_process import start_dht, stop_dht
     from p2pnode.protocol.membership import run_validators
 
     _log_to_stderr(logging.WARNING)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    dht = hivemind.DHT(
-        start=True,
+    dht = start_dht(
         host_maddrs=_split_addrs(listen) or ["/ip4/0.0.0.0/tcp/0"],
         announce_maddrs=_split_addrs(announce) or None,
         identity_path=str(identity) if identity else None,
@@ -178,7 +176,7 @@ def bootstrap(
             print(addr, flush=True)
         stop.wait()
     finally:
-        dht.shutdown()
+        stop_dht(dht)
 
 
 @app.command()

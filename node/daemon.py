@@ -33,6 +33,7 @@ from ..protocol.transfer import TransferError, fetch_state, serve_state
 from . import epochs
 from .algorithms import ALGORITHMS, Algorithm, StepRule
 from .data import parse_class_set, parse_split, partition
+from .dht_process import start_dht, stop_dht
 from .errors import BadInput
 from .membership import MembershipAgent
 from .metrics import NodeMetrics
@@ -140,21 +141,20 @@ class Node:
         validators = run_validators(s.run_id, RSAPrivateKey())  # own key: several nodes may share a process
         loop = asyncio.get_running_loop()
 
-        def start_dht() -> hivemind.DHT:
-            return hivemind.DHT(
+        def start() -> hivemind.DHT:
+            return start_dht(
                 initial_peers=s.peers or None,
                 host_maddrs=s.listen,
                 announce_maddrs=s.announce or None,
                 identity_path=s.identity,
                 record_validators=validators,
-                start=True,
                 startup_timeout=60,
                 use_relay=s.use_relay,
                 use_auto_relay=s.use_auto_relay,
             )
 
         try:
-            self.dht = await loop.run_in_executor(None, start_dht)
+            self.dht = await loop.run_in_executor(None, start)
         except Exception as e:
             raise BadInput(f"could not start the DHT or reach --peers ({type(e).__name__}: {e})") from None
         self.p2p = await self.dht.replicate_p2p()
@@ -213,7 +213,7 @@ class Node:
                 await self.p2p.shutdown()
         if self.dht is not None:
             dht, self.dht = self.dht, None
-            await asyncio.get_running_loop().run_in_executor(None, dht.shutdown)
+            await asyncio.get_running_loop().run_in_executor(None, stop_dht, dht)
         if self.store is not None:
             self.store.close()
         self._compute.shutdown(wait=True)
@@ -242,6 +242,8 @@ class Node:
             if record is not None and self.peer_id in record.members and (after is None or record.rank > after.rank):
                 return record
             stale = record is not None and not epochs.live(record, infos)
+            if stale and after is None and any(m.status == "done" and m.peer_id in record.members for m in infos):
+                raise BadInput(f"run {s.run_id!r} has finished (its members are done): there is nothing to join")
             if record is None or stale:
                 proposal = epochs.first_epoch(infos, self.info, s.nodes, self._schedule, record if stale else None)
                 if proposal is not None:
@@ -341,6 +343,8 @@ class Node:
                 return True  # sent before the sender entered this epoch: harmless, ignored
             if env.epoch > current or self.algorithm is None:
                 self.inbox.hold(sender, env)  # the sender entered a later epoch first: keep it for then
+                if env.epoch > current and self.agent.record is not None and self.agent.record.number < env.epoch:
+                    self.agent.wake()  # a newer epoch exists that this node has not read yet: read now
                 return True
             msg = await self._off_loop(lambda: self._to_message(sender, env, strict=True), len(data))
         except ProtocolError as e:
@@ -518,7 +522,7 @@ class Node:
             k += 1
             self.round = self.info.round = k
             seconds = time.perf_counter() - started
-            self.agent.round_seconds = 0.9 * self.agent.round_seconds + 0.1 * seconds if k > 1 else seconds
+            self.agent.round_times.append(seconds)
             if self.metrics is not None:
                 self.metrics.observe_round(k, seconds)
                 self.metrics.set_bytes(self.links.bytes_sent, self.links.frames_sent)

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
+import time
+from collections import deque
 from collections.abc import Callable
 
 from ..protocol.membership import EpochRecord, MemberInfo, Membership
@@ -20,6 +23,7 @@ from . import epochs
 logger = logging.getLogger(__name__)
 
 EPOCH_TTL = 3600.0  # epoch records live this long unless the coordinator refreshes them
+LEAD_CAP_ROUNDS = 500  # an epoch is never scheduled further ahead than this
 
 
 class MembershipAgent:
@@ -33,7 +37,7 @@ class MembershipAgent:
         self.infos: list[MemberInfo] = []
         self.records: list[EpochRecord] = []
         self.record: EpochRecord | None = None  # the epoch record the run follows
-        self.round_seconds = 0.0  # recent time per round, for how far ahead an epoch is scheduled
+        self.round_times: deque[float] = deque(maxlen=50)  # recent seconds per round, to schedule epochs ahead
         self.on_change: Callable[[EpochRecord], None] | None = None
         self._silent: set[str] = set()
         self._tasks: list[asyncio.Task] = []
@@ -113,9 +117,18 @@ class MembershipAgent:
         if self.record is not None and self.info.epoch_hash:
             await self._coordinate(self.record)
 
+    def lead_rounds(self) -> int:
+        """How many rounds ahead to schedule an epoch: three polls' worth at the fastest recent pace
+        (rounds speed up once nobody waits for a dead peer), so every member reads it in time."""
+        fastest = min(self.round_times, default=0.0)
+        return min(LEAD_CAP_ROUNDS, math.ceil(3 * self.poll / fastest) + 2) if fastest > 0 else LEAD_CAP_ROUNDS
+
     async def _coordinate(self, record: EpochRecord) -> None:
-        lead = math.ceil(2 * self.poll / self.round_seconds) + 1 if self.round_seconds > 0 else 0
-        proposal = epochs.next_epoch(record, self.infos, self.info.peer_id, lead)
+        lead = self.lead_rounds()
+        own = dataclasses.replace(self.info, updated=time.time())  # this node's round is fresh, not extrapolated
+        mine = [m for m in self.infos if m.peer_id != self.info.peer_id] + [own]
+        pace = min(self.round_times, default=0.0)
+        proposal = epochs.next_epoch(record, mine, self.info.peer_id, lead, pace=pace)
         if proposal is not None:
             await self.propose(proposal)
 

@@ -1,4 +1,10 @@
-"""Presenting results: the Table I-style per-node table, the JSON file and the accuracy plot."""
+"""Presenting results: the Table I-style per-node table, the JSON file and the accuracy plot.
+
+Nodes are shown 1-based ("node 4" is id 3 in `--churn`). With churn, a node that was not in the run
+the whole time gets a note in the table's `membership` row (rounds: "left @200, joined @400"), a `*`
+on its accuracy if it was out at the end (the accuracy it had when it left), and in the plot a line
+only over the epochs it was a member, with membership changes marked by vertical lines.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from .simulator import SimulationResult
+from .simulator import AlgorithmResult, SimulationResult
 
 LABELS = {"p2pft": "P2P-FT", "local": "Local-FT", "central": "Central FT", "dsgd": "D-PSGD"}
 
@@ -18,6 +24,34 @@ def _fmt_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"
+
+
+def presence(result: AlgorithmResult) -> dict[int, list[list[int | None]]]:
+    """{node id: [[from_round, to_round or None], ...]} (keys may be strings after a JSON round trip)."""
+    return {int(i): spans for i, spans in result.history.get("presence", {}).items()}
+
+
+def out_at_end(result: AlgorithmResult) -> set[int]:
+    """Ids of the nodes that were not running when the run ended (their accuracy is from when they left)."""
+    return {i for i, spans in presence(result).items() if spans and spans[-1][1] is not None}
+
+
+def membership_notes(result: AlgorithmResult) -> dict[int, str]:
+    """For each node that was not in the run the whole time, what happened when: 'crashed @300, back @350'."""
+    records = result.history.get("membership", [])
+    left = {(i, r["round"]) for r in records for i in r["left"]}
+    rejoined = {(i, r["round"]) for r in records for i in r.get("rejoined", [])}
+    notes = {}
+    for i, spans in sorted(presence(result).items()):
+        parts = []
+        for n, (start, end) in enumerate(spans):
+            if start > 0:
+                parts.append(f"{'back' if n and (i, start) in rejoined else 'joined'} @{start}")
+            if end is not None:
+                parts.append(f"{'left' if (i, end) in left else 'crashed'} @{end}")
+        if parts:
+            notes[i] = ", ".join(parts)
+    return notes
 
 
 def results_table(result: SimulationResult) -> Table:
@@ -32,14 +66,32 @@ def results_table(result: SimulationResult) -> Table:
         table.add_column(f"node {i + 1}", justify="right")
     table.add_column("mean", justify="right")
     table.add_column("sent / node", justify="right")
+    notes: dict[tuple, list[str]] = {}  # distinct membership notes -> the methods they belong to
+    starred = False
     for name, r in result.results.items():
-        accs = [f"{100 * a:.1f}" for a in r.accuracy]
+        out = out_at_end(r)
+        starred |= bool(out)
+        accs = [f"{100 * a:.1f}" + ("*" if i in out else "") for i, a in enumerate(r.accuracy)]
         cells = accs if len(accs) == n else [accs[0]] + ["" for _ in range(n - 1)]
         mean = 100 * sum(r.accuracy) / len(r.accuracy)
         sent = sum(r.bytes_sent) / len(r.bytes_sent)
         source = result.settings.get("sources", {}).get(name)
         label = LABELS.get(name, name) + (f" ({source})" if source else "")
         table.add_row(label, *cells, f"{mean:.1f}", _fmt_bytes(sent))
+        node_notes = membership_notes(r)
+        if node_notes:
+            notes.setdefault(tuple(sorted(node_notes.items())), []).append(LABELS.get(name, name))
+    for i, (node_notes, names) in enumerate(notes.items()):
+        if i == 0:
+            table.add_section()
+        label = "membership" + (f" ({', '.join(names)})" if len(notes) > 1 else "")
+        cells = dict(node_notes)
+        table.add_row(label, *[cells.get(j, "") for j in range(n)], "", "")
+    if notes:
+        caption = "membership: rounds at which a node joined, left, crashed or came back"
+        if starred:
+            caption += "; * accuracy when the node left (it was out at the end)"
+        table.caption = caption
     return table
 
 
@@ -49,6 +101,12 @@ def write_json(result: SimulationResult, path: str | Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(result.to_json(), indent=1))
     tmp.replace(path)
+
+
+def _change_label(record: dict) -> str:
+    """'+4 -2 x3': nodes (1-based) that joined, left and crashed at a membership change."""
+    marks = [("+", "joined"), ("-", "left"), ("x", "crashed")]
+    return " ".join(f"{sign}{i + 1}" for sign, key in marks for i in record.get(key, []))
 
 
 def write_plot(result: SimulationResult, path: str | Path) -> None:
@@ -62,10 +120,29 @@ def write_plot(result: SimulationResult, path: str | Path) -> None:
     names = list(result.results)
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.4), sharey=True, squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
-        hist = result.results[name].history
+        r = result.results[name]
+        hist = r.history
         per_node = list(zip(*hist["accuracy"], strict=True))
+        changes = [rec for rec in hist.get("membership", []) if rec["round"] > 0]
         for i, accs in enumerate(per_node):
-            ax.plot(hist["epoch"], [100 * a for a in accs], label=f"node {i + 1}", lw=1.2)
+            # a node outside the run has None: NaN leaves a gap in its line
+            ys = [100 * a if a is not None else float("nan") for a in accs]
+            style = {"marker": ".", "ms": 3} if changes else {}
+            ax.plot(hist["epoch"], ys, label=f"node {i + 1}", lw=1.2, **style)
+        rounds_per_epoch = r.iterations / max(len(hist["epoch"]), 1)
+        for rec in changes:  # accuracy of epoch e is measured at round e * rounds_per_epoch
+            x = rec["round"] / rounds_per_epoch
+            ax.axvline(x, color="grey", ls="--", lw=0.8)
+            ax.text(
+                x,
+                1.0,
+                _change_label(rec),
+                rotation=90,
+                va="top",
+                ha="right",
+                fontsize=7,
+                transform=ax.get_xaxis_transform(),
+            )
         ax.set_title(LABELS.get(name, name))
         ax.set_xlabel("epoch (passes over all data)")
         ax.grid(alpha=0.3)

@@ -1,9 +1,11 @@
 """The round driver's mailbox: messages by phase for the current epoch, later epochs held back.
 
 `Inbox.collect` waits for every in-neighbour's message of a round, up to a deadline, and keeps track
-of silence: an in-neighbour that missed a deadline gets only a short grace after that, and one that
-missed `SILENT_ROUNDS` deadlines in a row, or that a pending epoch leaves out, is not waited for at
-all (DESIGN §8: after a crash is detected nobody waits for the node again).
+of silence: an in-neighbour that missed a deadline gets only a short grace after that, one that
+missed `SILENT_ROUNDS` deadlines in a row is reported silent, and one that the epoch the run follows
+leaves out is not waited for at all (DESIGN §8: after a crash is detected nobody waits for the node
+again). A silent neighbour still gets the short grace until that epoch arrives: a node whose only
+in-neighbour died must not race ahead of the run on its own data.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ class Inbox:
             self.arrival.clear()
             inbox = self.by_phase.get(phase, [])
             heard = {m.src for m in inbox if m.round >= k}
-            skip = self.silent() | excluded()
+            skip = excluded()
             waiting = [j for j in in_neighbours if j not in heard and j not in skip]
             present = [j for j in waiting if j not in self.misses]
             limit = timeout if present else min(ABSENT_GRACE_S, timeout)

@@ -8,7 +8,6 @@ it reaches the DHT child and p2pd too. Each process starts its own session, so a
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import os
 import select
@@ -155,16 +154,7 @@ def _run_and_stop(tmp_path: Path, argvs: list[list[str]], stops: list[Stop]) -> 
                 proc.wait(5)
 
 
-def _bootstrap_uses_stop_dht() -> bool:
-    from p2pnode.cli.app import bootstrap
-
-    return "stop_dht" in inspect.getsource(bootstrap)
-
-
 @pytest.mark.timeout(240)
-@pytest.mark.xfail(
-    not _bootstrap_uses_stop_dht(), reason="cli/app.py bootstrap does not use stop_dht yet", strict=False
-)
 def test_bootstrap_exits_within_seconds_after_sigterm_or_ctrl_c_and_leaves_no_child(tmp_path):
     argv = [sys.executable, "-m", "p2pnode.cli.app", "bootstrap", "--listen", LOOPBACK]
     _run_and_stop(tmp_path, [argv] * len(SIGNALS), SIGNALS)
