@@ -48,7 +48,6 @@ logger = logging.getLogger(__name__)
 
 INLINE_BYTES = 1 << 20  # messages below this are encoded and decoded on the event loop
 RETRY_UNREACHABLE_S = 10.0  # after a failed send, skip that peer this long (then try again)
-JUMP_ROUNDS = 20  # a node this far behind an epoch's start round jumps to it instead of catching up
 
 
 class Node:
@@ -510,13 +509,10 @@ class Node:
             if self._leave_by is not None and not self._others_stay():
                 return "left"  # nobody stays to form an epoch without this node
             latest = self.agent.record
-            if latest is not None and latest.rank > self.record.rank:
+            if latest is not None and latest.rank > self.record.rank and k >= latest.start_round:
                 if self.peer_id not in latest.members:
-                    if k >= latest.start_round or latest.start_round - k > JUMP_ROUNDS:
-                        return "left" if self._leave_by is not None else "left out"
-                elif k >= latest.start_round or latest.start_round - k > JUMP_ROUNDS:
-                    k = max(k, latest.start_round)
-                    self._enter_epoch(latest, k)
+                    return "left" if self._leave_by is not None else "left out"
+                self._enter_epoch(latest, k)  # at its start round, or at once if this node read it late
             started = time.perf_counter()
             await self._round(k)
             k += 1

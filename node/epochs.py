@@ -73,26 +73,17 @@ def joiners(record: EpochRecord, infos: list[MemberInfo], fingerprint: str, sett
 
 
 def next_epoch(
-    record: EpochRecord,
-    infos: list[MemberInfo],
-    me: str,
-    lead: int,
-    now: float | None = None,
-    pace: float = 0.0,
+    record: EpochRecord, infos: list[MemberInfo], me: str, lead: int, now: float | None = None
 ) -> EpochRecord | None:
     """What coordinator `me` proposes after `record`, or None (no change, not its turn, or too late).
 
-    `pace` (seconds per round, 0: unknown) extrapolates heartbeats that are a few seconds old."""
+    Members run within a few rounds of each other (each waits for its in-neighbours), so the
+    furthest round reported, the coordinator's own included, plus `lead` is still ahead of everyone."""
     if coordinator(record, infos) != me:
         return None
     now = time.time() if now is None else now
     alive = live(record, infos)
-
-    def reached(m: MemberInfo) -> int:
-        behind = max(0.0, now - m.updated) / pace if pace > 0 else 0.0
-        return m.round + int(behind) if m.status != "joining" else m.round
-
-    furthest = max((reached(m) for m in alive.values()), default=record.start_round)
+    furthest = max((m.round for m in alive.values() if m.status != "joining"), default=record.start_round)
     if record.start_round > furthest:
         return None  # the last change has not taken effect yet: batch the next one after it
     out = gone(record, infos)

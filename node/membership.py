@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import statistics
 import time
 from collections import deque
 from collections.abc import Callable
@@ -37,7 +38,7 @@ class MembershipAgent:
         self.infos: list[MemberInfo] = []
         self.records: list[EpochRecord] = []
         self.record: EpochRecord | None = None  # the epoch record the run follows
-        self.round_times: deque[float] = deque(maxlen=50)  # recent seconds per round, to schedule epochs ahead
+        self.round_times: deque[float] = deque(maxlen=20)  # recent seconds per round, to schedule epochs ahead
         self.on_change: Callable[[EpochRecord], None] | None = None
         self._silent: set[str] = set()
         self._tasks: list[asyncio.Task] = []
@@ -118,17 +119,19 @@ class MembershipAgent:
             await self._coordinate(self.record)
 
     def lead_rounds(self) -> int:
-        """How many rounds ahead to schedule an epoch: three polls' worth at the fastest recent pace
-        (rounds speed up once nobody waits for a dead peer), so every member reads it in time."""
-        fastest = min(self.round_times, default=0.0)
-        return min(LEAD_CAP_ROUNDS, math.ceil(3 * self.poll / fastest) + 2) if fastest > 0 else LEAD_CAP_ROUNDS
+        """How many rounds ahead to schedule an epoch: three polls' worth at the current pace (the
+        median of recent rounds), so every member reads the record before it takes effect. A member
+        that reads it late still enters at its next round (DESIGN §8 tolerates it: links restart)."""
+        if not self.round_times:
+            return epochs.MIN_LEAD_ROUNDS
+        pace = statistics.median(self.round_times)
+        return min(LEAD_CAP_ROUNDS, math.ceil(3 * self.poll / max(pace, 1e-4)) + 2)
 
     async def _coordinate(self, record: EpochRecord) -> None:
         lead = self.lead_rounds()
         own = dataclasses.replace(self.info, updated=time.time())  # this node's round is fresh, not extrapolated
         mine = [m for m in self.infos if m.peer_id != self.info.peer_id] + [own]
-        pace = min(self.round_times, default=0.0)
-        proposal = epochs.next_epoch(record, mine, self.info.peer_id, lead, pace=pace)
+        proposal = epochs.next_epoch(record, mine, self.info.peer_id, lead)
         if proposal is not None:
             await self.propose(proposal)
 
