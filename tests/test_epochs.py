@@ -1,0 +1,112 @@
+"""The membership-epoch rules every node applies to what it reads from the DHT (node/epochs.py)."""
+
+from __future__ import annotations
+
+from p2pnode.node import epochs
+from p2pnode.protocol.membership import EpochRecord, MemberInfo
+
+FP, SH = "trunk", "settings"
+
+
+def info(peer: str, status: str = "training", round_: int = 100, record: EpochRecord | None = None, **kw) -> MemberInfo:
+    m = MemberInfo(peer_id=peer, fingerprint=FP, settings_hash=SH, samples=10, status=status, round=round_, **kw)
+    if record is not None:
+        m.epoch, m.epoch_hash = record.number, record.hash
+    return m
+
+
+def record(members, number: int = 0, proposer: str = "A", start: int = 0, rounds: int = 1000) -> EpochRecord:
+    return EpochRecord(number, start, tuple(members), (), rounds, 10, FP, SH, proposer, 0.0)
+
+
+def schedule(members):
+    return 500, 10
+
+
+def test_the_run_follows_the_highest_epoch_and_on_a_tie_the_lowest_proposer():
+    a, b, c = record("AB", 1, "B"), record("AB", 2, "C"), record("CD", 2, "A")
+    assert epochs.current_record([a, b, c], FP, SH) == c
+    other = EpochRecord(9, 0, ("X",), (), 10, 1, "other-trunk", SH, "A", 0.0)
+    assert epochs.current_record([a, other], FP, SH) == a  # another run's trunk is never followed
+
+
+def test_coordinator_is_the_lowest_live_member_and_the_next_takes_over_when_it_dies():
+    r = record("ABC")
+    infos = [info(p, record=r) for p in "ABC"]
+    assert epochs.coordinator(r, infos) == "A"
+    assert epochs.coordinator(r, infos[1:]) == "B"  # A's heartbeat expired
+
+
+def test_a_member_reported_silent_by_a_neighbour_is_gone_even_with_a_fresh_heartbeat():
+    r = record("ABC")
+    infos = [info("A", record=r), info("B", record=r, silent=["C"]), info("C", record=r)]
+    assert epochs.gone(r, infos) == {"C"}
+    proposal = epochs.next_epoch(r, infos, "A", lead=5)
+    assert proposal is not None and proposal.members == ("A", "B") and proposal.number == 1
+    assert proposal.start_round == 105 and proposal.donors == ("A", "B")
+
+
+def test_silence_reported_from_another_epoch_does_not_count():
+    r = record("ABC")
+    stale = info("B", record=record("ABC", number=7), silent=["C"])
+    assert epochs.gone(r, [info("A", record=r), stale, info("C", record=r)]) == set()
+
+
+def test_only_the_coordinator_proposes_and_nothing_while_an_epoch_is_pending():
+    r = record("ABC")
+    infos = [info(p, record=r) for p in "AB"]  # C gone
+    assert epochs.next_epoch(r, infos, "B", lead=5) is None
+    assert epochs.next_epoch(r, infos, "A", lead=5) is not None
+    pending = record("ABC", start=200)
+    assert epochs.next_epoch(pending, [info(p, record=pending) for p in "AB"], "A", lead=5) is None
+
+
+def test_survivors_keep_their_order_and_joiners_are_appended():
+    r = record("CAB")
+    infos = [info(p, record=r) for p in "CAB"] + [info("E", "joining", 0), info("D", "joining", 0)]
+    infos[2].status = "leaving"
+    proposal = epochs.next_epoch(r, infos, "A", lead=5)
+    assert proposal.members == ("C", "A", "D", "E")  # B leaves, D and E join in peer-id order
+    assert proposal.donors == ("C", "A")
+
+
+def test_a_joiner_with_another_trunk_or_settings_is_never_let_in():
+    r = record("AB")
+    infos = [info(p, record=r) for p in "AB"]
+    stranger = info("C", "joining", 0)
+    stranger.fingerprint = "other"
+    assert epochs.next_epoch(r, [*infos, stranger], "A", lead=5) is None
+
+
+def test_members_of_a_healed_partition_are_let_in_like_joiners():
+    ours, theirs = record("AB", 3, "A"), record("CD", 3, "C")
+    infos = [info(p, record=ours) for p in "AB"] + [info(p, record=theirs) for p in "CD"]
+    assert epochs.current_record([ours, theirs], FP, SH) == ours  # lower proposer wins the tie
+    proposal = epochs.next_epoch(ours, infos, "A", lead=5)
+    assert proposal.members == ("A", "B", "C", "D") and proposal.number == 4
+
+
+def test_no_epoch_is_proposed_past_the_end_of_the_run():
+    r = record("AB", rounds=103)
+    assert epochs.next_epoch(r, [info("A", record=r)], "A", lead=5) is None
+
+
+def test_epoch_zero_waits_for_enough_peers_and_is_proposed_by_the_first_in_order():
+    peers = [info("B", "joining", 0, index=1), info("A", "joining", 0, index=0)]
+    assert epochs.first_epoch(peers[:1], peers[0], 2, schedule) is None
+    assert epochs.first_epoch(peers, peers[0], 2, schedule) is None  # B is not first (index 1)
+    first = epochs.first_epoch(peers, peers[1], 2, schedule)
+    assert first.members == ("A", "B") and first.number == 0 and first.rounds == 500
+
+
+def test_a_whole_run_restarted_from_checkpoints_starts_at_the_furthest_round_with_its_schedule():
+    old = record("AB", number=4, rounds=800)
+    peers = [info("A", "joining", 120), info("B", "joining", 130)]
+    again = epochs.first_epoch(peers, peers[0], 2, schedule, previous=old)
+    assert again.number == 5 and again.start_round == 130 and again.rounds == 800
+
+
+def test_epoch_records_round_trip_and_their_hash_changes_with_the_members():
+    r = record("AB", 2)
+    assert EpochRecord.from_dict(r.to_dict()) == r
+    assert record("AB", 2).hash != record("AC", 2).hash
