@@ -155,6 +155,7 @@ class _Fleet:
         self.total = total
         self.status = dict.fromkeys(range(total), "out")  # out, in, left, crashed
         self.log_files: list = []
+        self.applied: list[tuple[ChurnEvent, float]] = []  # (event, seconds after training started)
 
     def state(self, i: int) -> Path:
         return self.workdir / f"node{i}"
@@ -261,7 +262,7 @@ def _watch(
         while t0 is not None and todo and now - t0 >= todo[0].when:
             event = todo.pop(0)
             fleet.apply(event)
-            fleet.applied = [*getattr(fleet, "applied", []), (event, now - t0)]
+            fleet.applied.append((event, now - t0))
         running = [i for i, st in fleet.status.items() if st == "in"]
         for i in running:
             if i in results:
@@ -311,17 +312,8 @@ def _collect(
     reference = next(iter(results.values()))
     history = {"epoch": epochs_seen, "accuracy": accuracy_rows, "loss": loss_rows}
     if events:
-        history["membership"] = reference.get("epochs", [])
-        history["churn"] = [{"event": str(e), "at_seconds": round(t, 1)} for e, t in getattr(fleet, "applied", [])]
-        history["presence"] = {
-            str(i): [
-                [
-                    evals[i][0]["round"] if evals[i] else None,
-                    None if i in results else (evals[i][-1]["round"] if evals[i] else None),
-                ]
-            ]
-            for i in took_part
-        }
+        history["membership"], history["presence"] = _membership(fleet, reference.get("epochs", []), took_part)
+        history["churn"] = [{"event": str(e), "at_seconds": round(t, 1)} for e, t in fleet.applied]
         history["round_seconds"] = _round_seconds(evals, results)
     sent = [results[i]["bytes_sent"] if i in results else 0 for i in took_part]
     algo = AlgorithmResult(
@@ -345,6 +337,46 @@ def _collect(
         out.update({name: sim.run(name) for name in s.compare if name != s.algorithm})
     sources = {name: "daemons" if name == s.algorithm else "simulated" for name in out}
     return SimulationResult({**shared, "workdir": str(workdir), "sources": sources}, out, reference["fingerprint"])
+
+
+def _membership(fleet: _Fleet, changes: list[dict], took_part: list[int]) -> tuple[list[dict], dict]:
+    """The epoch changes a finishing node saw, in node ids (as the simulator reports them), and when
+    each node was in the run: {node: [[from_round, to_round or None], ...]}."""
+    from .events import read_events
+
+    runs: dict[int, list[tuple[str, int]]] = {}  # node -> (peer id, round it entered) per process it ran
+    for i in took_part:
+        path = fleet.state(i) / "events.jsonl"
+        peer, entered = None, False
+        for e in read_events(path) if path.is_file() else []:
+            if e["kind"] == "start":
+                peer, entered = e.get("peer_id"), False
+            elif e["kind"] == "epoch_change" and not entered and peer is not None:
+                runs.setdefault(i, []).append((peer, e["start_round"]))
+                entered = True
+    node_of = {peer: i for i, entries in runs.items() for peer, _ in entries}
+    crashed = {e.node for e, _ in fleet.applied if e.action == "crash"}
+    membership, presence = [], {str(i): [] for i in took_part}
+    for change in changes:
+        members = [node_of.get(p, -1) for p in change["members"]]
+        left = [node_of.get(p, -1) for p in change["left"]]
+        joined = [node_of.get(p, -1) for p in change["joined"]]
+        membership.append(
+            {
+                "round": change["round"],
+                "epoch": change["epoch"],
+                "members": members,
+                "joined": [i for i in joined if i not in crashed],
+                "rejoined": [i for i in joined if i in crashed],
+                "left": [i for i in left if i not in crashed],
+                "crashed": [i for i in left if i in crashed],
+            }
+        )
+    for i, entries in runs.items():
+        for peer, start in entries:
+            end = next((c["round"] for c in changes if c["round"] > start and peer in c["left"]), None)
+            presence[str(i)].append([start, end])
+    return membership, presence
 
 
 def _round_seconds(evals: dict[int, list[dict]], results: dict[int, dict]) -> list[dict]:
