@@ -238,7 +238,7 @@ class Node:
             await self.agent.refresh()
             record, infos = self.agent.record, self.agent.infos
             self._log_refused(infos, refused)
-            if record is not None and self.peer_id in record.members and (after is None or record.rank > after.rank):
+            if record is not None and self._in(record) and (after is None or record.rank > after.rank):
                 return record
             stale = record is not None and not epochs.live(record, infos)
             if stale and after is None and any(m.status == "done" and m.peer_id in record.members for m in infos):
@@ -259,6 +259,10 @@ class Node:
         if self._stop.is_set():
             return None
         raise BadInput(f"only {last_count} of {s.nodes} members joined run {s.run_id!r} within {s.join_timeout:.0f} s")
+
+    def _in(self, record: EpochRecord) -> bool:
+        """Whether `record` names this node, in this process (an earlier process's membership is not ours)."""
+        return record.includes(self.peer_id, self.info.incarnation)
 
     def _log_refused(self, infos: list[MemberInfo], refused: set[str]) -> None:
         for m in infos:
@@ -455,6 +459,10 @@ class Node:
             list(hood.out_neighbours),
         )
 
+    def _hurry(self) -> bool:
+        """Stopping or leaving: wait only briefly for in-neighbours (their messages still count if in time)."""
+        return self._stop.is_set() or self._leave_by is not None
+
     def _others_stay(self) -> bool:
         """Whether another live member of this epoch goes on training (else a leaver need not wait)."""
         alive = epochs.live(self.record, self.agent.infos)
@@ -462,12 +470,14 @@ class Node:
         return any(m.status == "training" and p != self.peer_id and p not in gone for p, m in alive.items())
 
     def _excluded(self) -> set[int]:
-        """Positions of in-neighbours that the epoch the run follows leaves out: not waited for."""
+        """Positions of in-neighbours not to wait for: those that the epoch the run follows leaves out,
+        and those known to be gone (their heartbeat expired, they said they left, or they were
+        reported silent)."""
+        out = epochs.gone(self.record, self.agent.infos) if self.agent.infos else set()
         latest = self.agent.record
-        if latest is None or latest.rank <= self.record.rank:
-            return set()
-        keep = set(latest.members)
-        return {i for p, i in self._index_of.items() if p not in keep}
+        if latest is not None and latest.rank > self.record.rank:
+            out |= set(self.record.members) - set(latest.members)
+        return {self._index_of[p] for p in out if p in self._index_of and p != self.peer_id}
 
     # --- the run ---------------------------------------------------------------------------------
 
@@ -510,7 +520,7 @@ class Node:
                 return "left"  # nobody stays to form an epoch without this node
             latest = self.agent.record
             if latest is not None and latest.rank > self.record.rank and k >= latest.start_round:
-                if self.peer_id not in latest.members:
+                if not self._in(latest):
                     return "left" if self._leave_by is not None else "left out"
                 self._enter_epoch(latest, k)  # at its start round, or at once if this node read it late
             started = time.perf_counter()
@@ -536,7 +546,7 @@ class Node:
             await self._send_all(out)
             wait = bool(algo.hood.in_neighbours) and algo.expects_messages(phase, k)
             arrived = await self.inbox.collect(
-                phase, k, algo.hood.in_neighbours, self.settings.round_timeout, self._stop.is_set, self._excluded, wait
+                phase, k, algo.hood.in_neighbours, self.settings.round_timeout, self._hurry, self._excluded, wait
             )
             for j in self.inbox.silent():
                 self.agent.report_silent(self.record.members[j])

@@ -39,9 +39,9 @@ def current_record(records: Iterable[EpochRecord], fingerprint: str, settings_ha
 
 
 def live(record: EpochRecord, infos: Iterable[MemberInfo]) -> dict[str, MemberInfo]:
-    """Members of `record` with a fresh heartbeat that are still taking part."""
-    wanted = set(record.members)
-    return {m.peer_id: m for m in infos if m.peer_id in wanted and m.status in ACTIVE}
+    """Members of `record` with a fresh heartbeat from the same process that are still taking part
+    (a peer that restarted since has a new incarnation: its old membership is gone)."""
+    return {m.peer_id: m for m in infos if record.includes(m.peer_id, m.incarnation) and m.status in ACTIVE}
 
 
 def gone(record: EpochRecord, infos: list[MemberInfo]) -> set[str]:
@@ -62,11 +62,10 @@ def coordinator(record: EpochRecord, infos: list[MemberInfo]) -> str | None:
 def joiners(record: EpochRecord, infos: list[MemberInfo], fingerprint: str, settings_hash: str) -> list[str]:
     """Compatible peers outside `record` that want in: joiners, and members of another epoch (a healed
     partition: they follow a record that lost, and are let in like joiners). Sorted by peer id."""
-    inside = set(record.members)
     return sorted(
         m.peer_id
         for m in infos
-        if m.peer_id not in inside
+        if not record.includes(m.peer_id, m.incarnation)
         and compatible(m, fingerprint, settings_hash)
         and (m.status == "joining" or (m.status == "training" and m.epoch_hash != record.hash))
     )
@@ -92,16 +91,21 @@ def next_epoch(
     if not (out or leaving or new):
         return None
     start = furthest + max(lead, MIN_LEAD_ROUNDS)
+    if start >= record.rounds:  # near the end: a shorter lead (a member that reads it late enters late)
+        start = furthest + MIN_LEAD_ROUNDS
     if start >= record.rounds:
         return None  # the run ends first
     survivors = [p for p in record.members if p not in out and p not in leaving]
     members = survivors + [p for p in new if p not in survivors]
     if not members:
         return None
+    incarnation = {p: i for p, i in zip(record.members, record.incarnations, strict=True)}
+    incarnation |= {m.peer_id: m.incarnation for m in infos if m.peer_id in new}
     return EpochRecord(
         number=record.number + 1,
         start_round=start,
         members=tuple(members),
+        incarnations=tuple(incarnation[p] for p in members),
         donors=tuple(survivors),
         rounds=record.rounds,
         per_epoch=record.per_epoch,
@@ -142,6 +146,7 @@ def first_epoch(
         number=0 if previous is None else previous.number + 1,
         start_round=start,
         members=tuple(m.peer_id for m in chosen),
+        incarnations=tuple(m.incarnation for m in chosen),
         donors=(),
         rounds=rounds,
         per_epoch=per_epoch,

@@ -85,7 +85,7 @@ class Inbox:
             present = [j for j in waiting if j not in self.misses]
             limit = timeout if present else min(ABSENT_GRACE_S, timeout)
             if stopping():
-                limit = min(limit, 1.0)  # stopping: give in-flight messages a moment, then finish the step
+                limit = min(limit, 1.0)  # stopping or leaving: give in-flight messages a moment, then go on
             elapsed = loop.time() - start
             if not waiting or elapsed >= limit:
                 break

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 
 import hivemind
@@ -39,6 +40,7 @@ class _MemberRecord(pydantic.BaseModel):
     epoch: pydantic.StrictInt
     epoch_hash: pydantic.StrictStr
     silent: list[pydantic.StrictStr]
+    incarnation: pydantic.StrictStr
     loss: pydantic.StrictFloat
     accuracy: pydantic.StrictFloat
     bytes_sent: pydantic.StrictInt
@@ -50,6 +52,7 @@ class _EpochRecord(pydantic.BaseModel):
     number: pydantic.StrictInt
     start_round: pydantic.StrictInt
     members: list[pydantic.StrictStr]
+    incarnations: list[pydantic.StrictStr]
     donors: list[pydantic.StrictStr]
     rounds: pydantic.StrictInt
     per_epoch: pydantic.StrictInt
@@ -78,6 +81,7 @@ class MemberInfo:
     epoch: int = -1  # membership epoch this node is in (-1: none yet)
     epoch_hash: str = ""  # acknowledges the epoch record it follows
     silent: list[str] = field(default_factory=list)  # peers it has not heard from for several rounds
+    incarnation: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # new at every process start
     loss: float = float("nan")
     accuracy: float = -1.0
     bytes_sent: int = 0
@@ -97,6 +101,7 @@ class EpochRecord:
     number: int
     start_round: int
     members: tuple[str, ...]
+    incarnations: tuple[str, ...]  # each member's process: a restarted peer is a new member
     donors: tuple[str, ...]
     rounds: int
     per_epoch: int
@@ -105,9 +110,14 @@ class EpochRecord:
     proposer: str
     created: float = 0.0
 
+    def includes(self, peer_id: str, incarnation: str) -> bool:
+        """Whether this peer, in this process (not an earlier one that crashed), is a member."""
+        return any(p == peer_id and i == incarnation for p, i in zip(self.members, self.incarnations, strict=True))
+
     @property
     def hash(self) -> str:
-        body = f"{self.number}|{self.start_round}|{','.join(self.members)}|{self.rounds}|{self.proposer}"
+        members = ",".join(f"{p}:{i}" for p, i in zip(self.members, self.incarnations, strict=True))
+        body = f"{self.number}|{self.start_round}|{members}|{self.rounds}|{self.proposer}"
         return hashlib.sha256(body.encode()).hexdigest()[:16]
 
     @property
@@ -117,12 +127,22 @@ class EpochRecord:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["members"], d["donors"] = list(self.members), list(self.donors)
+        d["members"], d["incarnations"], d["donors"] = list(self.members), list(self.incarnations), list(self.donors)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> EpochRecord:
-        return cls(**{**d, "members": tuple(d["members"]), "donors": tuple(d["donors"])})
+        record = cls(
+            **{
+                **d,
+                "members": tuple(d["members"]),
+                "incarnations": tuple(d["incarnations"]),
+                "donors": tuple(d["donors"]),
+            }
+        )
+        if len(record.members) != len(record.incarnations):
+            raise ValueError("an epoch record needs one incarnation per member")
+        return record
 
 
 def run_key(run_id: str) -> str:
@@ -164,7 +184,7 @@ class Membership:
         for item in found.value.values():
             try:
                 records.append(EpochRecord.from_dict(item.value))
-            except (TypeError, KeyError):
+            except (TypeError, KeyError, ValueError):
                 logger.warning("ignoring a malformed epoch record")
         return records
 

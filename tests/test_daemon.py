@@ -108,6 +108,25 @@ def test_a_killed_node_is_dropped_by_a_new_epoch_and_status_lists_the_run(tmp_pa
         stop_processes(procs)
 
 
+def outside_of(processes: set[int], root: int) -> set[int]:
+    """The processes in `processes` that are not `root` or one of its descendants."""
+
+    def parent(pid: int) -> int:
+        try:
+            return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return 0
+
+    def under(pid: int) -> bool:
+        for _ in range(64):
+            if pid in (root, 0, 1):
+                return pid == root
+            pid = parent(pid)
+        return False
+
+    return {p for p in processes if not under(p)}
+
+
 def launch_and_wait(commands: list[list[str]], tmp_path, log: str, marker: str, what: str) -> list:
     """Start one node per command (logs tmp_path/LOG{i}.log) and wait until each state dir has MARKER."""
     nodes = [
@@ -123,8 +142,8 @@ def launch_and_wait(commands: list[list[str]], tmp_path, log: str, marker: str, 
 
 
 @pytest.mark.timeout(300)
-def test_sigterm_checkpoints_and_a_restarted_node_resumes_where_it_stopped(tmp_path):
-    settings = TestnetSettings(nodes=2, split="0-4,5-9", epochs=2, batch_size=72, run_id="resume").validate()
+def test_a_whole_run_stopped_by_sigterm_resumes_from_its_checkpoints_without_running_sums(tmp_path, own_processes):
+    settings = TestnetSettings(nodes=2, split="0-4,5-9", epochs=12, batch_size=72, run_id="resume").validate()
     boot, addrs = start_bootstrap("resume", tmp_path / "boot.log")
     procs = [boot]
     try:
@@ -133,25 +152,61 @@ def test_sigterm_checkpoints_and_a_restarted_node_resumes_where_it_stopped(tmp_p
             (tmp_path / f"n{i}").mkdir()
         nodes = launch_and_wait(commands, tmp_path, "a", "progress.json", "both nodes to finish epoch 1 (round 10)")
         procs += nodes
-        nodes[0].send_signal(signal.SIGTERM)
-        assert nodes[0].wait(60) == 0
-        # node 1's only in-neighbour is gone: it must still stop promptly, not sit out the 60 s round timeout
         start = time.monotonic()
-        nodes[1].send_signal(signal.SIGTERM)
-        assert nodes[1].wait(60) == 0
+        for node in nodes:  # everyone leaves: nobody stays to form an epoch, so nobody waits for one
+            node.send_signal(signal.SIGTERM)
+        assert [node.wait(60) for node in nodes] == [0, 0]
         assert time.monotonic() - start < 20
         stopped = [json.loads((tmp_path / f"n{i}" / "state.json").read_text())["round"] for i in range(2)]
-        assert all(10 <= r < 20 for r in stopped), stopped
+        assert all(10 <= r < 120 for r in stopped), stopped
         assert not any((tmp_path / f"n{i}" / "result.json").exists() for i in range(2))
+        assert not outside_of(own_processes(), boot.pid), "a stopped node left a process behind"
 
         procs += launch_and_wait(commands, tmp_path, "b", "result.json", "the restarted nodes to finish")
         for i in range(2):
-            assert f"resumed from {tmp_path / f'n{i}'} at round {stopped[i]}" in (tmp_path / f"b{i}.log").read_text()
+            log = (tmp_path / f"b{i}.log").read_text()
+            assert f"resumed from {tmp_path / f'n{i}'} at round {stopped[i]}" in log
             result = json.loads((tmp_path / f"n{i}" / "result.json").read_text())
-            assert result["rounds"] == 20
-            assert result["history"]["epoch"] == [1, 2]
-            # nodes that stopped a round apart rejoin at the same round instead of waiting out a timeout
-            assert "going on without" not in (tmp_path / f"b{i}.log").read_text()
+            assert result["rounds"] == 120
+            assert result["history"]["epoch"] == list(range(1, 13))
+            # a restart is a join: a new epoch that starts at the furthest checkpoint, links afresh
+            assert result["epochs"][-1]["epoch"] >= 1 and result["epochs"][-1]["round"] == max(stopped)
+            assert "going on without" not in log
+    finally:
+        stop_processes(procs)
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_makes_a_node_leave_after_the_epoch_that_drops_it_and_exit_by_itself(tmp_path, own_processes):
+    settings = TestnetSettings(nodes=3, split="0-2,3-5,6-9", epochs=40, batch_size=72, run_id="leave").validate()
+    boot, addrs = start_bootstrap("leave", tmp_path / "boot.log")
+    procs = [boot]
+    try:
+        commands = [node_command(settings, i, addrs, tmp_path / f"n{i}") for i in range(3)]
+        for i in range(3):
+            (tmp_path / f"n{i}").mkdir()
+        nodes = launch_and_wait(commands, tmp_path, "a", "progress.json", "all nodes to finish epoch 1")
+        procs += nodes
+        start = time.monotonic()
+        nodes[1].send_signal(signal.SIGTERM)
+        assert nodes[1].wait(60) == 0
+        print(f"the leaver exited {time.monotonic() - start:.1f} s after SIGTERM")
+        leaver = json.loads((tmp_path / "n1" / "state.json").read_text())
+        for i in (0, 2):
+            wait_for(lambda i=i: (tmp_path / f"n{i}" / "result.json").exists(), 200, f"node {i} to finish")
+        results = [json.loads((tmp_path / f"n{i}" / "result.json").read_text()) for i in (0, 2)]
+        peer = results[0]["epochs"][0]["members"][1]
+        for r in results:
+            last = r["epochs"][-1]
+            assert peer in last["left"] and len(last["members"]) == 2
+            # the leaver took part until the epoch that dropped it, then went
+            assert last["round"] == leaver["round"]
+        assert abs(results[0]["accuracy"] - results[1]["accuracy"]) <= 0.01
+        events = [json.loads(line)["kind"] for line in (tmp_path / "n1" / "events.jsonl").read_text().splitlines()]
+        assert "leave" in events and "done" not in events
+        for p in nodes:
+            p.wait(30)  # the survivors exit by themselves after the run
+        assert not outside_of(own_processes(), boot.pid), "a finished or leaving node left a process behind"
     finally:
         stop_processes(procs)
 

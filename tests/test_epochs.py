@@ -9,14 +9,25 @@ FP, SH = "trunk", "settings"
 
 
 def info(peer: str, status: str = "training", round_: int = 100, record: EpochRecord | None = None, **kw) -> MemberInfo:
-    m = MemberInfo(peer_id=peer, fingerprint=FP, settings_hash=SH, samples=10, status=status, round=round_, **kw)
+    m = MemberInfo(
+        peer_id=peer,
+        fingerprint=FP,
+        settings_hash=SH,
+        samples=10,
+        status=status,
+        round=round_,
+        incarnation=f"i{peer}",
+        **kw,
+    )
     if record is not None:
         m.epoch, m.epoch_hash = record.number, record.hash
     return m
 
 
 def record(members, number: int = 0, proposer: str = "A", start: int = 0, rounds: int = 1000) -> EpochRecord:
-    return EpochRecord(number, start, tuple(members), (), rounds, 10, FP, SH, proposer, 0.0)
+    return EpochRecord(
+        number, start, tuple(members), tuple(f"i{p}" for p in members), (), rounds, 10, FP, SH, proposer, 0.0
+    )
 
 
 def schedule(members):
@@ -26,7 +37,7 @@ def schedule(members):
 def test_the_run_follows_the_highest_epoch_and_on_a_tie_the_lowest_proposer():
     a, b, c = record("AB", 1, "B"), record("AB", 2, "C"), record("CD", 2, "A")
     assert epochs.current_record([a, b, c], FP, SH) == c
-    other = EpochRecord(9, 0, ("X",), (), 10, 1, "other-trunk", SH, "A", 0.0)
+    other = EpochRecord(9, 0, ("X",), ("iX",), (), 10, 1, "other-trunk", SH, "A", 0.0)
     assert epochs.current_record([a, other], FP, SH) == a  # another run's trunk is never followed
 
 
@@ -110,3 +121,21 @@ def test_epoch_records_round_trip_and_their_hash_changes_with_the_members():
     r = record("AB", 2)
     assert EpochRecord.from_dict(r.to_dict()) == r
     assert record("AB", 2).hash != record("AC", 2).hash
+
+
+def test_a_member_that_restarted_is_a_new_member_appended_with_its_new_incarnation():
+    r = record("ABC")
+    back = info("B", "joining", 40)
+    back.incarnation = "restarted"
+    infos = [info("A", record=r), back, info("C", record=r)]
+    assert "B" in epochs.gone(r, infos) and not r.includes("B", "restarted")
+    proposal = epochs.next_epoch(r, infos, "A", lead=5)
+    assert proposal.members == ("A", "C", "B") and proposal.incarnations == ("iA", "iC", "restarted")
+
+
+def test_a_record_left_in_the_dht_by_an_earlier_run_has_no_live_members():
+    old = record("AB")
+    again = [info("A", "joining", 10), info("B", "joining", 10)]
+    for m in again:
+        m.incarnation = "new-" + m.peer_id
+    assert epochs.live(old, again) == {}
