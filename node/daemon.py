@@ -74,6 +74,7 @@ class Node:
         self.inbox = Inbox()
         self._stop = asyncio.Event()
         self._leave_by: float | None = None  # loop time after which a leaving node just goes
+        self._finishing = False  # past the last round: a signal stops at once
         self._pending: set[asyncio.Task] = set()
         self._unreachable: dict[int, float] = {}
         self._index_of: dict[str, int] = {}
@@ -184,7 +185,7 @@ class Node:
     def request_leave(self) -> None:
         """SIGTERM: leave gracefully (take part until the epoch that drops this node, at most
         --leave-timeout seconds); a node not yet in a run, or a second request, stops at once."""
-        if self.algorithm is None or self._leave_by is not None:
+        if self.algorithm is None or self._leave_by is not None or self._finishing:
             self.request_stop()
             return
         self._leave_by = asyncio.get_running_loop().time() + self.settings.leave_timeout
@@ -430,6 +431,8 @@ class Node:
         self._index_of = {p: i for i, p in enumerate(record.members)}
         self._peer_of = {i: PeerID.from_base58(p) for i, p in enumerate(record.members)}
         self._unreachable = {}
+        for task in list(self._pending):  # messages of the old epoch: their receivers would drop them
+            task.cancel()
         topo = make_topology(s.topology, len(record.members), s.seed)
         self.algorithm.enter_epoch(topo.neighbourhood(self.index), record.number)
         self.algorithm.iteration = k
@@ -554,7 +557,8 @@ class Node:
 
     async def _finish(self, outcome: str) -> dict | None:
         loop = asyncio.get_running_loop()
-        await self._drain_sends(limit=5.0 if outcome != "done" else 30.0)
+        self._finishing = True
+        await self._drain_sends(limit=5.0 if outcome != "done" else 15.0)
         await loop.run_in_executor(self._compute, self._checkpoint)
         if outcome != "done":
             self.info.status = "left"

@@ -58,6 +58,9 @@ class Links:
             for attempt in range(attempts):
                 try:
                     return await asyncio.wait_for(self._send(peer, data), self.timeout)
+                except asyncio.CancelledError:
+                    self._close(peer)  # a frame may be half written: the stream cannot carry another
+                    raise
                 except (asyncio.TimeoutError, OSError, ConnectionError, asyncio.IncompleteReadError) as e:
                     error = type(e).__name__
                 except Exception as e:  # p2pd control errors surface as assorted types
