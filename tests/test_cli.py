@@ -71,6 +71,26 @@ def test_simulate_help_exits_0_and_lists_options(capsys):
         assert option in out
 
 
+def test_every_flag_with_choices_names_all_of_them_in_its_help():
+    from dataclasses import fields
+
+    from p2pnode.node.algorithms import ALGORITHMS
+    from p2pnode.node.churn import ACTIONS
+    from p2pnode.node.settings import NodeSettings, SimulateSettings, TestnetSettings
+    from p2pnode.node.topology import TOPOLOGIES
+
+    def help_of(cls, name: str) -> str:
+        return next(f.metadata["help"] for f in fields(cls) if f.name == name)
+
+    for cls in (SimulateSettings, NodeSettings, TestnetSettings):
+        assert all(name in help_of(cls, "algorithm") for name in ALGORITHMS), help_of(cls, "algorithm")
+        assert all(t.split(":")[0] in help_of(cls, "topology") for t in TOPOLOGIES[:5])
+        for choice in ("none", "fp16", "bf16", "int8", "topk"):
+            assert choice in help_of(cls, "codec")
+    for cls in (SimulateSettings, TestnetSettings):
+        assert all(action in help_of(cls, "churn") for action in ACTIONS)
+
+
 # --- a short real run ---------------------------------------------------------------------------
 
 

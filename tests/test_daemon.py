@@ -11,8 +11,10 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import time
+from urllib.request import urlopen
 
 import msgpack
 import pytest
@@ -28,6 +30,12 @@ from p2pnode.protocol.envelope import Envelope, pack
 
 # digits has 1,437 training images: with batch B and n nodes an epoch is ceil(1437 / (n * B)) rounds
 FAST = {"epochs": 1, "batch_size": 72}  # 4 nodes: 5 rounds per epoch
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:
@@ -249,7 +257,9 @@ def test_a_daemon_survives_thousands_of_hostile_messages_and_refuses_a_foreign_t
 
     async def scenario():
         a = await Node.create(NodeSettings(index=0, state_dir=str(tmp_path / "a"), **common).validate())
-        b = await Node.create(NodeSettings(index=1, state_dir=str(tmp_path / "b"), **common).validate())
+        b = await Node.create(
+            NodeSettings(index=1, state_dir=str(tmp_path / "b"), metrics_port=free_port(), **common).validate()
+        )
         stranger = await Node.create(
             NodeSettings(
                 classes="0-4", state_dir=str(tmp_path / "c"), model_seed=7, join_timeout=8.0, **common
@@ -259,24 +269,34 @@ def test_a_daemon_survives_thousands_of_hostile_messages_and_refuses_a_foreign_t
             runs = [asyncio.create_task(n.run()) for n in (a, b)]
             with pytest.raises(BadInput, match="only 1 of 2 members"):
                 await stranger.run()
-            await asyncio.wait_for(b._ready.wait(), 60)
+            for _ in range(600):  # until b trains in an epoch
+                if b.record is not None:
+                    break
+                await asyncio.sleep(0.1)
             valid = pack(
                 Envelope(run="fuzz", epoch=0, round=0, phase="pull", seq=1, sender=a.peer_id, kind="value", tensors={})
             )
             frames = junk_frames(2000, valid, random.Random(0))
             answers = await asyncio.gather(*(a.links.send(a._peer_of[1], f) for f in frames))
+            url = f"http://127.0.0.1:{b.settings.metrics_port}/metrics"
+            metrics = await asyncio.get_running_loop().run_in_executor(None, lambda: urlopen(url, timeout=5).read())
             results = await asyncio.wait_for(asyncio.gather(*runs), 120)
-            return answers, results
+            return answers, results, metrics.decode()
         finally:
             for n in (a, b, stranger):
                 await n.shutdown()
 
-    answers, results = asyncio.run(scenario())
+    answers, results, metrics = asyncio.run(scenario())
     assert len(answers) == 2000 and not any(answers), "a hostile frame was accepted"
     assert all(r is not None and r["rounds"] == 10 for r in results)
     assert results[0]["accuracy"] == results[1]["accuracy"]  # still in consensus
     assert "dropped a message" in caplog.text
     assert "refusing peer" in caplog.text
+    refused = [line for line in metrics.splitlines() if line.startswith("p2pnode_refused_messages_total{")]
+    assert refused and float(refused[0].split()[-1]) >= 1000, refused  # served while the run went on
+    assert 'p2pnode_epoch{run="fuzz"} 0.0' in metrics
+    kinds = [json.loads(line)["kind"] for line in (tmp_path / "b" / "events.jsonl").read_text().splitlines()]
+    assert {"start", "epoch_change", "eval", "refused", "done"} <= set(kinds)
 
 
 @pytest.mark.timeout(300)
@@ -291,3 +311,29 @@ def test_dimat_merge_rounds_run_over_the_daemon_testnet_and_match_the_simulator(
     for got, want in zip(daemons.accuracy, reference.accuracy, strict=True):
         assert abs(got - want) <= 0.005
     assert all(a > 0.5 for a in daemons.accuracy)
+
+
+@pytest.mark.timeout(600)
+def test_chaos_testnet_with_a_crash_a_late_join_and_a_return_ends_in_consensus(tmp_path):
+    from p2pnode.node.report import membership_notes
+
+    settings = TestnetSettings(
+        nodes=4,
+        epochs=60,
+        batch_size=32,
+        round_timeout=3.0,
+        run_id="chaos",
+        workdir=str(tmp_path),
+        timeout=540,
+        churn="crash:3@3s,join:4@6s,rejoin:3@20s",
+    ).validate()
+    result = run_testnet(settings)
+    daemons = result.results["p2pft"]
+    records = daemons.history["membership"]
+    assert [r["crashed"] for r in records if r["crashed"]] == [[3]]
+    assert [4] in [r["joined"] for r in records] and [3] in [r["rejoined"] for r in records]
+    assert sorted(records[-1]["members"]) == [0, 1, 2, 3, 4]
+    notes = membership_notes(daemons)
+    assert notes[3].startswith("crashed @") and "back @" in notes[3] and notes[4].startswith("joined @")
+    assert max(daemons.accuracy) - min(daemons.accuracy) <= 0.01, daemons.accuracy  # one run, in consensus
+    assert min(daemons.accuracy) > 0.5
