@@ -473,10 +473,13 @@ class Node:
         return any(m.status == "training" and p != self.peer_id and p not in gone for p, m in alive.items())
 
     def _excluded(self) -> set[int]:
-        """Positions of in-neighbours not to wait for: those that the epoch the run follows leaves out,
-        and those known to be gone (their heartbeat expired, they said they left, or they were
-        reported silent)."""
-        out = epochs.gone(self.record, self.agent.infos) if self.agent.infos else set()
+        """Positions of in-neighbours not to wait for: those the epoch the run follows leaves out (a
+        bounded exemption: this node enters that epoch at its start round), those that said they left
+        or are done, and those that already sent a message of a later epoch (they moved on). A
+        neighbour that is merely silent still gets the short grace: a node whose in-neighbours all
+        died must not race ahead of the run on its own data."""
+        out = {m.peer_id for m in self.agent.infos if m.status in ("left", "done")}
+        out |= {sender for sender, _ in self.inbox.held}
         latest = self.agent.record
         if latest is not None and latest.rank > self.record.rank:
             out |= set(self.record.members) - set(latest.members)

@@ -36,22 +36,24 @@ def out_at_end(result: AlgorithmResult) -> set[int]:
     return {i for i, spans in presence(result).items() if spans and spans[-1][1] is not None}
 
 
-def membership_notes(result: AlgorithmResult) -> dict[int, str]:
-    """For each node that was not in the run the whole time, what happened when: 'crashed @300, back @350'."""
+def _events(result: AlgorithmResult) -> dict[int, list[tuple[str, int]]]:
+    """Per node id, in order, what happened to it and at which round: joined, back, left or crashed."""
     records = result.history.get("membership", [])
     left = {(i, r["round"]) for r in records for i in r["left"]}
     rejoined = {(i, r["round"]) for r in records for i in r.get("rejoined", [])}
-    notes = {}
+    events: dict[int, list[tuple[str, int]]] = {}
     for i, spans in sorted(presence(result).items()):
-        parts = []
-        for n, (start, end) in enumerate(spans):
+        for start, end in spans:
             if start > 0:
-                parts.append(f"{'back' if n and (i, start) in rejoined else 'joined'} @{start}")
+                events.setdefault(i, []).append(("back" if (i, start) in rejoined else "joined", start))
             if end is not None:
-                parts.append(f"{'left' if (i, end) in left else 'crashed'} @{end}")
-        if parts:
-            notes[i] = ", ".join(parts)
-    return notes
+                events.setdefault(i, []).append(("left" if (i, end) in left else "crashed", end))
+    return events
+
+
+def membership_notes(result: AlgorithmResult) -> dict[int, str]:
+    """For each node that was not in the run the whole time, what happened when: 'crashed @300, back @350'."""
+    return {i: ", ".join(f"{what} @{when}" for what, when in events) for i, events in _events(result).items()}
 
 
 def results_table(result: SimulationResult) -> Table:
@@ -104,9 +106,12 @@ def write_json(result: SimulationResult, path: str | Path) -> None:
 
 
 def _change_label(record: dict) -> str:
-    """'+4 -2 x3': nodes (1-based) that joined, left and crashed at a membership change."""
-    marks = [("+", "joined"), ("-", "left"), ("x", "crashed")]
-    return " ".join(f"{sign}{i + 1}" for sign, key in marks for i in record.get(key, []))
+    """What changed at a membership epoch, nodes 1-based: '4 left', '4 joined', '2 back', '2 dropped (crashed)'."""
+    back = set(record.get("rejoined", []))
+    words = [f"{i + 1} left" for i in record.get("left", [])]
+    words += [f"{i + 1} dropped (crashed)" for i in record.get("crashed", [])]
+    words += [f"{i + 1} {'back' if i in back else 'joined'}" for i in record.get("joined", [])]
+    return ", ".join(words)
 
 
 def write_plot(result: SimulationResult, path: str | Path) -> None:
@@ -130,19 +135,15 @@ def write_plot(result: SimulationResult, path: str | Path) -> None:
             style = {"marker": ".", "ms": 3} if changes else {}
             ax.plot(hist["epoch"], ys, label=f"node {i + 1}", lw=1.2, **style)
         rounds_per_epoch = r.iterations / max(len(hist["epoch"]), 1)
-        for rec in changes:  # accuracy of epoch e is measured at round e * rounds_per_epoch
-            x = rec["round"] / rounds_per_epoch
-            ax.axvline(x, color="grey", ls="--", lw=0.8)
-            ax.text(
-                x,
-                1.0,
-                _change_label(rec),
-                rotation=90,
-                va="top",
-                ha="right",
-                fontsize=7,
-                transform=ax.get_xaxis_transform(),
-            )
+        # accuracy of epoch e is measured at round e * rounds_per_epoch; dashed: a new member list takes
+        # effect, dotted: a node crashes (its epoch change comes CRASH_DETECTION_ROUNDS later)
+        marks = [(rec["round"], _change_label(rec), "--", 0.03, "bottom") for rec in changes]
+        crashes = [(i, at) for i, events in _events(r).items() for what, at in events if what == "crashed"]
+        marks += [(at, f"{i + 1} crashed", ":", 0.97, "top") for i, at in crashes]
+        for at, label, ls, y, va in marks:
+            x = at / rounds_per_epoch
+            ax.axvline(x, color="grey", ls=ls, lw=0.8)
+            ax.text(x, y, label, rotation=90, va=va, ha="right", fontsize=7, transform=ax.get_xaxis_transform())
         ax.set_title(LABELS.get(name, name))
         ax.set_xlabel("epoch (passes over all data)")
         ax.grid(alpha=0.3)

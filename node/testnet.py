@@ -274,10 +274,15 @@ def _watch(
             p = fleet.procs[i]
             if p.poll() is not None:
                 tail = (fleet.workdir / f"node{i}.log").read_text().strip().splitlines()[-3:]
+                if "has finished" in " ".join(tail):  # a churn joiner that came after the run's end
+                    logger.warning("node %d came too late: the run had finished", i)
+                    fleet.status[i] = "late"
+                    continue
                 raise RuntimeError(f"node {i} exited with code {p.returncode}: {' | '.join(tail)}")
             progress = _read_json(fleet.state(i) / "progress.json")
             if progress and on_progress:
                 on_progress(i, progress["round"], progress["rounds"], progress["accuracy"])
+        running = [i for i, st in fleet.status.items() if st == "in"]
         if running and all(i in results for i in running) and not todo:
             break
         time.sleep(0.5)

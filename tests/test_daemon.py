@@ -319,13 +319,13 @@ def test_chaos_testnet_with_a_crash_a_late_join_and_a_return_ends_in_consensus(t
 
     settings = TestnetSettings(
         nodes=4,
-        epochs=60,
-        batch_size=32,
+        epochs=100,  # 2300 rounds: long enough for the joiners' processes to start on a busy machine
+        batch_size=16,
         round_timeout=3.0,
         run_id="chaos",
         workdir=str(tmp_path),
         timeout=540,
-        churn="crash:3@3s,join:4@6s,rejoin:3@20s",
+        churn="crash:3@3s,join:4@5s,rejoin:3@12s",
     ).validate()
     result = run_testnet(settings)
     daemons = result.results["p2pft"]
