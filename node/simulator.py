@@ -55,7 +55,7 @@ class AlgorithmResult:
     messages_sent: list[int]
     iterations: int
     seconds: float
-    history: dict[str, list] = field(default_factory=dict)
+    history: dict[str, list | dict] = field(default_factory=dict)
     bytes_per_epoch: list[float] = field(default_factory=list)  # per node
     messages_per_epoch: list[float] = field(default_factory=list)
 
