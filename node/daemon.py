@@ -71,11 +71,11 @@ class Node:
         self._started = time.perf_counter()
         self.history: dict[str, list] = {"epoch": [], "accuracy": [], "loss": []}
         self.epoch_log: list[dict] = []  # every epoch change this node saw
-        self.inbox = Inbox()
+        self.inbox = Inbox(silent_seconds=max(10.0, 2 * settings.heartbeat))
         self._stop = asyncio.Event()
         self._leave_by: float | None = None  # loop time after which a leaving node just goes
         self._finishing = False  # past the last round: a signal stops at once
-        self._pending: set[asyncio.Task] = set()
+        self._pending: dict[asyncio.Task, PeerID] = {}  # background sends and their destination
         self._unreachable: dict[int, float] = {}
         self._index_of: dict[str, int] = {}
         self._peer_of: dict[int, PeerID] = {}
@@ -190,6 +190,7 @@ class Node:
             return
         self._leave_by = asyncio.get_running_loop().time() + self.settings.leave_timeout
         self.info.status = "leaving"
+        self.inbox.arrival.set()  # a waiting round re-checks its deadline: a leaver waits only briefly
         logger.info("leaving: waiting for the epoch that drops this node (at most %.0f s)", self.settings.leave_timeout)
         if self.agent is not None:
             asyncio.get_running_loop().create_task(self.agent.announce())
@@ -394,9 +395,10 @@ class Node:
 
         frames = await self._off_loop(lambda: [encode(m) for m in messages], sum(m.nbytes for m in messages))
         for m, frame in zip(messages, frames, strict=True):
-            task = asyncio.create_task(self._send_one(m.dst, self._peer_of[m.dst], frame))
-            self._pending.add(task)
-            task.add_done_callback(self._pending.discard)
+            peer = self._peer_of[m.dst]
+            task = asyncio.create_task(self._send_one(m.dst, peer, frame))
+            self._pending[task] = peer
+            task.add_done_callback(lambda t: self._pending.pop(t, None))
 
     async def _off_loop(self, work, nbytes: int):
         """Run encode/decode work in the decode pool, or inline when it is small: a thread hop costs
@@ -431,8 +433,10 @@ class Node:
         self._index_of = {p: i for i, p in enumerate(record.members)}
         self._peer_of = {i: PeerID.from_base58(p) for i, p in enumerate(record.members)}
         self._unreachable = {}
-        for task in list(self._pending):  # messages of the old epoch: their receivers would drop them
-            task.cancel()
+        staying = {PeerID.from_base58(p) for p in record.members}
+        for task, peer in list(self._pending.items()):  # sends to departed peers would only wait out timeouts
+            if peer not in staying:
+                task.cancel()
         topo = make_topology(s.topology, len(record.members), s.seed)
         self.algorithm.enter_epoch(topo.neighbourhood(self.index), record.number)
         self.algorithm.iteration = k

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 
 from ..protocol.envelope import Envelope
@@ -20,21 +21,26 @@ from ..protocol.message import Message
 
 logger = logging.getLogger(__name__)
 
-SILENT_ROUNDS = 3  # deadlines missed in a row before a neighbour is reported silent
+SILENT_ROUNDS = 3  # deadlines missed in a row before a neighbour is reported silent (and at least
+SILENT_SECONDS = 10.0  # this long without a message from it: a neighbour still finishing the last epoch is not silent)
 ABSENT_GRACE_S = 2.0  # how long an in-neighbour that missed a deadline is waited for
 MAX_HELD = 4096  # frames of later epochs kept until this node enters that epoch
 
 
 class Inbox:
-    def __init__(self) -> None:
+    def __init__(self, silent_seconds: float = SILENT_SECONDS) -> None:
+        self.silent_seconds = silent_seconds
+        self.last_heard: dict[int, float] = {}  # in-neighbour -> monotonic time of its last message
         self.by_phase: dict[str, list[Message]] = {}
         self.held: list[tuple[str, Envelope]] = []  # (sender peer id, envelope of a later epoch)
         self.arrival = asyncio.Event()
         self.misses: dict[int, int] = {}  # in-neighbour -> deadlines missed in a row
+        self.entered = time.monotonic()
 
     def put(self, msg: Message) -> None:
         self.by_phase.setdefault(msg.phase, []).append(msg)
         self.misses.pop(msg.src, None)
+        self.last_heard[msg.src] = time.monotonic()
         self.arrival.set()
 
     def hold(self, sender: str, env: Envelope) -> None:
@@ -44,7 +50,8 @@ class Inbox:
 
     def enter_epoch(self, epoch: int, convert: Callable[[str, Envelope], Message | None]) -> int:
         """Forget the old epoch's messages and take the held ones of `epoch`; returns how many."""
-        self.by_phase, self.misses = {}, {}
+        self.by_phase, self.misses, self.last_heard = {}, {}, {}
+        self.entered = time.monotonic()
         keep, taken = [], 0
         for sender, env in self.held:
             if env.epoch == epoch:
@@ -58,7 +65,14 @@ class Inbox:
         return taken
 
     def silent(self) -> set[int]:
-        return {j for j, n in self.misses.items() if n >= SILENT_ROUNDS}
+        """In-neighbours that missed SILENT_ROUNDS deadlines in a row and sent nothing for silent_seconds
+        (counted from this node's entry into the epoch at the earliest)."""
+        now = time.monotonic()
+        return {
+            j
+            for j, n in self.misses.items()
+            if n >= SILENT_ROUNDS and now - self.last_heard.get(j, self.entered) >= self.silent_seconds
+        }
 
     async def collect(
         self,

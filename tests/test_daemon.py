@@ -213,7 +213,7 @@ def test_sigterm_makes_a_node_leave_after_the_epoch_that_drops_it_and_exit_by_it
         events = [json.loads(line)["kind"] for line in (tmp_path / "n1" / "events.jsonl").read_text().splitlines()]
         assert "leave" in events and "done" not in events
         for p in nodes:
-            p.wait(30)  # the survivors exit by themselves after the run
+            p.wait(60)  # the survivors exit by themselves after the run
         assert not outside_of(own_processes(), boot.pid), "a finished or leaving node left a process behind"
     finally:
         stop_processes(procs)
