@@ -21,19 +21,19 @@ from pathlib import Path
 
 import hivemind
 import numpy as np
-from hivemind.p2p import PeerID
 from hivemind.utils.crypto import RSAPrivateKey
 
 from ..protocol.codecs import get_codec
-from ..protocol.envelope import MAX_MESSAGE_BYTES, Envelope, ProtocolError, from_message, pack, to_message, unpack
+from ..protocol.envelope import (
+    MAX_MESSAGE_BYTES,
+)
 from ..protocol.links import Links
 from ..protocol.membership import EpochRecord, MemberInfo, Membership, run_validators
-from ..protocol.message import Message
 from ..protocol.transfer import TransferError, fetch_state, serve_state
-from . import epochs
 from .algorithms import ALGORITHMS, Algorithm, StepRule
 from .data import parse_class_set, parse_split, partition
 from .dht_process import start_dht, stop_dht
+from .driver import RoundDriver
 from .errors import BadInput
 from .membership import MembershipAgent
 from .metrics import NodeMetrics
@@ -43,11 +43,9 @@ from .simulator import iterations_per_epoch, objective_seed, step_schedule
 from .state_store import StateStore
 from .topology import make_topology
 from .training import FeatureBank, VisionObjective, accuracy, prepare_model_and_data
+from .transport import Transport
 
 logger = logging.getLogger(__name__)
-
-INLINE_BYTES = 1 << 20  # messages below this are encoded and decoded on the event loop
-RETRY_UNREACHABLE_S = 10.0  # after a failed send, skip that peer this long (then try again)
 
 
 class Node:
@@ -59,6 +57,7 @@ class Node:
         self.dht: hivemind.DHT | None = None
         self.p2p = None
         self.links: Links | None = None
+        self.transport: Transport | None = None
         self.agent: MembershipAgent | None = None
         self.store: StateStore | None = None
         self.metrics: NodeMetrics | None = None
@@ -72,15 +71,11 @@ class Node:
         self.history: dict[str, list] = {"epoch": [], "accuracy": [], "loss": []}
         self.epoch_log: list[dict] = []  # every epoch change this node saw
         self.inbox = Inbox(silent_seconds=max(10.0, 2 * settings.heartbeat))
-        self._stop = asyncio.Event()
-        self._leave_by: float | None = None  # loop time after which a leaving node just goes
+        self.driver = RoundDriver(self)
+        self.stop_requested = asyncio.Event()
+        self.leave_by: float | None = None  # loop time after which a leaving node just goes
         self._finishing = False  # past the last round: a signal stops at once
-        self._pending: dict[asyncio.Task, PeerID] = {}  # background sends and their destination
-        self._unreachable: dict[int, float] = {}
-        self._index_of: dict[str, int] = {}
-        self._peer_of: dict[int, PeerID] = {}
-        self._compute = ThreadPoolExecutor(1, thread_name_prefix="p2pnode-train")
-        self._decode = ThreadPoolExecutor(2, thread_name_prefix="p2pnode-decode")
+        self.compute = ThreadPoolExecutor(1, thread_name_prefix="p2pnode-train")
         self.info: MemberInfo | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -101,7 +96,7 @@ class Node:
         s = self.settings
         loop = asyncio.get_running_loop()
         self.device = s.torch_device
-        self.model, self.data = await loop.run_in_executor(self._compute, prepare_model_and_data, s, self.device)
+        self.model, self.data = await loop.run_in_executor(self.compute, prepare_model_and_data, s, self.device)
         labels = self.data.train_labels
         if s.classes is not None:
             classes = parse_class_set(s.classes)
@@ -112,20 +107,45 @@ class Node:
         else:
             if s.index < 0:
                 raise BadInput("give this node its data: --classes RANGES, or --index N to take its share of --split")
-            parts = partition(labels, parse_split(s.split), s.nodes, s.seed, self.data.num_classes, self.data.name)
+            parts = partition(
+                labels,
+                parse_split(s.split),
+                s.nodes,
+                s.seed,
+                self.data.num_classes,
+                self.data.name,
+            )
             self.indices = parts[s.index]
         if len(self.indices) == 0:
             raise BadInput("this node has no training samples: check --classes")
 
         def banks():
-            train = FeatureBank(self.model, self.data.train, labels, self.indices, s.cache_features, self.device)
-            test = FeatureBank(self.model, self.data.test, self.data.test_labels, None, True, self.device)
+            train = FeatureBank(
+                self.model,
+                self.data.train,
+                labels,
+                self.indices,
+                s.cache_features,
+                self.device,
+            )
+            test = FeatureBank(
+                self.model,
+                self.data.test,
+                self.data.test_labels,
+                None,
+                True,
+                self.device,
+            )
             return train, test
 
-        self.train_bank, self.test_bank = await loop.run_in_executor(self._compute, banks)
+        self.train_bank, self.test_bank = await loop.run_in_executor(self.compute, banks)
         self.store = StateStore(
             self.state_dir,
-            {"run_id": s.run_id, "fingerprint": self.model.fingerprint, "settings_hash": s.settings_hash()},
+            {
+                "run_id": s.run_id,
+                "fingerprint": self.model.fingerprint,
+                "settings_hash": s.settings_hash(),
+            },
         )
         logger.info(
             "model %s (trunk %s, %d trainable), %d local samples of %s",
@@ -159,8 +179,21 @@ class Node:
             raise BadInput(f"could not start the DHT or reach --peers ({type(e).__name__}: {e})") from None
         self.p2p = await self.dht.replicate_p2p()
         self.peer_id = str(self.dht.peer_id)
-        self.links = await Links.create(
-            self.p2p, s.run_id, self._on_frame, max_bytes=MAX_MESSAGE_BYTES, timeout=max(30.0, s.round_timeout)
+        self.transport = Transport(
+            s.run_id,
+            self.peer_id,
+            self.inbox,
+            known_peers=self._known_peers,
+            on_refused=self._on_refused,
+            on_heard=lambda peer: self.agent.heard_from(peer) if self.agent else None,
+            on_newer_epoch=self._on_newer_epoch,
+        )
+        self.links = self.transport.links = await Links.create(
+            self.p2p,
+            s.run_id,
+            self.transport.on_frame,
+            max_bytes=MAX_MESSAGE_BYTES,
+            timeout=max(30.0, s.round_timeout),
         )
         await serve_state(self.p2p, s.run_id, self._snapshot)
         if s.metrics_port is not None:
@@ -185,24 +218,27 @@ class Node:
     def request_leave(self) -> None:
         """SIGTERM: leave gracefully (take part until the epoch that drops this node, at most
         --leave-timeout seconds); a node not yet in a run, or a second request, stops at once."""
-        if self.algorithm is None or self._leave_by is not None or self._finishing:
+        if self.algorithm is None or self.leave_by is not None or self._finishing:
             self.request_stop()
             return
-        self._leave_by = asyncio.get_running_loop().time() + self.settings.leave_timeout
+        self.leave_by = asyncio.get_running_loop().time() + self.settings.leave_timeout
         self.info.status = "leaving"
         self.inbox.arrival.set()  # a waiting round re-checks its deadline: a leaver waits only briefly
-        logger.info("leaving: waiting for the epoch that drops this node (at most %.0f s)", self.settings.leave_timeout)
+        logger.info(
+            "leaving: waiting for the epoch that drops this node (at most %.0f s)",
+            self.settings.leave_timeout,
+        )
         if self.agent is not None:
             asyncio.get_running_loop().create_task(self.agent.announce())
 
     def request_stop(self) -> None:
         """Finish the current step, checkpoint and go now."""
-        self._stop.set()
+        self.stop_requested.set()
         self.inbox.arrival.set()  # wake a round that is waiting for messages
 
     async def shutdown(self) -> None:
-        for task in list(self._pending):
-            task.cancel()
+        if self.transport is not None:
+            self.transport.cancel()
         if self.agent is not None:
             await self.agent.shutdown()
         if self.links is not None:
@@ -217,8 +253,9 @@ class Node:
             await asyncio.get_running_loop().run_in_executor(None, stop_dht, dht)
         if self.store is not None:
             self.store.close()
-        self._compute.shutdown(wait=True)
-        self._decode.shutdown(wait=True)
+        self.compute.shutdown(wait=True)
+        if self.transport is not None:
+            self.transport.shutdown()
 
     # --- joining ---------------------------------------------------------------------------------
 
@@ -229,55 +266,14 @@ class Node:
         return per_epoch * s.epochs, per_epoch
 
     async def _wait_for_epoch(self, after: EpochRecord | None = None) -> EpochRecord | None:
-        """Wait for an epoch record that names this node (newer than `after`); propose epoch 0 if the
-        run has none and enough peers are waiting. None if stopped first."""
         s = self.settings
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + s.join_timeout
-        refused: set[str] = set()
-        last_count = -1
-        while loop.time() < deadline and not self._stop.is_set():
-            await self.agent.refresh()
-            record, infos = self.agent.record, self.agent.infos
-            self._log_refused(infos, refused)
-            if record is not None and self._in(record) and (after is None or record.rank > after.rank):
-                return record
-            stale = record is not None and not epochs.live(record, infos)
-            if stale and after is None and any(m.status == "done" and m.peer_id in record.members for m in infos):
-                raise BadInput(f"run {s.run_id!r} has finished (its members are done): there is nothing to join")
-            if record is None or stale:
-                proposal = epochs.first_epoch(infos, self.info, s.nodes, self._schedule, record if stale else None)
-                if proposal is not None:
-                    await self.agent.propose(proposal)
-                    continue
-            count = sum(1 for m in infos if epochs.compatible(m, self.info.fingerprint, self.info.settings_hash))
-            if count != last_count:
-                if record is None or stale:
-                    logger.info("%d of %d members present", count, s.nodes)
-                else:
-                    logger.info("run in progress (epoch %d): waiting to be let in as a joiner", record.number)
-                last_count = count
-            await asyncio.sleep(self.agent.poll)
-        if self._stop.is_set():
-            return None
-        raise BadInput(f"only {last_count} of {s.nodes} members joined run {s.run_id!r} within {s.join_timeout:.0f} s")
+        return await self.agent.wait_for_epoch(
+            s.run_id, s.nodes, self._schedule, s.join_timeout, self.stop_requested.is_set, after
+        )
 
-    def _in(self, record: EpochRecord) -> bool:
+    def in_record(self, record: EpochRecord) -> bool:
         """Whether `record` names this node, in this process (an earlier process's membership is not ours)."""
         return record.includes(self.peer_id, self.info.incarnation)
-
-    def _log_refused(self, infos: list[MemberInfo], refused: set[str]) -> None:
-        for m in infos:
-            if m.peer_id in refused or epochs.compatible(m, self.info.fingerprint, self.info.settings_hash):
-                continue
-            refused.add(m.peer_id)
-            what = "trunk fingerprint" if m.fingerprint != self.info.fingerprint else "settings"
-            theirs, ours = (
-                (m.fingerprint, self.info.fingerprint) if what[0] == "t" else (m.settings_hash, self.info.settings_hash)
-            )
-            logger.warning(
-                "refusing peer %s: its %s differ from this run's (%s vs %s)", m.peer_id[-8:], what, theirs, ours
-            )
 
     async def _start_training(self, record: EpochRecord) -> None:
         """Build the algorithm for the first epoch this node is in: parameters from its checkpoint
@@ -286,20 +282,35 @@ class Node:
         loop = asyncio.get_running_loop()
         self.rounds, self.per_epoch = record.rounds, record.per_epoch
         self.info.rounds = self.rounds
-        checkpoint = await loop.run_in_executor(self._compute, self.store.load, self.device)
+        checkpoint = await loop.run_in_executor(self.compute, self.store.load, self.device)
         initial = self.model.trainable_vector().to(self.device)
         source = "the model's initial parameters"
         if checkpoint is not None:
-            initial, source = checkpoint.state["params"], f"its checkpoint of round {checkpoint.round}"
+            initial, source = (
+                checkpoint.state["params"],
+                f"its checkpoint of round {checkpoint.round}",
+            )
             self.history = checkpoint.meta.get("history", self.history)
             self.epoch_log = checkpoint.meta.get("epochs", [])
         elif record.start_round > 0 or record.donors:
             donors = [p for p in record.donors if p != self.peer_id]
             try:
-                got = await fetch_state(self.p2p, s.run_id, donors, initial.numel(), total_timeout=s.join_timeout / 4)
-                initial, source = got.params.to(self.device), f"donor {got.donor[-8:]} at round {got.round}"
+                got = await fetch_state(
+                    self.p2p,
+                    s.run_id,
+                    donors,
+                    initial.numel(),
+                    total_timeout=s.join_timeout / 4,
+                )
+                initial, source = (
+                    got.params.to(self.device),
+                    f"donor {got.donor[-8:]} at round {got.round}",
+                )
             except TransferError as e:
-                logger.warning("%s; starting from the model's initial parameters (mixing pulls them in)", e)
+                logger.warning(
+                    "%s; starting from the model's initial parameters (mixing pulls them in)",
+                    e,
+                )
         topo = make_topology(s.topology, len(record.members), s.seed)
         index = record.members.index(self.peer_id)
         objective = VisionObjective(
@@ -321,50 +332,12 @@ class Node:
                 algo.load_model_state(checkpoint.state)  # parameters and momentum, never link state
             return algo
 
-        self.algorithm = await loop.run_in_executor(self._compute, build)
+        self.algorithm = await loop.run_in_executor(self.compute, build)
         logger.info("starting from %s", source)
         if checkpoint is not None:
             logger.info("resumed from %s at round %d", self.state_dir, checkpoint.round)
 
-    # --- receiving -------------------------------------------------------------------------------
-
-    async def _on_frame(self, data: bytes, peer: PeerID) -> bool:
-        """Validate and queue one message; never raises (a bad message is logged and dropped)."""
-        sender = str(peer)
-        known = self._known_peers()
-        if known is not None and sender not in known:
-            return self._refuse(sender, "not a member of this run")
-
-        def decode() -> Envelope:
-            env = unpack(data, run=self.settings.run_id, senders=[sender])
-            if env.sender != sender:
-                raise ProtocolError(f"envelope claims sender {env.sender[-8:]} but came from {sender[-8:]}")
-            return env
-
-        try:
-            env = await self._off_loop(decode, len(data))
-            current = self.record.number if self.record is not None else -1
-            if env.epoch < current:
-                return True  # sent before the sender entered this epoch: harmless, ignored
-            if env.epoch > current or self.algorithm is None:
-                self.inbox.hold(sender, env)  # the sender entered a later epoch first: keep it for then
-                if env.epoch > current and self.agent.record is not None and self.agent.record.number < env.epoch:
-                    self.agent.wake()  # a newer epoch exists that this node has not read yet: read now
-                return True
-            msg = await self._off_loop(lambda: self._to_message(sender, env, strict=True), len(data))
-        except ProtocolError as e:
-            return self._refuse(sender, str(e))
-        self.inbox.put(msg)
-        self.agent.heard_from(sender)
-        return True
-
-    def _refuse(self, sender: str, reason: str) -> bool:
-        logger.warning("dropped a message from %s: %s", sender[-8:], reason)
-        if self.store is not None:
-            self.store.events.write("refused", peer=sender, reason=reason)
-        if self.metrics is not None:
-            self.metrics.refused()
-        return False
+    # --- what the transport asks of the node ------------------------------------------------------
 
     def _known_peers(self) -> set[str] | None:
         """Peers that may send to this node: members of its epoch and of the record the run follows
@@ -372,122 +345,17 @@ class Node:
         records = [r for r in (self.record, self.agent.record if self.agent else None) if r is not None]
         return {p for r in records for p in r.members} if records else None
 
-    def _to_message(self, sender: str, env: Envelope, strict: bool = False) -> Message | None:
-        if sender not in self._index_of or env.phase not in self.algorithm.phases:
-            if strict:
-                raise ProtocolError(f"not an in-neighbour in epoch {env.epoch}, or phase {env.phase!r} unknown")
-            return None
-        return to_message(env, self._index_of[sender], self.index)
+    def _on_refused(self, sender: str, reason: str) -> None:
+        if self.store is not None:
+            self.store.events.write("refused", peer=sender, reason=reason)
+        if self.metrics is not None:
+            self.metrics.refused()
 
-    # --- sending ---------------------------------------------------------------------------------
-
-    async def _send_all(self, messages: list[Message]) -> None:
-        """Encode now, deliver in the background: a slow or dead out-neighbour never stalls a round.
-
-        Sends to one peer stay in order (the link's lock is FIFO). A failed send makes the algorithm
-        send full state (a keyframe) on that link next time, and the peer is skipped for a while."""
-        if not messages:
-            return
-        s = self.settings
-
-        def encode(m: Message) -> bytes:
-            return pack(from_message(m, s.run_id, m.epoch, self.peer_id))
-
-        frames = await self._off_loop(lambda: [encode(m) for m in messages], sum(m.nbytes for m in messages))
-        for m, frame in zip(messages, frames, strict=True):
-            peer = self._peer_of[m.dst]
-            task = asyncio.create_task(self._send_one(m.dst, peer, frame))
-            self._pending[task] = peer
-            task.add_done_callback(lambda t: self._pending.pop(t, None))
-
-    async def _off_loop(self, work, nbytes: int):
-        """Run encode/decode work in the decode pool, or inline when it is small: a thread hop costs
-        more than packing a small message and would add to every round's latency."""
-        if nbytes < INLINE_BYTES:
-            return work()
-        return await asyncio.get_running_loop().run_in_executor(self._decode, work)
-
-    async def _send_one(self, dst: int, peer: PeerID, frame: bytes) -> None:
-        loop = asyncio.get_running_loop()
-        if loop.time() < self._unreachable.get(dst, 0.0):
-            self.algorithm.request_keyframe(dst)
-            return
-        if await self.links.send(peer, frame):
-            self._unreachable.pop(dst, None)
-        elif self._peer_of.get(dst) == peer:  # still the same link (no epoch change since)
-            self._unreachable[dst] = loop.time() + RETRY_UNREACHABLE_S
-            self.algorithm.request_keyframe(dst)
-
-    async def _drain_sends(self, limit: float = 30.0) -> None:
-        if self._pending:
-            await asyncio.wait(list(self._pending), timeout=limit)
+    def _on_newer_epoch(self, epoch: int) -> None:
+        if self.agent is not None and (self.agent.record is None or self.agent.record.number < epoch):
+            self.agent.wake()  # a newer epoch exists that this node has not read yet: read now
 
     # --- epochs ----------------------------------------------------------------------------------
-
-    def _enter_epoch(self, record: EpochRecord, k: int) -> None:
-        """Run in `record`'s epoch from round k on: new positions, neighbourhood and fresh links."""
-        s = self.settings
-        previous = self.record
-        self.record = record
-        self.index = record.members.index(self.peer_id)
-        self._index_of = {p: i for i, p in enumerate(record.members)}
-        self._peer_of = {i: PeerID.from_base58(p) for i, p in enumerate(record.members)}
-        self._unreachable = {}
-        staying = {PeerID.from_base58(p) for p in record.members}
-        for task, peer in list(self._pending.items()):  # sends to departed peers would only wait out timeouts
-            if peer not in staying:
-                task.cancel()
-        topo = make_topology(s.topology, len(record.members), s.seed)
-        self.algorithm.enter_epoch(topo.neighbourhood(self.index), record.number)
-        self.algorithm.iteration = k
-        self.inbox.enter_epoch(record.number, self._to_message)
-        before = set(previous.members) if previous is not None else set()
-        change = {
-            "round": k,
-            "epoch": record.number,
-            "members": list(record.members),
-            "joined": [p for p in record.members if p not in before] if previous else [],
-            "left": [p for p in before if p not in record.members],
-        }
-        self.epoch_log.append(change)
-        self.store.events.write("epoch_change", start_round=k, **{x: change[x] for x in change if x != "round"})
-        if self.metrics is not None:
-            self.metrics.epoch_changed(record.number, record.members)
-        self.info.status = "training" if self.info.status != "leaving" else "leaving"
-        self.agent.acknowledge(record)
-        hood = self.algorithm.hood
-        logger.info(
-            "epoch %d at round %d: node %d of %d, in-neighbours %s, out-neighbours %s",
-            record.number,
-            k,
-            self.index,
-            len(record.members),
-            list(hood.in_neighbours),
-            list(hood.out_neighbours),
-        )
-
-    def _hurry(self) -> bool:
-        """Stopping or leaving: wait only briefly for in-neighbours (their messages still count if in time)."""
-        return self._stop.is_set() or self._leave_by is not None
-
-    def _others_stay(self) -> bool:
-        """Whether another live member of this epoch goes on training (else a leaver need not wait)."""
-        alive = epochs.live(self.record, self.agent.infos)
-        gone = epochs.gone(self.record, self.agent.infos)
-        return any(m.status == "training" and p != self.peer_id and p not in gone for p, m in alive.items())
-
-    def _excluded(self) -> set[int]:
-        """Positions of in-neighbours not to wait for: those the epoch the run follows leaves out (a
-        bounded exemption: this node enters that epoch at its start round), those that said they left
-        or are done, and those that already sent a message of a later epoch (they moved on). A
-        neighbour that is merely silent still gets the short grace: a node whose in-neighbours all
-        died must not race ahead of the run on its own data."""
-        out = {m.peer_id for m in self.agent.infos if m.status in ("left", "done")}
-        out |= {sender for sender, _ in self.inbox.held}
-        latest = self.agent.record
-        if latest is not None and latest.rank > self.record.rank:
-            out |= set(self.record.members) - set(latest.members)
-        return {self._index_of[p] for p in out if p in self._index_of and p != self.peer_id}
 
     # --- the run ---------------------------------------------------------------------------------
 
@@ -499,7 +367,7 @@ class Node:
         await self._start_training(record)
         self._started = time.perf_counter()
         while True:
-            outcome = await self._train(record)
+            outcome = await self.driver.train(record)
             if outcome != "left out":
                 break
             # an epoch went on without this node (it was thought gone): rejoin as a joiner, keeping its parameters
@@ -512,66 +380,21 @@ class Node:
                 break
         return await self._finish(outcome)
 
-    async def _train(self, record: EpochRecord) -> str:
-        """Rounds until the end ('done'), a stop ('stopped'), a graceful leave ('left') or an epoch that
-        leaves this node out ('left out')."""
-        loop = asyncio.get_running_loop()
-        s = self.settings
-        k = max(record.start_round, self.round if self.record is not None else 0)
-        self._enter_epoch(record, k)
-        self.round = self.info.round = k
-        while k < self.rounds:
-            if self._stop.is_set():
-                return "stopped"
-            if self._leave_by is not None and loop.time() > self._leave_by:
-                logger.warning("no epoch without this node came within --leave-timeout: leaving anyway")
-                return "left"
-            if self._leave_by is not None and not self._others_stay():
-                return "left"  # nobody stays to form an epoch without this node
-            latest = self.agent.record
-            if latest is not None and latest.rank > self.record.rank and k >= latest.start_round:
-                if not self._in(latest):
-                    return "left" if self._leave_by is not None else "left out"
-                self._enter_epoch(latest, k)  # at its start round, or at once if this node read it late
-            started = time.perf_counter()
-            await self._round(k)
-            k += 1
-            self.round = self.info.round = k
-            seconds = time.perf_counter() - started
-            self.agent.round_times.append(seconds)
-            if self.metrics is not None:
-                self.metrics.observe_round(k, seconds)
-                self.metrics.set_bytes(self.links.bytes_sent, self.links.frames_sent)
-            if k % self.per_epoch == 0:
-                await self._end_of_epoch(k // self.per_epoch)
-            if k % s.checkpoint_every == 0:
-                await loop.run_in_executor(self._compute, self._checkpoint)
-        return "done"
-
-    async def _round(self, k: int) -> None:
-        loop = asyncio.get_running_loop()
-        algo = self.algorithm
-        for phase in algo.phases:
-            out = await loop.run_in_executor(self._compute, algo.send, phase, k)
-            await self._send_all(out)
-            wait = bool(algo.hood.in_neighbours) and algo.expects_messages(phase, k)
-            arrived = await self.inbox.collect(
-                phase, k, algo.hood.in_neighbours, self.settings.round_timeout, self._hurry, self._excluded, wait
-            )
-            for j in self.inbox.silent():
-                self.agent.report_silent(self.record.members[j])
-            await loop.run_in_executor(self._compute, algo.receive, phase, k, arrived)
-
     async def _finish(self, outcome: str) -> dict | None:
         loop = asyncio.get_running_loop()
         self._finishing = True
-        await self._drain_sends(limit=5.0 if outcome != "done" else 15.0)
-        await loop.run_in_executor(self._compute, self._checkpoint)
+        await self.transport.drain(limit=5.0 if outcome != "done" else 15.0)
+        await loop.run_in_executor(self.compute, self.checkpoint)
         if outcome != "done":
             self.info.status = "left"
             self.store.events.write("leave", round=self.round, reason=outcome)
             await self.agent.announce()
-            logger.info("left the run at round %d of %d; state saved in %s", self.round, self.rounds, self.state_dir)
+            logger.info(
+                "left the run at round %d of %d; state saved in %s",
+                self.round,
+                self.rounds,
+                self.state_dir,
+            )
             return None
         result = self._write_result()
         self.store.events.write("done", accuracy=result["accuracy"], rounds=self.round)
@@ -587,9 +410,9 @@ class Node:
             raise TransferError("this node is not training yet")
         return self.round, self.algorithm.params
 
-    async def _end_of_epoch(self, epoch: int) -> None:
+    async def end_of_epoch(self, epoch: int) -> None:
         loop = asyncio.get_running_loop()
-        acc = await loop.run_in_executor(self._compute, accuracy, self.model, self.algorithm.params, self.test_bank)
+        acc = await loop.run_in_executor(self.compute, accuracy, self.model, self.algorithm.params, self.test_bank)
         self.info.train_epoch, self.info.accuracy = epoch, acc
         self.info.loss = float(self.algorithm.last_loss)
         self.info.bytes_sent = self.links.bytes_sent
@@ -625,7 +448,7 @@ class Node:
         loop = asyncio.get_running_loop()
         end = loop.time() + limit
         mine = set(self.record.members) if self.record is not None else set()
-        while loop.time() < end and not self._stop.is_set():
+        while loop.time() < end and not self.stop_requested.is_set():
             await self.agent.refresh()
             if all(m.status in ("done", "left") for m in self.agent.infos if m.peer_id in mine):
                 return
@@ -654,7 +477,7 @@ class Node:
         self.store.write_json("result.json", result)
         return result
 
-    def _checkpoint(self) -> None:
+    def checkpoint(self) -> None:
         if self.algorithm is None:
             return
         meta = {

@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 from ..protocol.membership import EpochRecord, MemberInfo, Membership
 from . import epochs
+from .errors import BadInput
 
 logger = logging.getLogger(__name__)
 
@@ -172,3 +173,62 @@ class MembershipAgent:
 
     def wake(self) -> None:
         self._wake.set()
+
+    # --- joining ---------------------------------------------------------------------------------
+
+    async def wait_for_epoch(
+        self,
+        run_id: str,
+        nodes: int,
+        schedule: epochs.Schedule,
+        timeout: float,
+        stopped: Callable[[], bool],
+        after: EpochRecord | None = None,
+    ) -> EpochRecord | None:
+        """Wait for an epoch record that names this node's process (newer than `after`); propose epoch 0
+        when the run has none (or only one whose members are all gone) and `nodes` compatible peers are
+        waiting. None if `stopped()` first; BadInput after `timeout` s or if the run has finished."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        refused: set[str] = set()
+        last_count = -1
+        me = self.info
+        while loop.time() < deadline and not stopped():
+            await self.refresh()
+            record, infos = self.record, self.infos
+            self._log_refused(infos, refused)
+            named = record is not None and record.includes(me.peer_id, me.incarnation)
+            if named and (after is None or record.rank > after.rank):
+                return record
+            stale = record is not None and not epochs.live(record, infos)
+            if stale and after is None and any(m.status == "done" and m.peer_id in record.members for m in infos):
+                raise BadInput(f"run {run_id!r} has finished (its members are done): there is nothing to join")
+            if record is None or stale:
+                proposal = epochs.first_epoch(infos, me, nodes, schedule, record if stale else None)
+                if proposal is not None:
+                    await self.propose(proposal)
+                    continue
+            count = sum(1 for m in infos if epochs.compatible(m, me.fingerprint, me.settings_hash))
+            if count != last_count:
+                if record is None or stale:
+                    logger.info("%d of %d members present", count, nodes)
+                else:
+                    logger.info("run in progress (epoch %d): waiting to be let in as a joiner", record.number)
+                last_count = count
+            await asyncio.sleep(self.poll)
+        if stopped():
+            return None
+        raise BadInput(f"only {last_count} of {nodes} members joined run {run_id!r} within {timeout:.0f} s")
+
+    def _log_refused(self, infos: list[MemberInfo], refused: set[str]) -> None:
+        """One warning per peer whose trunk or settings differ from this run's."""
+        me = self.info
+        for m in infos:
+            if m.peer_id in refused or epochs.compatible(m, me.fingerprint, me.settings_hash):
+                continue
+            refused.add(m.peer_id)
+            what = "trunk fingerprint" if m.fingerprint != me.fingerprint else "settings"
+            theirs, ours = (m.fingerprint, me.fingerprint) if what[0] == "t" else (m.settings_hash, me.settings_hash)
+            logger.warning(
+                "refusing peer %s: its %s differ from this run's (%s vs %s)", m.peer_id[-8:], what, theirs, ours
+            )

@@ -277,7 +277,7 @@ def test_a_daemon_survives_thousands_of_hostile_messages_and_refuses_a_foreign_t
                 Envelope(run="fuzz", epoch=0, round=0, phase="pull", seq=1, sender=a.peer_id, kind="value", tensors={})
             )
             frames = junk_frames(2000, valid, random.Random(0))
-            answers = await asyncio.gather(*(a.links.send(a._peer_of[1], f) for f in frames))
+            answers = await asyncio.gather(*(a.links.send(a.transport.peer_of[1], f) for f in frames))
             url = f"http://127.0.0.1:{b.settings.metrics_port}/metrics"
             metrics = await asyncio.get_running_loop().run_in_executor(None, lambda: urlopen(url, timeout=5).read())
             results = await asyncio.wait_for(asyncio.gather(*runs), 120)

@@ -1,0 +1,156 @@
+"""The round driver: runs a node's algorithm round after round and enters each membership epoch at
+its start round (DESIGN §8).
+
+Between rounds it follows the epoch record the run follows (`node.agent.record`): at its start round
+the node takes its new position, neighbourhood and fresh links, or, if the record leaves it out, stops
+training (to leave, or to rejoin as a joiner). In a round, each phase sends the algorithm's messages,
+waits for the in-neighbours' (`Inbox.collect`), and applies them in the training thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from ..protocol.membership import EpochRecord
+from . import epochs
+from .topology import make_topology
+
+if TYPE_CHECKING:
+    from .daemon import Node
+
+logger = logging.getLogger(__name__)
+
+
+class RoundDriver:
+    """Drives one node; `await driver.train(record)` runs it from `record` to an outcome."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def enter_epoch(self, record: EpochRecord, k: int) -> None:
+        """Run in `record`'s epoch from round k on: new positions, neighbourhood and fresh links."""
+        node = self.node
+        s = node.settings
+        previous = node.record
+        node.record = record
+        node.index = record.members.index(node.peer_id)
+        topo = make_topology(s.topology, len(record.members), s.seed)
+        node.algorithm.enter_epoch(topo.neighbourhood(node.index), record.number)
+        node.algorithm.iteration = k
+        node.transport.enter_epoch(record, node.algorithm)
+        before = set(previous.members) if previous is not None else set()
+        change = {
+            "round": k,
+            "epoch": record.number,
+            "members": list(record.members),
+            "joined": [p for p in record.members if p not in before] if previous else [],
+            "left": [p for p in before if p not in record.members],
+        }
+        node.epoch_log.append(change)
+        node.store.events.write(
+            "epoch_change",
+            start_round=k,
+            **{x: change[x] for x in change if x != "round"},
+        )
+        if node.metrics is not None:
+            node.metrics.epoch_changed(record.number, record.members)
+        node.info.status = "training" if node.info.status != "leaving" else "leaving"
+        node.agent.acknowledge(record)
+        hood = node.algorithm.hood
+        logger.info(
+            "epoch %d at round %d: node %d of %d, in-neighbours %s, out-neighbours %s",
+            record.number,
+            k,
+            node.index,
+            len(record.members),
+            list(hood.in_neighbours),
+            list(hood.out_neighbours),
+        )
+
+    def hurry(self) -> bool:
+        """Stopping or leaving: wait only briefly for in-neighbours (their messages still count if in time)."""
+        node = self.node
+        return node.stop_requested.is_set() or node.leave_by is not None
+
+    def others_stay(self) -> bool:
+        """Whether another live member of this epoch goes on training (else a leaver need not wait)."""
+        node = self.node
+        alive = epochs.live(node.record, node.agent.infos)
+        gone = epochs.gone(node.record, node.agent.infos)
+        return any(m.status == "training" and p != node.peer_id and p not in gone for p, m in alive.items())
+
+    def excluded(self) -> set[int]:
+        """Positions of in-neighbours not to wait for: those the epoch the run follows leaves out (a
+        bounded exemption: this node enters that epoch at its start round), those that said they left
+        or are done, and those that already sent a message of a later epoch (they moved on). A
+        neighbour that is merely silent still gets the short grace: a node whose in-neighbours all
+        died must not race ahead of the run on its own data."""
+        node = self.node
+        out = {m.peer_id for m in node.agent.infos if m.status in ("left", "done")}
+        out |= {sender for sender, _ in node.inbox.held}
+        latest = node.agent.record
+        if latest is not None and latest.rank > node.record.rank:
+            out |= set(node.record.members) - set(latest.members)
+        index_of = node.transport.index_of
+        return {index_of[p] for p in out if p in index_of and p != node.peer_id}
+
+    async def train(self, record: EpochRecord) -> str:
+        """Rounds until the end ('done'), a stop ('stopped'), a graceful leave ('left') or an epoch that
+        leaves this node out ('left out')."""
+        node = self.node
+        loop = asyncio.get_running_loop()
+        s = node.settings
+        k = max(record.start_round, node.round if node.record is not None else 0)
+        self.enter_epoch(record, k)
+        node.round = node.info.round = k
+        while k < node.rounds:
+            if node.stop_requested.is_set():
+                return "stopped"
+            if node.leave_by is not None and loop.time() > node.leave_by:
+                logger.warning("no epoch without this node came within --leave-timeout: leaving anyway")
+                return "left"
+            if node.leave_by is not None and not self.others_stay():
+                return "left"  # nobody stays to form an epoch without this node
+            latest = node.agent.record
+            if latest is not None and latest.rank > node.record.rank and k >= latest.start_round:
+                if not node.in_record(latest):
+                    return "left" if node.leave_by is not None else "left out"
+                self.enter_epoch(latest, k)  # at its start round, or at once if this node read it late
+            started = time.perf_counter()
+            await self.run_round(k)
+            k += 1
+            node.round = node.info.round = k
+            seconds = time.perf_counter() - started
+            node.agent.round_times.append(seconds)
+            if node.metrics is not None:
+                node.metrics.observe_round(k, seconds)
+                node.metrics.set_bytes(node.links.bytes_sent, node.links.frames_sent)
+            if k % node.per_epoch == 0:
+                await node.end_of_epoch(k // node.per_epoch)
+            if k % s.checkpoint_every == 0:
+                await loop.run_in_executor(node.compute, node.checkpoint)
+        return "done"
+
+    async def run_round(self, k: int) -> None:
+        node = self.node
+        loop = asyncio.get_running_loop()
+        algo = node.algorithm
+        for phase in algo.phases:
+            out = await loop.run_in_executor(node.compute, algo.send, phase, k)
+            await node.transport.send_all(out)
+            wait = bool(algo.hood.in_neighbours) and algo.expects_messages(phase, k)
+            arrived = await node.inbox.collect(
+                phase,
+                k,
+                algo.hood.in_neighbours,
+                node.settings.round_timeout,
+                self.hurry,
+                self.excluded,
+                wait,
+            )
+            for j in node.inbox.silent():
+                node.agent.report_silent(node.record.members[j])
+            await loop.run_in_executor(node.compute, algo.receive, phase, k, arrived)

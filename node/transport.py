@@ -1,0 +1,179 @@
+"""A node's messages on the wire: frames in (validated, held back by epoch) and frames out (encoded,
+delivered in the background so that a slow or dead out-neighbour never stalls a round).
+
+The round driver calls `send_all` with an algorithm's messages and reads what arrived from `inbox`
+(`node/rounds.py`); `enter_epoch` renumbers the peers for a new membership epoch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from hivemind.p2p import PeerID
+
+from ..protocol.envelope import (
+    Envelope,
+    ProtocolError,
+    from_message,
+    pack,
+    to_message,
+    unpack,
+)
+from ..protocol.links import Links
+from ..protocol.membership import EpochRecord
+from ..protocol.message import Message
+from .algorithms import Algorithm
+from .rounds import Inbox
+
+logger = logging.getLogger(__name__)
+
+INLINE_BYTES = 1 << 20  # messages below this are encoded and decoded on the event loop
+RETRY_UNREACHABLE_S = 10.0  # after a failed send, skip that peer this long (then try again)
+
+
+class Transport:
+    """Frames between this node and its neighbours, for the epoch it is in.
+
+    `known_peers()` lists who may send (None: no epoch known yet, frames are held); `on_refused`,
+    `on_heard` and `on_newer_epoch` tell the node about refused frames, live neighbours and an epoch
+    it has not read yet."""
+
+    def __init__(
+        self,
+        run_id: str,
+        peer_id: str,
+        inbox: Inbox,
+        known_peers: Callable[[], set[str] | None],
+        on_refused: Callable[[str, str], None],
+        on_heard: Callable[[str], None],
+        on_newer_epoch: Callable[[int], None],
+    ) -> None:
+        self.run_id, self.peer_id, self.inbox = run_id, peer_id, inbox
+        self.known_peers, self.on_refused, self.on_heard, self.on_newer_epoch = (
+            known_peers,
+            on_refused,
+            on_heard,
+            on_newer_epoch,
+        )
+        self.links: Links | None = None
+        self.algorithm: Algorithm | None = None
+        self.epoch = -1
+        self.index = -1
+        self.index_of: dict[str, int] = {}
+        self.peer_of: dict[int, PeerID] = {}
+        self.pending: dict[asyncio.Task, PeerID] = {}  # background sends and their destination
+        self.unreachable: dict[int, float] = {}
+        self._decode = ThreadPoolExecutor(2, thread_name_prefix="p2pnode-decode")
+
+    # --- receiving -------------------------------------------------------------------------------
+
+    async def on_frame(self, data: bytes, peer: PeerID) -> bool:
+        """Validate and queue one message; never raises (a bad message is logged and dropped)."""
+        sender = str(peer)
+        known = self.known_peers()
+        if known is not None and sender not in known:
+            return self._refuse(sender, "not a member of this run")
+
+        def decode() -> Envelope:
+            env = unpack(data, run=self.run_id, senders=[sender])
+            if env.sender != sender:
+                raise ProtocolError(f"envelope claims sender {env.sender[-8:]} but came from {sender[-8:]}")
+            return env
+
+        try:
+            env = await self._off_loop(decode, len(data))
+            if env.epoch < self.epoch:
+                return True  # sent before the sender entered this epoch: harmless, ignored
+            if env.epoch > self.epoch or self.algorithm is None:
+                self.inbox.hold(sender, env)  # the sender entered a later epoch first: keep it for then
+                if env.epoch > self.epoch:
+                    self.on_newer_epoch(env.epoch)
+                return True
+            msg = await self._off_loop(lambda: self.to_message(sender, env, strict=True), len(data))
+        except ProtocolError as e:
+            return self._refuse(sender, str(e))
+        self.inbox.put(msg)
+        self.on_heard(sender)
+        return True
+
+    def _refuse(self, sender: str, reason: str) -> bool:
+        logger.warning("dropped a message from %s: %s", sender[-8:], reason)
+        self.on_refused(sender, reason)
+        return False
+
+    def to_message(self, sender: str, env: Envelope, strict: bool = False) -> Message | None:
+        if sender not in self.index_of or env.phase not in self.algorithm.phases:
+            if strict:
+                raise ProtocolError(f"not an in-neighbour in epoch {env.epoch}, or phase {env.phase!r} unknown")
+            return None
+        return to_message(env, self.index_of[sender], self.index)
+
+    # --- sending ---------------------------------------------------------------------------------
+
+    async def send_all(self, messages: list[Message]) -> None:
+        """Encode now, deliver in the background.
+
+        Sends to one peer stay in order (the link's lock is FIFO). A failed send makes the algorithm
+        send full state (a keyframe) on that link next time, and the peer is skipped for a while."""
+        if not messages:
+            return
+
+        def encode(m: Message) -> bytes:
+            return pack(from_message(m, self.run_id, m.epoch, self.peer_id))
+
+        frames = await self._off_loop(lambda: [encode(m) for m in messages], sum(m.nbytes for m in messages))
+        for m, frame in zip(messages, frames, strict=True):
+            peer = self.peer_of[m.dst]
+            task = asyncio.create_task(self._send_one(m.dst, peer, frame))
+            self.pending[task] = peer
+            task.add_done_callback(lambda t: self.pending.pop(t, None))
+
+    async def _off_loop(self, work, nbytes: int):
+        """Run encode/decode work in the decode pool, or inline when it is small: a thread hop costs
+        more than packing a small message and would add to every round's latency."""
+        if nbytes < INLINE_BYTES:
+            return work()
+        return await asyncio.get_running_loop().run_in_executor(self._decode, work)
+
+    async def _send_one(self, dst: int, peer: PeerID, frame: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        if loop.time() < self.unreachable.get(dst, 0.0):
+            self.algorithm.request_keyframe(dst)
+            return
+        if await self.links.send(peer, frame):
+            self.unreachable.pop(dst, None)
+        elif self.peer_of.get(dst) == peer:  # still the same link (no epoch change since)
+            self.unreachable[dst] = loop.time() + RETRY_UNREACHABLE_S
+            self.algorithm.request_keyframe(dst)
+
+    async def drain(self, limit: float = 30.0) -> None:
+        """Wait (at most `limit` seconds) for the background sends to finish."""
+        if self.pending:
+            await asyncio.wait(list(self.pending), timeout=limit)
+
+    # --- epochs ----------------------------------------------------------------------------------
+
+    def enter_epoch(self, record: EpochRecord, algorithm: Algorithm) -> None:
+        """Number the peers as `record` does; take the frames held for it; give up sends to peers
+        that are not in it (they would only wait out their timeouts)."""
+        self.algorithm, self.epoch = algorithm, record.number
+        self.index = record.members.index(self.peer_id)
+        self.index_of = {p: i for i, p in enumerate(record.members)}
+        self.peer_of = {i: PeerID.from_base58(p) for i, p in enumerate(record.members)}
+        self.unreachable = {}
+        staying = set(self.peer_of.values())
+        for task, peer in list(self.pending.items()):
+            if peer not in staying:
+                task.cancel()
+        self.inbox.enter_epoch(record.number, self.to_message)
+
+    def cancel(self) -> None:
+        for task in list(self.pending):
+            task.cancel()
+
+    def shutdown(self) -> None:
+        self.cancel()
+        self._decode.shutdown(wait=True)
