@@ -45,19 +45,24 @@ def start_bootstrap(run_id: str, log: Path, timeout: float = 60.0) -> tuple[subp
         stderr=log.open("w"),
         text=True,
     )
-    addrs: list[str] = []
+    addr = read_bootstrap_address(proc, timeout)
+    if addr is None:
+        stop_processes([proc])
+        raise RuntimeError(f"the bootstrap peer printed no address within {timeout:.0f} s; see {log}")
+    return proc, [addr]
+
+
+def read_bootstrap_address(proc: subprocess.Popen, timeout: float) -> str | None:
+    """The first full multiaddr (with /p2p/) that a starting `bootstrap` prints on its stdout, or None
+    if it prints none within `timeout` seconds or exits first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         ready, _, _ = select.select([proc.stdout], [], [], 0.5)
         if ready:
             line = proc.stdout.readline().strip()
             if "/p2p/" in line:
-                addrs.append(line)
-                break
-    if not addrs:
-        stop_processes([proc])
-        raise RuntimeError(f"the bootstrap peer printed no address within {timeout:.0f} s; see {log}")
-    return proc, addrs
+                return line
+    return None
 
 
 def format_class_set(classes: list[int]) -> str:

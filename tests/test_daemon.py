@@ -149,15 +149,20 @@ def launch_and_wait(commands: list[list[str]], tmp_path, log: str, marker: str, 
     return nodes
 
 
+def node_commands(settings: TestnetSettings, addrs: list[str], tmp_path) -> list[list[str]]:
+    """One `start` command per node of `settings`, each with its own state dir tmp_path/nI (made here)."""
+    for i in range(settings.nodes):
+        (tmp_path / f"n{i}").mkdir()
+    return [node_command(settings, i, addrs, tmp_path / f"n{i}") for i in range(settings.nodes)]
+
+
 @pytest.mark.timeout(300)
 def test_a_whole_run_stopped_by_sigterm_resumes_from_its_checkpoints_without_running_sums(tmp_path, own_processes):
     settings = TestnetSettings(nodes=2, split="0-4,5-9", epochs=12, batch_size=72, run_id="resume").validate()
     boot, addrs = start_bootstrap("resume", tmp_path / "boot.log")
     procs = [boot]
     try:
-        commands = [node_command(settings, i, addrs, tmp_path / f"n{i}") for i in range(2)]
-        for i in range(2):
-            (tmp_path / f"n{i}").mkdir()
+        commands = node_commands(settings, addrs, tmp_path)
         nodes = launch_and_wait(commands, tmp_path, "a", "progress.json", "both nodes to finish epoch 1 (round 10)")
         procs += nodes
         start = time.monotonic()
@@ -190,9 +195,7 @@ def test_sigterm_makes_a_node_leave_after_the_epoch_that_drops_it_and_exit_by_it
     boot, addrs = start_bootstrap("leave", tmp_path / "boot.log")
     procs = [boot]
     try:
-        commands = [node_command(settings, i, addrs, tmp_path / f"n{i}") for i in range(3)]
-        for i in range(3):
-            (tmp_path / f"n{i}").mkdir()
+        commands = node_commands(settings, addrs, tmp_path)
         nodes = launch_and_wait(commands, tmp_path, "a", "progress.json", "all nodes to finish epoch 1")
         procs += nodes
         start = time.monotonic()

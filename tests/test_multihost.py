@@ -13,7 +13,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import select
 import statistics
 import subprocess
 import sys
@@ -25,7 +24,7 @@ import pytest
 from p2pnode.node.events import read_events
 from p2pnode.node.netlab import NetLab, netlab_available
 from p2pnode.node.settings import TestnetSettings
-from p2pnode.node.testnet import node_command
+from p2pnode.node.testnet import node_command, read_bootstrap_address
 
 AVAILABLE, WHY = netlab_available(tc=True)
 pytestmark = pytest.mark.skipif(not AVAILABLE, reason=f"no network namespaces here: {WHY}")
@@ -34,17 +33,6 @@ pytestmark = pytest.mark.skipif(not AVAILABLE, reason=f"no network namespaces he
 def listen_on(command: list[str], address: str) -> list[str]:
     at = command.index("--listen")
     return [*command[: at + 1], f"/ip4/{address}/tcp/0", *command[at + 2 :]]
-
-
-def bootstrap_address(proc: subprocess.Popen, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        ready, _, _ = select.select([proc.stdout], [], [], 0.5)
-        if ready:
-            line = proc.stdout.readline().strip()
-            if "/p2p/" in line:
-                return line
-    raise AssertionError("the bootstrap peer printed no address")
 
 
 def evals(state: Path) -> list[dict]:
@@ -70,7 +58,8 @@ def test_survivors_on_shaped_hosts_re_form_without_their_killed_coordinator_and_
              "--run-id", "hosts"],
             stdout=subprocess.PIPE, stderr=(tmp_path / "boot.log").open("w"), text=True, env=env,
         )  # fmt: skip
-        addr = bootstrap_address(boot, 120)
+        addr = read_bootstrap_address(boot, 120)
+        assert addr is not None, "the bootstrap peer printed no address"
         procs = []
         for i, host in enumerate(hosts):
             state = tmp_path / f"n{i}"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from p2pnode.node.dht_process import start_dht, stop_dht
+from p2pnode.node.testnet import read_bootstrap_address
 
 EXIT_WITHIN_S = 10.0
 REPEAT = 3
@@ -32,6 +32,7 @@ LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 LIBRARY_SCRIPT = """
 import asyncio, contextlib, sys, uvloop
 from hivemind.utils import get_dht_time
+from p2pnode.node.testnet import read_bootstrap_address
 from p2pnode.node.dht_process import start_dht, stop_dht
 
 async def main(run_s):
@@ -94,14 +95,10 @@ def _start(argv: list[str], log: Path) -> subprocess.Popen:
 
 
 def _wait_for_address(proc: subprocess.Popen, log: Path, timeout: float = 90.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        ready, _, _ = select.select([proc.stdout], [], [], 0.5)
-        if ready:
-            line = proc.stdout.readline().strip()
-            if "/p2p/" in line:
-                return line
-    raise AssertionError(f"no /p2p/ multiaddr within {timeout:.0f} s (exit code {proc.poll()}):\n{log.read_text()}")
+    addr = read_bootstrap_address(proc, timeout)
+    if addr is None:
+        raise AssertionError(f"no /p2p/ multiaddr within {timeout:.0f} s (exit code {proc.poll()}):\n{log.read_text()}")
+    return addr
 
 
 # How each of the processes started together is stopped: (signal, to the process group or to the process only);
