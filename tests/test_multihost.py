@@ -1,4 +1,4 @@
-"""A run across namespaced hosts with shaped links (DESIGN §11): one node is killed for good.
+"""Runs across namespaced hosts (DESIGN §11): a node killed for good, and a partition that heals.
 
 A bootstrap peer and four daemons each on their own network-namespace host, 50 Mbit links. The
 coordinator (the member with the lowest peer id) is killed with SIGKILL (its whole process group:
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from p2pnode.node.events import read_events
-from p2pnode.node.netlab import NetLab, netlab_available
+from p2pnode.node.netlab import NetLab, netlab_available, run_cmd
 from p2pnode.node.settings import TestnetSettings
 from p2pnode.node.testnet import node_command, read_bootstrap_address
 
@@ -101,3 +101,74 @@ def test_survivors_on_shaped_hosts_re_form_without_their_killed_coordinator_and_
     clean, changed = seconds_per_round(before), seconds_per_round(after)
     print(f"seconds per round: before the crash {clean:.4f}, after the new epoch {changed:.4f}")
     assert changed <= 2 * clean, (clean, changed)
+
+
+def cut_off(host, others) -> None:
+    """Drop every packet that `host` receives from `others` (a partition), until `heal`."""
+    addrs = ", ".join(o.address for o in others)
+    rules = (
+        "table inet partition {\n  chain in {\n    type filter hook input priority -10; policy accept;\n"
+        f"    ip saddr {{ {addrs} }} drop\n  }}\n}}\n"
+    )
+    run_cmd([*host.exec_prefix, "nft", "-f", "-"], input=rules)
+
+
+def heal(host) -> None:
+    run_cmd([*host.exec_prefix, "nft", "delete", "table", "inet", "partition"], check=False)
+
+
+@pytest.mark.timeout(600)
+def test_a_partition_that_heals_ends_as_one_run(tmp_path):
+    settings = TestnetSettings(nodes=4, epochs=150, batch_size=16, round_timeout=3.0, run_id="split").validate()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with NetLab(prefix="pt") as lab:
+        boot_host = lab.add_host("boot")
+        hosts = [lab.add_host(f"n{i}") for i in range(4)]
+        boot = boot_host.popen(
+            [sys.executable, "-m", "p2pnode.cli.app", "bootstrap", "--listen", f"/ip4/{boot_host.address}/tcp/0",
+             "--run-id", "split"],
+            stdout=subprocess.PIPE, stderr=(tmp_path / "boot.log").open("w"), text=True, env=env,
+        )  # fmt: skip
+        addr = read_bootstrap_address(boot, 120)
+        assert addr is not None, "the bootstrap peer printed no address"
+        procs = []
+        for i, host in enumerate(hosts):
+            state = tmp_path / f"n{i}"
+            state.mkdir()
+            command = listen_on(node_command(settings, i, [addr], state), host.address)
+            procs.append(
+                host.popen(command, stdout=(tmp_path / f"n{i}.log").open("w"), stderr=subprocess.STDOUT, env=env)
+            )
+        deadline = time.monotonic() + 300
+        while len(evals(tmp_path / "n3")) < 2:
+            assert time.monotonic() < deadline, "the run did not start on the namespaced hosts"
+            time.sleep(0.5)
+        side_a, side_b = [boot_host, hosts[0], hosts[1]], [hosts[2], hosts[3]]
+        for h in side_a:
+            cut_off(h, side_b)
+        for h in side_b:
+            cut_off(h, side_a)
+
+        def epochs_seen(i: int) -> list[dict]:
+            return [e for e in read_events(tmp_path / f"n{i}" / "events.jsonl") if e["kind"] == "epoch_change"]
+
+        # each side goes on alone: a new epoch without the other side
+        while not all(len(epochs_seen(i)[-1]["members"]) == 2 for i in range(4)):
+            assert time.monotonic() < deadline + 120, "the sides did not re-form on their own"
+            time.sleep(0.5)
+        split_epochs = {epochs_seen(i)[-1]["epoch"] for i in range(4)}
+        for h in side_a + side_b:
+            heal(h)
+        results = []
+        for i in range(4):
+            path = tmp_path / f"n{i}" / "result.json"
+            while not path.exists():
+                assert time.monotonic() < deadline + 420, f"node {i} did not finish"
+                time.sleep(0.5)
+            results.append(json.loads(path.read_text()))
+    last = [r["epochs"][-1] for r in results]
+    print("epochs during the partition:", split_epochs, "after healing:", {e["epoch"] for e in last})
+    assert all(len(e["members"]) == 4 for e in last), last  # one run again, all four members
+    assert len({tuple(e["members"]) for e in last}) == 1
+    accuracies = [r["accuracy"] for r in results]
+    assert max(accuracies) - min(accuracies) <= 0.01, accuracies
