@@ -41,13 +41,15 @@ class RoundDriver:
         node.algorithm.enter_epoch(topo.neighbourhood(node.index), record.number)
         node.algorithm.iteration = k
         node.transport.enter_epoch(record, node.algorithm)
-        before = set(previous.members) if previous is not None else set()
+        # a member is a process: a peer that restarted since the last epoch left and joined again
+        before = set(zip(previous.members, previous.incarnations, strict=True)) if previous is not None else set()
+        after = set(zip(record.members, record.incarnations, strict=True))
         change = {
             "round": k,
             "epoch": record.number,
             "members": list(record.members),
-            "joined": [p for p in record.members if p not in before] if previous else [],
-            "left": [p for p in before if p not in record.members],
+            "joined": [p for p, i in sorted(after - before)] if previous else [],
+            "left": [p for p, i in sorted(before - after)],
         }
         node.epoch_log.append(change)
         node.store.events.write(

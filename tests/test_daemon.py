@@ -328,7 +328,7 @@ def test_chaos_testnet_with_a_crash_a_late_join_and_a_return_ends_in_consensus(t
         run_id="chaos",
         workdir=str(tmp_path),
         timeout=540,
-        churn="crash:3@3s,join:4@5s,rejoin:3@12s",
+        churn="crash:3@3s,join:4@5s,rejoin:3@25s",  # the return comes well after the crash is detected
     ).validate()
     result = run_testnet(settings)
     daemons = result.results["p2pft"]
