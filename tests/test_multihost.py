@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from p2pnode.node.events import read_events
-from p2pnode.node.netlab import NetLab, netlab_available, run_cmd
+from p2pnode.node.netlab import Host, NetLab, netlab_available, run_cmd
 from p2pnode.node.settings import TestnetSettings
 from p2pnode.node.testnet import node_command, read_bootstrap_address
 
@@ -46,27 +46,33 @@ def seconds_per_round(points: list[dict]) -> float:
     return statistics.median(spans)
 
 
+def start_run(lab: NetLab, settings: TestnetSettings, tmp_path: Path) -> tuple[Host, list[Host], list]:
+    """A bootstrap host and one host per node of `settings`, each running its process (one torch thread)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    boot_host = lab.add_host("boot")
+    hosts = [lab.add_host(f"n{i}") for i in range(settings.nodes)]
+    boot = boot_host.popen(
+        [sys.executable, "-m", "p2pnode.cli.app", "bootstrap", "--listen", f"/ip4/{boot_host.address}/tcp/0",
+         "--run-id", settings.run_id],
+        stdout=subprocess.PIPE, stderr=(tmp_path / "boot.log").open("w"), text=True, env=env,
+    )  # fmt: skip
+    addr = read_bootstrap_address(boot, 120)
+    assert addr is not None, "the bootstrap peer printed no address"
+    procs = []
+    for i, host in enumerate(hosts):
+        state = tmp_path / f"n{i}"
+        state.mkdir()
+        command = listen_on(node_command(settings, i, [addr], state), host.address)
+        log = (tmp_path / f"n{i}.log").open("w")
+        procs.append(host.popen(command, stdout=log, stderr=subprocess.STDOUT, env=env))
+    return boot_host, hosts, procs
+
+
 @pytest.mark.timeout(600)
 def test_survivors_on_shaped_hosts_re_form_without_their_killed_coordinator_and_keep_their_pace(tmp_path):
     settings = TestnetSettings(nodes=4, epochs=60, batch_size=16, round_timeout=3.0, run_id="hosts").validate()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with NetLab(prefix="mh", rate="50mbit") as lab:
-        boot_host = lab.add_host("boot")
-        hosts = [lab.add_host(f"n{i}") for i in range(4)]
-        boot = boot_host.popen(
-            [sys.executable, "-m", "p2pnode.cli.app", "bootstrap", "--listen", f"/ip4/{boot_host.address}/tcp/0",
-             "--run-id", "hosts"],
-            stdout=subprocess.PIPE, stderr=(tmp_path / "boot.log").open("w"), text=True, env=env,
-        )  # fmt: skip
-        addr = read_bootstrap_address(boot, 120)
-        assert addr is not None, "the bootstrap peer printed no address"
-        procs = []
-        for i, host in enumerate(hosts):
-            state = tmp_path / f"n{i}"
-            state.mkdir()
-            command = listen_on(node_command(settings, i, [addr], state), host.address)
-            log = (tmp_path / f"n{i}.log").open("w")
-            procs.append(host.popen(command, stdout=log, stderr=subprocess.STDOUT, env=env))
+        _, _, procs = start_run(lab, settings, tmp_path)
 
         deadline = time.monotonic() + 300
         while len(evals(tmp_path / "n3")) < 4:  # node 3 has trained 4 passes over the data
@@ -120,25 +126,8 @@ def heal(host) -> None:
 @pytest.mark.timeout(600)
 def test_a_partition_that_heals_ends_as_one_run(tmp_path):
     settings = TestnetSettings(nodes=4, epochs=150, batch_size=16, round_timeout=3.0, run_id="split").validate()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with NetLab(prefix="pt") as lab:
-        boot_host = lab.add_host("boot")
-        hosts = [lab.add_host(f"n{i}") for i in range(4)]
-        boot = boot_host.popen(
-            [sys.executable, "-m", "p2pnode.cli.app", "bootstrap", "--listen", f"/ip4/{boot_host.address}/tcp/0",
-             "--run-id", "split"],
-            stdout=subprocess.PIPE, stderr=(tmp_path / "boot.log").open("w"), text=True, env=env,
-        )  # fmt: skip
-        addr = read_bootstrap_address(boot, 120)
-        assert addr is not None, "the bootstrap peer printed no address"
-        procs = []
-        for i, host in enumerate(hosts):
-            state = tmp_path / f"n{i}"
-            state.mkdir()
-            command = listen_on(node_command(settings, i, [addr], state), host.address)
-            procs.append(
-                host.popen(command, stdout=(tmp_path / f"n{i}.log").open("w"), stderr=subprocess.STDOUT, env=env)
-            )
+        boot_host, hosts, _ = start_run(lab, settings, tmp_path)
         deadline = time.monotonic() + 300
         while len(evals(tmp_path / "n3")) < 2:
             assert time.monotonic() < deadline, "the run did not start on the namespaced hosts"
