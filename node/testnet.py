@@ -322,7 +322,7 @@ def _collect(
     reference = next(iter(results.values()))
     history = {"epoch": epochs_seen, "accuracy": accuracy_rows, "loss": loss_rows}
     if events:
-        history["membership"], history["presence"] = _membership(fleet, reference.get("epochs", []), took_part)
+        history["membership"], history["presence"] = _membership(fleet, epoch_changes(results), took_part)
         history["churn"] = [{"event": str(e), "at_seconds": round(t, 1)} for e, t in fleet.applied]
         history["round_seconds"] = _round_seconds(evals, results)
     sent = [results[i]["bytes_sent"] if i in results else 0 for i in took_part]
@@ -347,6 +347,17 @@ def _collect(
         out.update({name: sim.run(name) for name in s.compare if name != s.algorithm})
     sources = {name: "daemons" if name == s.algorithm else "simulated" for name in out}
     return SimulationResult({**shared, "workdir": str(workdir), "sources": sources}, out, reference["fingerprint"])
+
+
+def epoch_changes(results: dict[int, dict]) -> list[dict]:
+    """The run's epoch changes from the finishing nodes' results, in epoch order. A node that joined
+    or came back late saw only the epochs after its entry, and its own entry without itself as a
+    joiner: merge what all saw, preferring the nodes that saw the most."""
+    seen: dict[int, dict] = {}
+    for r in sorted(results.values(), key=lambda r: -len(r.get("epochs", []))):
+        for change in r.get("epochs", []):
+            seen.setdefault(change["epoch"], change)
+    return [seen[k] for k in sorted(seen)]
 
 
 def _membership(fleet: _Fleet, changes: list[dict], took_part: list[int]) -> tuple[list[dict], dict]:

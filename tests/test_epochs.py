@@ -139,3 +139,16 @@ def test_a_record_left_in_the_dht_by_an_earlier_run_has_no_live_members():
     for m in again:
         m.incarnation = "new-" + m.peer_id
     assert epochs.live(old, again) == {}
+
+
+def test_testnet_membership_history_merges_the_epochs_every_finishing_node_saw():
+    from p2pnode.node.testnet import epoch_changes
+
+    def change(epoch, members, joined=(), left=()):
+        return {"epoch": epoch, "members": list(members), "joined": list(joined), "left": list(left)}
+
+    full = [change(0, "abcd"), change(1, "abc", left="d"), change(2, "abcde", joined="de")]
+    returner = [change(0, "abcd"), change(2, "abcde")]  # restored epoch 0, then entered epoch 2 itself
+    # the node that came back finished first: its view must not hide the crash or its own return
+    merged = epoch_changes({3: {"epochs": returner}, 0: {"epochs": full}, 4: {"epochs": full[2:]}})
+    assert merged == full
