@@ -147,20 +147,108 @@ def _split_addrs(values: list[str] | None) -> list[str]:
     return [a for v in values or [] for a in v.split(",") if a]
 
 
+Owner = Annotated[
+    str | None, typer.Option(help="a closed run's owner public key (public-key line of `p2pnode keygen`)")
+]
+RunId = Annotated[str, typer.Option(help="name of the run")]
+
+
+def _validators(run_id: str, owner: str | None) -> list:
+    from p2pnode.protocol.admission import AdmissionError
+    from p2pnode.protocol.membership import run_validators
+
+    try:
+        return run_validators(run_id, owner=owner)
+    except AdmissionError as e:
+        raise BadInput(str(e)) from None
+
+
+@app.command()
+def keygen(
+    file: Annotated[
+        Path, typer.Argument(help="where to write the private key (an existing file is never overwritten)")
+    ],
+) -> None:
+    """Write a new private key, usable as --identity (a node) or --owner-key (a run owner), and print
+    its `peer-id:` and `public-key:` lines."""
+    from p2pnode.protocol.admission import AdmissionError, generate_key_file, peer_id_of, public_key_token
+
+    try:
+        key = generate_key_file(file)
+    except (AdmissionError, OSError) as e:
+        raise BadInput(str(e) if isinstance(e, AdmissionError) else f"cannot write {file}: {e.strerror}") from None
+    print(f"peer-id: {peer_id_of(key.public_key())}")
+    print(f"public-key: {public_key_token(key.public_key())}")
+
+
+@app.command()
+def invite(
+    owner_key: Annotated[Path, typer.Option(help="the run owner's key file (from `p2pnode keygen`)")],
+    peer: Annotated[str, typer.Option(help="peer id of the invited node (the peer-id line of its keygen)")],
+    run_id: RunId = "default",
+    expires: Annotated[str, typer.Option(help="how long it is valid: a number and s, m, h, d or w")] = "30d",
+    out: Annotated[Path | None, typer.Option(help="write the invitation here [default: stdout]")] = None,
+) -> None:
+    """Write an invitation to a closed run, signed by the owner and bound to one peer id. The serial it
+    prints on stderr is what `p2pnode revoke` takes."""
+    import time
+
+    from p2pnode.protocol.admission import AdmissionError, load_private_key, make_invitation, parse_duration
+
+    try:
+        invitation = make_invitation(load_private_key(owner_key), run_id, peer, time.time() + parse_duration(expires))
+    except AdmissionError as e:
+        raise BadInput(str(e)) from None
+    if out is None:
+        print(invitation.to_json())
+    else:
+        try:
+            out.write_text(invitation.to_json() + "\n")
+        except OSError as e:
+            raise BadInput(f"cannot write {out}: {e.strerror}") from None
+    until = time.strftime("%Y-%m-%d %H:%M", time.gmtime(invitation.expires))
+    console.print(f"invitation {invitation.serial} for {peer} in run {run_id!r}, valid until {until} UTC", soft_wrap=True)
+
+
+@app.command()
+def revoke(
+    serial: Annotated[str, typer.Argument(help="the invitation's serial (printed by `p2pnode invite`)")],
+    owner_key: Annotated[Path, typer.Option(help="the run owner's key file")],
+    peers: Maddrs = None,
+    run_id: RunId = "default",
+    keep: Annotated[str, typer.Option(help="how long the DHT keeps the revocation (s, m, h, d or w)")] = "365d",
+) -> None:
+    """Publish the owner's revocation of an invitation in the run's DHT: every member drops that peer
+    at its next membership read, and its records and streams are refused from then on."""
+    from p2pnode.node.access import publish_revocation
+    from p2pnode.protocol.admission import AdmissionError, parse_duration
+
+    addrs = _split_addrs(peers)
+    if not addrs:
+        raise BadInput("revoke needs --peers: the multiaddr of any peer of the run (e.g. the bootstrap peer)")
+    try:
+        seconds = parse_duration(keep)
+    except AdmissionError as e:
+        raise BadInput(str(e)) from None
+    publish_revocation(addrs, run_id, str(owner_key), serial, seconds)
+    console.print(f"revoked invitation {serial} in run {run_id!r}")
+
+
 @app.command()
 def bootstrap(
     listen: Maddrs = None,
     announce: Maddrs = None,
     identity: Annotated[Path | None, typer.Option(help="private key file (keeps the peer id)")] = None,
     run_id: Annotated[str, typer.Option(help="run whose records this peer validates")] = "default",
+    owner: Owner = None,
 ) -> None:
     """Start a DHT-only peer, print its full multiaddrs one per line, and keep running until stopped."""
     import signal
     import threading
 
     from p2pnode.node.dht_process import start_dht, stop_dht
-    from p2pnode.protocol.membership import run_validators
 
+    validators = _validators(run_id, owner)
     _log_to_stderr(logging.WARNING)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -169,7 +257,7 @@ def bootstrap(
         host_maddrs=_split_addrs(listen) or ["/ip4/0.0.0.0/tcp/0"],
         announce_maddrs=_split_addrs(announce) or None,
         identity_path=str(identity) if identity else None,
-        record_validators=run_validators(run_id),
+        record_validators=validators,
     )
     try:
         for addr in dht.get_visible_maddrs():
@@ -183,6 +271,7 @@ def bootstrap(
 def status(
     peers: Maddrs = None,
     run_id: Annotated[str, typer.Option(help="the run to list")] = "default",
+    owner: Owner = None,
 ) -> None:
     """List a run's epoch, coordinator and members (joined / leaving / gone) with their progress."""
     from p2pnode.node.run_status import read_run_status, status_tables
@@ -190,7 +279,7 @@ def status(
     addrs = _split_addrs(peers)
     if not addrs:
         raise BadInput("status needs --peers: the multiaddr of any peer of the run (e.g. the bootstrap peer)")
-    for table in status_tables(read_run_status(addrs, run_id)):
+    for table in status_tables(read_run_status(addrs, run_id, owner)):
         _stdout().print(table)
 
 

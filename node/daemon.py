@@ -21,7 +21,7 @@ from pathlib import Path
 
 import hivemind
 import numpy as np
-from hivemind.utils.crypto import RSAPrivateKey
+from hivemind.p2p import PeerID
 
 from ..protocol.codecs import get_codec
 from ..protocol.envelope import (
@@ -30,6 +30,7 @@ from ..protocol.envelope import (
 from ..protocol.links import Links
 from ..protocol.membership import EpochRecord, MemberInfo, Membership, run_validators
 from ..protocol.transfer import TransferError, fetch_state, serve_state
+from .access import run_access
 from .algorithms import ALGORITHMS, Algorithm, StepRule
 from .data import parse_class_set, parse_split, partition
 from .dht_process import start_dht, stop_dht
@@ -83,6 +84,7 @@ class Node:
     @classmethod
     async def create(cls, settings: NodeSettings) -> Node:
         self = cls(settings)
+        self.access = run_access(settings.run_id, settings.owner, settings.invite, settings.identity)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         try:
             await self._prepare_training()
@@ -158,7 +160,7 @@ class Node:
 
     async def _join_network(self) -> None:
         s = self.settings
-        validators = run_validators(s.run_id, RSAPrivateKey())  # own key: several nodes may share a process
+        validators = run_validators(s.run_id, self.access.signing_key, s.owner)
         loop = asyncio.get_running_loop()
 
         def start() -> hivemind.DHT:
@@ -195,7 +197,7 @@ class Node:
             max_bytes=MAX_MESSAGE_BYTES,
             timeout=max(30.0, s.round_timeout),
         )
-        await serve_state(self.p2p, s.run_id, self._snapshot)
+        await serve_state(self.p2p, s.run_id, self._snapshot, admit=self._admits)
         if s.metrics_port is not None:
             self.metrics = NodeMetrics(s.run_id)
             self.metrics.serve(s.metrics_port, s.metrics_addr)
@@ -207,8 +209,9 @@ class Node:
             samples=len(self.indices),
             index=s.index,
             classes=s.classes or "",
+            invitation=self.access.invitation,
         )
-        membership = Membership(self.dht, s.run_id, validators[0], ttl=4 * s.heartbeat)
+        membership = Membership(self.dht, s.run_id, validators[0], ttl=4 * s.heartbeat, admission=self.access.admission)
         self.agent = await MembershipAgent.create(membership, self.info, s.heartbeat)
         self.agent.on_change = lambda _record: self.inbox.arrival.set()  # wake a waiting round
         self.store.events.write("start", peer_id=self.peer_id, run_id=s.run_id, settings=s.to_dict())
@@ -344,6 +347,15 @@ class Node:
         (None while this node knows of no epoch yet: frames are then held back)."""
         records = [r for r in (self.record, self.agent.record if self.agent else None) if r is not None]
         return {p for r in records for p in r.members} if records else None
+
+    def _admits(self, peer: PeerID) -> bool:
+        """Whether a peer may open a stream to this node (checked before anything is read from it):
+        a member of the run (in a closed run, one with a valid, unrevoked invitation)."""
+        peer_id = str(peer)
+        if self.access.closed and not self.access.admission.admitted(peer_id):
+            return False
+        heartbeats = {m.peer_id for m in self.agent.infos} if self.agent else set()
+        return peer_id in heartbeats | (self._known_peers() or set())
 
     def _on_refused(self, sender: str, reason: str) -> None:
         if self.store is not None:

@@ -31,17 +31,24 @@ class RunStatus:
         return info.status if info else "gone"
 
 
-def read_run_status(peers: list[str], run_id: str) -> RunStatus:
-    """Read a run's heartbeats and epoch records through a client-mode DHT peer (then shut it down)."""
+def read_run_status(peers: list[str], run_id: str, owner: str | None = None) -> RunStatus:
+    """Read a run's heartbeats and epoch records through a client-mode DHT peer (then shut it down).
+    A closed run's `owner` key is needed to read it (every peer of a run uses the same validators)."""
     import hivemind
 
-    validators = run_validators(run_id)
+    from ..protocol.admission import Admission, AdmissionError
+
+    try:
+        validators = run_validators(run_id, owner=owner)
+        admission = Admission(run_id, owner) if owner else None
+    except AdmissionError as e:
+        raise BadInput(str(e)) from None
     try:
         dht = hivemind.DHT(initial_peers=peers, client_mode=True, start=True, record_validators=validators)
     except Exception as e:
         raise BadInput(f"could not reach --peers ({type(e).__name__}: {e})") from None
     try:
-        membership = Membership(dht, run_id, validators[0])
+        membership = Membership(dht, run_id, validators[0], admission=admission)
         infos, records = membership.members(), membership.epochs()
     finally:
         dht.shutdown()

@@ -21,6 +21,7 @@ from .errors import BadInput
 from .models import DEFAULT_MODEL
 
 SCHEDULES = ("cosine", "constant")
+ROBUST_RULES = ("none", "clip")
 
 
 def opt(default, help: str, **kw):
@@ -50,6 +51,7 @@ class RunSettings:
     algorithm: str = opt("p2pft", "p2pft, sgp, dsgd, cdsgd, dimat, wa, wm, local or central (see README)")
     codec: str = opt("none", "compression of exchanged tensors: none, fp16, bf16, int8, topk:FRACTION")
     gamma: float = opt(1.0, "consensus step for compressed exchange (<= 1; lower for aggressive top-k)")
+    robust: str = opt("none", "mixing that survives a bad neighbour: none, or clip (self-centred clipping; not exact)")
     # training. Defaults found by bench/reproduce_table1.py on digits (see README): they bring every
     # P2P-FT node within 2 points of central fine-tuning at the same number of passes over the data.
     epochs: int = opt(40, "passes over all training data")
@@ -90,6 +92,8 @@ class RunSettings:
             raise BadInput(f"--merge-every must be at least 1 epoch (got {self.merge_every})")
         if self.warmup_epochs < 0:
             raise BadInput(f"--warmup-epochs must be >= 0 (got {self.warmup_epochs})")
+        if self.robust not in ROBUST_RULES:
+            raise BadInput(f"unknown --robust {self.robust!r}: use {' or '.join(ROBUST_RULES)}")
         if self.schedule not in SCHEDULES:
             raise BadInput(f"unknown --schedule {self.schedule!r}: use {' or '.join(SCHEDULES)}")
         for name in [self.algorithm, *getattr(self, "compare", [])]:
@@ -144,6 +148,10 @@ class SimulateSettings(RunSettings):
         None,
         "membership changes, ACTION:NODE@ROUND with ACTION join, leave, crash or rejoin: e.g. leave:3@200,join:3@400",
     )
+    attack: list[str] = opt(
+        [],
+        "make a node Byzantine, NODE:KIND with KIND signflip, scale:FACTOR, noise, alie or stale (e.g. 2:signflip)",
+    )
 
     def validate(self) -> SimulateSettings:
         from .churn import parse_churn
@@ -159,6 +167,8 @@ class NodeSettings(RunSettings):
     listen: list[str] = opt(["/ip4/0.0.0.0/tcp/0"], "multiaddrs to listen on")
     announce: list[str] = opt([], "public multiaddrs to announce (behind NAT: your public address)")
     identity: str | None = opt(None, "file with this node's private key (keeps the peer id across restarts)")
+    owner: str | None = opt(None, "the run owner's public key (from `p2pnode keygen`): only invited peers may join")
+    invite: str | None = opt(None, "this node's invitation file (from `p2pnode invite`), for a run with --owner")
     run_id: str = opt("default", "name of the run to join")
     classes: str | None = opt(None, "this node's classes, e.g. 0-1 (default: its share of --split)")
     index: int = opt(-1, "this node's position in the run (default: order by peer id)")

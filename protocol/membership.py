@@ -12,6 +12,7 @@ value's shape. Every peer of a run must use the same validators (`run_validators
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
@@ -23,6 +24,8 @@ import pydantic.v1 as pydantic
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
 from hivemind.utils import get_dht_time
+
+from .admission import Admission, AdmissionValidator, Revocation
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +48,7 @@ class _MemberRecord(pydantic.BaseModel):
     accuracy: pydantic.StrictFloat
     bytes_sent: pydantic.StrictInt
     classes: pydantic.StrictStr
+    invitation: pydantic.StrictStr
     updated: pydantic.StrictFloat
 
 
@@ -62,9 +66,16 @@ class _EpochRecord(pydantic.BaseModel):
     created: pydantic.StrictFloat
 
 
+class _RevocationRecord(pydantic.BaseModel):
+    run_id: pydantic.StrictStr
+    serial: pydantic.StrictStr
+    signature: pydantic.StrictStr
+
+
 class _RunSchema(pydantic.BaseModel):
     members: dict[BytesWithPublicKey, _MemberRecord]
     epochs: dict[BytesWithPublicKey, _EpochRecord]
+    revoked: dict[pydantic.StrictStr, _RevocationRecord]
 
 
 @dataclass
@@ -86,6 +97,7 @@ class MemberInfo:
     accuracy: float = -1.0
     bytes_sent: int = 0
     classes: str = ""
+    invitation: str = ""  # closed runs: the owner's invitation for this peer id (JSON)
     updated: float = field(default_factory=time.time)
 
     @property
@@ -153,17 +165,32 @@ def epochs_key(run_id: str) -> str:
     return f"p2pnode_{run_id}_epochs"
 
 
-def run_validators(run_id: str, private_key=None) -> list:
-    """The validator set every peer of the run must use."""
-    return [RSASignatureValidator(private_key), SchemaValidator(_RunSchema, prefix=f"p2pnode_{run_id}")]
+def revoked_key(run_id: str) -> str:
+    return f"p2pnode_{run_id}_revoked"
+
+
+def run_validators(run_id: str, private_key=None, owner: str | None = None) -> list:
+    """The validator set every peer of the run must use (a closed run's peers all give its `owner`)."""
+    validators = [RSASignatureValidator(private_key), SchemaValidator(_RunSchema, prefix=f"p2pnode_{run_id}")]
+    if owner is not None:
+        validators.append(AdmissionValidator(run_id, owner))
+    return validators
 
 
 class Membership:
     """Announce this node and read the run's members. Calls block briefly; run them in a thread."""
 
-    def __init__(self, dht: hivemind.DHT, run_id: str, validator: RSASignatureValidator, ttl: float = 20.0):
-        self.dht, self.run_id, self.ttl = dht, run_id, ttl
+    def __init__(
+        self,
+        dht: hivemind.DHT,
+        run_id: str,
+        validator: RSASignatureValidator,
+        ttl: float = 20.0,
+        admission: Admission | None = None,
+    ):
+        self.dht, self.run_id, self.ttl, self.admission = dht, run_id, ttl, admission
         self.subkey = validator.local_public_key
+        self._refused: set[tuple[str, str]] = set()  # (peer, reason) already logged
 
     def announce(self, info: MemberInfo) -> bool:
         info.updated = time.time()
@@ -183,10 +210,46 @@ class Membership:
         records = []
         for item in found.value.values():
             try:
-                records.append(EpochRecord.from_dict(item.value))
+                record = EpochRecord.from_dict(item.value)
             except (TypeError, KeyError, ValueError):
                 logger.warning("ignoring a malformed epoch record")
+                continue
+            if self.admission is None or self._admits_epoch(record):
+                records.append(record)
         return records
+
+    def _admits_epoch(self, record: EpochRecord) -> bool:
+        """A closed run follows epochs proposed by an admitted member and naming only peers that were
+        admitted (a member revoked since stays in the epoch it is in until the next one drops it)."""
+        if not self.admission.admitted(record.proposer):
+            self._log_refused(record.proposer, f"epoch {record.number} proposed by a peer not admitted")
+            return False
+        strangers = [p for p in record.members if p not in self.admission.serial_of]
+        if strangers:
+            self._log_refused(record.proposer, f"epoch {record.number} names uninvited {strangers[0][-8:]}")
+            return False
+        return True
+
+    def _log_refused(self, peer: str, reason: str) -> None:
+        if (peer, reason) not in self._refused:
+            self._refused.add((peer, reason))
+            logger.warning("refusing peer %s: %s", peer[-8:], reason)
+
+    def revocations(self) -> list[Revocation]:
+        """The owner's revocations the DHT holds for this run (each signature checked by the caller)."""
+        found = self.dht.get(revoked_key(self.run_id), latest=True)
+        if found is None or not isinstance(found.value, dict):
+            return []
+        out = []
+        for item in found.value.values():
+            with contextlib.suppress(TypeError, KeyError, AttributeError):
+                out.append(Revocation(item.value["run_id"], item.value["serial"], item.value["signature"]))
+        return out
+
+    def publish_revocation(self, rev: Revocation, ttl: float) -> bool:
+        """Store an owner-signed revocation (any peer may store it again: the owner's signature is in the value)."""
+        value = {"run_id": rev.run_id, "serial": rev.serial, "signature": rev.signature}
+        return bool(self.dht.store(revoked_key(self.run_id), value, get_dht_time() + ttl, subkey=rev.serial))
 
     def members(self) -> list[MemberInfo]:
         """Live members, one per peer id (the newest record), in the run's order."""
@@ -202,4 +265,15 @@ class Membership:
                 continue
             if info.peer_id not in newest or info.updated > newest[info.peer_id].updated:
                 newest[info.peer_id] = info
+        if self.admission is not None:
+            for rev in self.revocations():
+                if self.admission.revoke(rev):
+                    logger.warning("the owner revoked invitation %s", rev.serial)
+            newest = {p: m for p, m in newest.items() if self._admits(m)}
         return sorted(newest.values(), key=lambda m: m.sort_key)
+
+    def _admits(self, info: MemberInfo) -> bool:
+        reason = self.admission.refusal(info.peer_id, info.invitation)
+        if reason is not None:
+            self._log_refused(info.peer_id, reason)
+        return reason is None

@@ -58,11 +58,22 @@ async def _read_frame(reader: asyncio.StreamReader, limit: int, timeout: float) 
     return await asyncio.wait_for(reader.readexactly(size), timeout)
 
 
-async def serve_state(p2p: P2P, run_id: str, snapshot: Snapshot, timeout: float = 30.0) -> None:
-    """Register the donor side: every request gets the parameters as they are at that moment."""
+async def serve_state(
+    p2p: P2P,
+    run_id: str,
+    snapshot: Snapshot,
+    timeout: float = 30.0,
+    admit: Callable[[PeerID], bool] | None = None,
+) -> None:
+    """Register the donor side: every request gets the parameters as they are at that moment.
+    `admit(peer)` False: the stream is closed before anything is read from it."""
 
     async def handle(info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = str(info.peer_id)[-8:]
+        if admit is not None and not admit(info.peer_id):
+            logger.warning("refused a parameter request from %s: not a member of run %s", peer, run_id)
+            writer.close()
+            return
         try:
             request = msgpack.unpackb(await _read_frame(reader, MAX_CONTROL_BYTES, timeout))
             if not isinstance(request, dict) or request.get("run") != run_id:
