@@ -154,10 +154,12 @@ class SimulateSettings(RunSettings):
     )
 
     def validate(self) -> SimulateSettings:
+        from .attacks import parse_attacks
         from .churn import parse_churn
 
         super().validate()
         parse_churn(self.churn, self.nodes)
+        parse_attacks(self.attack, self.nodes)
         return self
 
 
@@ -250,6 +252,7 @@ class TestnetSettings(RunSettings):
     workdir: str | None = opt(None, "folder for each node's state and log [default: a temporary folder]")
     round_timeout: float = opt(60.0, "seconds a node waits for its in-neighbours each round")
     timeout: float = opt(1800.0, "give up (and tear everything down) after this many seconds")
+    closed: bool = opt(False, "a closed run: an owner key in the workdir and an invitation for each node")
     churn: str | None = opt(
         None,
         "membership changes in seconds, ACTION:NODE@SECONDSs (join, leave, crash, rejoin): e.g. crash:3@40s,join:4@30s",

@@ -37,10 +37,13 @@ def cli_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "p2pnode.cli.app", *args]
 
 
-def start_bootstrap(run_id: str, log: Path, timeout: float = 60.0) -> tuple[subprocess.Popen, list[str]]:
-    """Start `p2pnode bootstrap` on loopback; return the process and the multiaddrs it printed."""
+def start_bootstrap(
+    run_id: str, log: Path, timeout: float = 60.0, owner: str | None = None
+) -> tuple[subprocess.Popen, list[str]]:
+    """Start `p2pnode bootstrap` on loopback (for a closed run: with its `owner` key); return the
+    process and the multiaddrs it printed."""
     proc = subprocess.Popen(
-        cli_command("bootstrap", "--listen", LOOPBACK, "--run-id", run_id),
+        cli_command("bootstrap", "--listen", LOOPBACK, "--run-id", run_id, *(["--owner", owner] if owner else [])),
         stdout=subprocess.PIPE,
         stderr=log.open("w"),
         text=True,
@@ -83,11 +86,14 @@ def node_command(
     state_dir: Path,
     members_to_start: int | None = None,
     joiner: bool = False,
+    owner: str | None = None,
 ) -> list[str]:
     """The `p2pnode start` command of node `index` (also what docker-compose.yml runs).
 
     A joiner (a node that enters a run in progress) gets no --index: it is appended to the members.
-    Nodes past the --split's class sets take them again from the start (node 4 of a 4-set split: set 0)."""
+    Nodes past the --split's class sets take them again from the start (node 4 of a 4-set split: set 0).
+    In a closed run (`owner`), the node's key and invitation are `node.key` and `invite.json` in its
+    state directory (see `invite_nodes`)."""
     split = parse_split(settings.split)
     data_flags = ["--classes", format_class_set(split[index % len(split)])] if isinstance(split, list) else []
     shared = to_flags(settings, RunSettings)
@@ -115,7 +121,24 @@ def node_command(
         "5",
         "--heartbeat",
         "2",
+        *(["--owner", owner, "--invite", str(state_dir / "invite.json")] if owner else []),
     )
+
+
+def invite_nodes(workdir: Path, state_dirs: list[Path], run_id: str) -> str:
+    """Close a testnet's run: an owner key in `workdir` (kept between runs), and for each node a key
+    and an invitation in its state directory. Returns the owner's public key."""
+    from ..protocol.admission import generate_key_file, load_private_key, make_invitation, peer_id_of, public_key_token
+
+    owner_path = workdir / "owner.key"
+    owner = load_private_key(owner_path) if owner_path.exists() else generate_key_file(owner_path)
+    for state in state_dirs:
+        state.mkdir(parents=True, exist_ok=True)
+        key_path = state / "node.key"
+        key = load_private_key(key_path) if key_path.exists() else generate_key_file(key_path)
+        invitation = make_invitation(owner, run_id, peer_id_of(key.public_key()), time.time() + 7 * 86400)
+        (state / "invite.json").write_text(invitation.to_json() + "\n")
+    return public_key_token(owner.public_key())
 
 
 def stop_processes(procs: list[subprocess.Popen], grace: float = 20.0) -> None:
@@ -161,6 +184,7 @@ class _Fleet:
         self.status = dict.fromkeys(range(total), "out")  # out, in, left, crashed
         self.log_files: list = []
         self.applied: list[tuple[ChurnEvent, float]] = []  # (event, seconds after training started)
+        self.owner: str | None = None  # a closed run's owner key
 
     def state(self, i: int) -> Path:
         return self.workdir / f"node{i}"
@@ -173,7 +197,9 @@ class _Fleet:
                 (state / stale).unlink(missing_ok=True)
         log = (self.workdir / f"node{i}.log").open("a")
         self.log_files.append(log)
-        command = node_command(self.s, i, self.addrs, state, members_to_start=len(self.initial), joiner=joiner)
+        command = node_command(
+            self.s, i, self.addrs, state, members_to_start=len(self.initial), joiner=joiner, owner=self.owner
+        )
         self.procs[i] = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
         )
@@ -222,8 +248,10 @@ def run_testnet(settings: TestnetSettings, on_progress: ProgressCallback | None 
     boot = None
     fleet: _Fleet | None = None
     try:
-        boot, addrs = start_bootstrap(s.run_id, workdir / "bootstrap.log")
+        owner = invite_nodes(workdir, [workdir / f"node{i}" for i in range(total)], s.run_id) if s.closed else None
+        boot, addrs = start_bootstrap(s.run_id, workdir / "bootstrap.log", owner=owner)
         fleet = _Fleet(s, workdir, addrs, total, initial)
+        fleet.owner = owner
         for i in range(total):
             for stale in ("result.json", "progress.json", "state.json", "state.safetensors", "events.jsonl"):
                 (fleet.state(i) / stale).unlink(missing_ok=True)

@@ -1,0 +1,155 @@
+"""A closed run over real daemons: an uninvited peer with the same model and settings pushes well-formed
+(poisoned) frames at every member every round; none is accepted and the members end exactly where the
+same run without it ends."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import time
+
+import hivemind
+import pytest
+import torch
+from hivemind.p2p import PeerID
+
+from p2pnode.node.daemon import Node
+from p2pnode.node.settings import NodeSettings
+from p2pnode.node.testnet import invite_nodes, start_bootstrap, stop_processes
+from p2pnode.protocol.admission import (
+    Invitation,
+    dht_signing_key,
+    generate_key_file,
+    load_private_key,
+    peer_id_of,
+)
+from p2pnode.protocol.envelope import MAX_MESSAGE_BYTES, from_message, pack
+from p2pnode.protocol.links import Links
+from p2pnode.protocol.membership import MemberInfo, Membership, run_validators
+
+RUN = "closed-daemons"
+LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
+
+
+class Uninvited:
+    """A peer that knows the bootstrap address, the run id, the owner key and the model, but has no
+    invitation: it shows a member's copied invitation and pushes poisoned copies of real messages."""
+
+    def __init__(self, key_path, peers: list[str], owner: str, copied_invitation: str) -> None:
+        self.key = load_private_key(key_path)
+        self.peer_id = peer_id_of(self.key.public_key())
+        validators = run_validators(RUN, dht_signing_key(self.key), owner)
+        self.dht = hivemind.DHT(initial_peers=peers, host_maddrs=LOOPBACK, start=True, record_validators=validators)
+        info = MemberInfo(peer_id=self.peer_id, fingerprint="f", settings_hash="s", samples=1)
+        info.invitation = copied_invitation
+        self.record_stored = Membership(self.dht, RUN, validators[0], ttl=60).announce(info)
+        self.answers: list[bool] = []
+
+    async def attack(self, members: list[Node], done: asyncio.Event) -> None:
+        p2p = await self.dht.replicate_p2p()
+        links = await Links.create(p2p, RUN, self._never, max_bytes=MAX_MESSAGE_BYTES, timeout=10.0)
+        sent_by_member: list = []
+        source = members[0].transport
+        original = source.send_all
+
+        async def recording(messages):
+            sent_by_member[:] = [copy.deepcopy(m) for m in messages]
+            await original(messages)
+
+        source.send_all = recording
+        try:
+            while not done.is_set():
+                for m in list(sent_by_member):
+                    poisoned = copy.copy(m)
+                    poisoned.tensors = {k: -1000 * t if torch.is_tensor(t) else t for k, t in m.tensors.items()}
+                    frame = pack(from_message(poisoned, RUN, m.epoch, self.peer_id))
+                    for node in members:
+                        self.answers.append(await links.send(PeerID.from_base58(node.peer_id), frame, attempts=1))
+                await asyncio.sleep(0.05)
+        finally:
+            source.send_all = original
+            await links.shutdown()
+            await p2p.shutdown()
+
+    @staticmethod
+    async def _never(data: bytes, peer: PeerID) -> bool:
+        return False
+
+    def shutdown(self) -> None:
+        self.dht.shutdown()
+
+
+def closed_settings(tmp_path, workdir, addrs, owner, i: int) -> NodeSettings:
+    state = workdir / f"node{i}"
+    return NodeSettings(
+        nodes=3,
+        split="0-3,4-6,7-9",
+        epochs=2,
+        batch_size=48,
+        run_id=RUN,
+        peers=addrs,
+        listen=LOOPBACK,
+        round_timeout=30.0,
+        index=i,
+        state_dir=str(state),
+        identity=str(state / "node.key"),
+        owner=owner,
+        invite=str(state / "invite.json"),
+    ).validate()
+
+
+def run_closed(tmp_path, name: str, with_uninvited: bool):
+    workdir = tmp_path / name
+    workdir.mkdir()
+    states = [workdir / f"node{i}" for i in range(3)]
+    owner = invite_nodes(workdir, states, RUN)
+    boot, addrs = start_bootstrap(RUN, workdir / "boot.log", owner=owner)
+
+    async def scenario():
+        nodes = [await Node.create(closed_settings(tmp_path, workdir, addrs, owner, i)) for i in range(3)]
+        stranger = None
+        try:
+            runs = [asyncio.create_task(n.run()) for n in nodes]
+            done = asyncio.Event()
+            attack = None
+            if with_uninvited:
+                generate_key_file(workdir / "mallory.key")
+                copied = Invitation.read(states[0] / "invite.json").to_json()
+                stranger = await asyncio.get_running_loop().run_in_executor(
+                    None, Uninvited, workdir / "mallory.key", addrs, owner, copied
+                )
+                attack = asyncio.create_task(stranger.attack(nodes, done))
+            results = await asyncio.wait_for(asyncio.gather(*runs), 240)
+            done.set()
+            if attack is not None:
+                await attack
+            params = [n.algorithm.params.clone() for n in nodes]
+            return results, params, stranger
+        finally:
+            for n in nodes:
+                await n.shutdown()
+            if stranger is not None:
+                stranger.shutdown()
+
+    try:
+        return asyncio.run(scenario())
+    finally:
+        stop_processes([boot])
+
+
+@pytest.mark.timeout(540)
+def test_an_uninvited_peer_pushing_every_round_changes_nothing_in_a_closed_run(tmp_path, caplog):
+    caplog.set_level("WARNING", logger="p2pnode")
+    started = time.monotonic()
+    results, params, stranger = run_closed(tmp_path, "attacked", with_uninvited=True)
+    clean_results, clean_params, _ = run_closed(tmp_path, "clean", with_uninvited=False)
+    assert stranger.record_stored is False, "the DHT stored a member record with a copied invitation"
+    rounds = results[0]["rounds"]
+    assert len(stranger.answers) >= rounds, f"only {len(stranger.answers)} frames pushed in {rounds} rounds"
+    assert not any(stranger.answers), f"{sum(stranger.answers)} of {len(stranger.answers)} frames accepted"
+    assert [r["rounds"] for r in results] == [r["rounds"] for r in clean_results]
+    for got, want in zip(params, clean_params, strict=True):
+        assert torch.equal(got, want), (got - want).abs().max()
+    assert [r["accuracy"] for r in results] == [r["accuracy"] for r in clean_results]
+    assert stranger.peer_id[-8:] in caplog.text  # the members logged what they refused, and from whom
+    assert time.monotonic() - started < 500
