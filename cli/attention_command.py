@@ -1,0 +1,49 @@
+"""`p2pnode attention`: last-block attention maps of saved models, as one PNG grid (and JSON).
+
+Registered in `cli/app.py` with `app.command()(attention)`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+console = Console(stderr=True)
+
+
+def attention(
+    directory: Annotated[
+        list[Path],
+        typer.Argument(
+            help="a `--save` directory of simulate or testnet, or daemon --state-dir folders (any mix, one trunk)"
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="the PNG grid to write: a row per image, a column per model")],
+    json_path: Annotated[
+        Path | None,
+        typer.Option("--json", help="also write every map and each model's similarity to the central model's maps"),
+    ] = None,
+    images: Annotated[int, typer.Option(help="test images, one row each")] = 8,
+    classes: Annotated[
+        str | None,
+        typer.Option(help="take the images from these classes, e.g. 2-3 or 0,7 [default: half never seen by --node]"),
+    ] = None,
+    node: Annotated[
+        int, typer.Option(help="the node whose models are compared (node<N> of --save, a daemon's --index; from 0)")
+    ] = 0,
+) -> None:
+    """Overlay the last block's attention on test images: original, Local-FT, P2P-FT, central (whatever
+    was saved), one colour scale per row; by default half the images are of classes the node never saw."""
+    from p2pnode.node.attention import LABELS, attention_report
+
+    report = attention_report(directory, out, json_path, images=images, classes=classes, node=node)
+    console.print(f"wrote {out} ({len(report['images'])} images, {report['grid'][0]}x{report['grid'][1]} maps)")
+    similarity = report["similarity_to_central"]
+    if similarity:
+        shown = ", ".join(f"{LABELS.get(a, a)} {v:.3f}" for a, v in similarity.items() if a != "central")
+        if shown:
+            console.print(f"mean cosine similarity to the central model's maps: {shown}")
+    if json_path is not None:
+        console.print(f"wrote {json_path}")
