@@ -24,12 +24,23 @@ logger = logging.getLogger(__name__)
 SILENT_ROUNDS = 3  # deadlines missed in a row before a neighbour is reported silent (and at least
 SILENT_SECONDS = 10.0  # this long without a message from it: a neighbour still finishing the last epoch is not silent)
 ABSENT_GRACE_S = 2.0  # how long an in-neighbour that missed a deadline is waited for
-MAX_HELD = 4096  # frames of later epochs kept until this node enters that epoch
+# Frames of later epochs kept until this node enters that epoch, in all and per sender (an honest sender
+# is at most a few rounds into an epoch this node has not entered yet: a couple of frames a round).
+MAX_HELD = 4096
+MAX_HELD_BYTES = 1 << 30
+MAX_HELD_PER_SENDER = 64
+MAX_HELD_BYTES_PER_SENDER = 256 << 20
 
 
 class Inbox:
-    def __init__(self, silent_seconds: float = SILENT_SECONDS) -> None:
+    def __init__(
+        self,
+        silent_seconds: float = SILENT_SECONDS,
+        max_held: tuple[int, int] = (MAX_HELD, MAX_HELD_BYTES),
+        max_held_per_sender: tuple[int, int] = (MAX_HELD_PER_SENDER, MAX_HELD_BYTES_PER_SENDER),
+    ) -> None:
         self.silent_seconds = silent_seconds
+        self.max_held, self.max_held_per_sender = max_held, max_held_per_sender  # (frames, payload bytes)
         self.last_heard: dict[int, float] = {}  # in-neighbour -> monotonic time of its last message
         self.by_phase: dict[str, list[Message]] = {}
         self.held: list[tuple[str, Envelope]] = []  # (sender peer id, envelope of a later epoch)
@@ -43,10 +54,18 @@ class Inbox:
         self.last_heard[msg.src] = time.monotonic()
         self.arrival.set()
 
-    def hold(self, sender: str, env: Envelope) -> None:
-        if len(self.held) >= MAX_HELD:
-            self.held.pop(0)
+    def hold(self, sender: str, env: Envelope) -> bool:
+        """Keep a frame of a later epoch; False (not kept) when that would pass a bound, in all or for
+        `sender`. The newest frame is the one refused: its sender hears so and sends full state later."""
+        size = env.nbytes
+        frames, nbytes = len(self.held), sum(e.nbytes for _, e in self.held)
+        mine = [e.nbytes for s, e in self.held if s == sender]
+        if frames + 1 > self.max_held[0] or nbytes + size > self.max_held[1]:
+            return False
+        if len(mine) + 1 > self.max_held_per_sender[0] or sum(mine) + size > self.max_held_per_sender[1]:
+            return False
         self.held.append((sender, env))
+        return True
 
     def enter_epoch(self, epoch: int, convert: Callable[[str, Envelope], Message | None]) -> int:
         """Forget the old epoch's messages and take the held ones of `epoch`; returns how many."""

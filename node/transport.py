@@ -3,12 +3,17 @@ delivered in the background so that a slow or dead out-neighbour never stalls a 
 
 The round driver calls `send_all` with an algorithm's messages and reads what arrived from `inbox`
 (`node/rounds.py`); `enter_epoch` renumbers the peers for a new membership epoch.
+
+A sender gets one message per (epoch, phase, round), for rounds within a window around this node's
+(`SeenRounds`): a second, different one is refused and is a strike on the link layer (`Links.strike`);
+the same frame again (a retry after a broken stream) is acknowledged and not used twice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -32,6 +37,56 @@ logger = logging.getLogger(__name__)
 
 INLINE_BYTES = 1 << 20  # messages below this are encoded and decoded on the event loop
 RETRY_UNREACHABLE_S = 10.0  # after a failed send, skip that peer this long (then try again)
+# A frame of this node's epoch for a round further ahead than this is refused: each accepted one waits in the
+# inbox until its round, so this bounds a sender's share of it to about phases x AHEAD_ROUNDS frames. Honest
+# senders do run ahead: in a directed ring a node does not wait for its out-neighbours, and on a busy 2-core
+# machine the daemon tests saw leads of 13 rounds (refusing those made the runs re-form needlessly).
+AHEAD_ROUNDS = 64
+BEHIND_ROUNDS = 256  # frames further behind are refused: no memory is kept of what was taken for them
+SEEN_PER_SENDER = 2048  # (epoch, phase, round) keys remembered per sender, oldest forgotten first
+
+Key = tuple[int, str, int]  # (epoch, phase, round)
+
+
+class SeenRounds:
+    """The frames each sender delivered, by (epoch, phase, round), for rounds within a window of this node's."""
+
+    def __init__(self, ahead: int = AHEAD_ROUNDS, behind: int = BEHIND_ROUNDS, per_sender: int = SEEN_PER_SENDER):
+        self.ahead, self.behind, self.per_sender = ahead, behind, per_sender
+        self.seen: dict[str, OrderedDict[Key, int]] = {}  # sender -> key -> hash of the frame taken for it
+        self._pruned_at = -1
+
+    def check(self, sender: str, key: Key, digest: int, current: int | None) -> str:
+        """'new' (now remembered), 'repeat' (that very frame again), 'twice' (another frame for a key already
+        taken), 'ahead' or 'behind' (outside the window around round `current`; None: no window yet)."""
+        if current is not None:
+            if key[2] > current + self.ahead:
+                return "ahead"
+            if key[2] < current - self.behind:
+                return "behind"
+            self._prune(current)
+        keys = self.seen.setdefault(sender, OrderedDict())
+        if key in keys:
+            return "repeat" if keys[key] == digest else "twice"
+        keys[key] = digest
+        if len(keys) > self.per_sender:
+            keys.popitem(last=False)
+        return "new"
+
+    def _prune(self, current: int) -> None:
+        if current <= self._pruned_at:
+            return
+        self._pruned_at = current
+        for keys in self.seen.values():
+            for key in [k for k in keys if k[2] < current - self.behind]:
+                del keys[key]
+
+    def forget(self, sender: str, key: Key) -> None:
+        self.seen.get(sender, {}).pop(key, None)
+
+    def keep_only(self, senders: set[str]) -> None:
+        for sender in set(self.seen) - senders:
+            del self.seen[sender]
 
 
 class Transport:
@@ -66,6 +121,7 @@ class Transport:
         self.peer_of: dict[int, PeerID] = {}
         self.pending: dict[asyncio.Task, PeerID] = {}  # background sends and their destination
         self.unreachable: dict[int, float] = {}
+        self.seen = SeenRounds()
         self._decode = ThreadPoolExecutor(2, thread_name_prefix="p2pnode-decode")
 
     # --- receiving -------------------------------------------------------------------------------
@@ -85,19 +141,50 @@ class Transport:
 
         try:
             env = await self._off_loop(decode, len(data))
-            if env.epoch < self.epoch:
-                return True  # sent before the sender entered this epoch: harmless, ignored
+        except ProtocolError as e:
+            return self._refuse(sender, str(e))
+        if env.epoch < self.epoch:
+            return True  # sent before the sender entered this epoch: harmless, ignored
+        key = (env.epoch, env.phase, env.round)
+        # A frame of a later epoch is held, bounded by the inbox; this node's round says nothing about it
+        # (a joiner or a returning node may be far behind the round that epoch starts at).
+        current = self._round() if env.epoch == self.epoch else None
+        verdict = self.seen.check(sender, key, hash(data), current)
+        if verdict != "new":
+            return self._judge_repeat(peer, env, verdict)
+        try:
             if env.epoch > self.epoch or self.algorithm is None:
-                self.inbox.hold(sender, env)  # the sender entered a later epoch first: keep it for then
-                if env.epoch > self.epoch:
-                    self.on_newer_epoch(env.epoch)
+                self._hold(sender, env)
                 return True
             msg = await self._off_loop(lambda: self.to_message(sender, env, strict=True), len(data))
         except ProtocolError as e:
+            self.seen.forget(sender, key)  # not taken: the sender may send another frame for it
             return self._refuse(sender, str(e))
         self.inbox.put(msg)
         self.on_heard(sender)
         return True
+
+    def _round(self) -> int | None:
+        """This node's round (None before it runs an epoch)."""
+        return None if self.algorithm is None else self.algorithm.iteration
+
+    def _judge_repeat(self, peer: PeerID, env: Envelope, verdict: str) -> bool:
+        if verdict == "repeat":
+            return True  # a retry of a frame already taken: acknowledged, not used twice
+        where = f"round {env.round} phase {env.phase!r} of epoch {env.epoch}"
+        if verdict == "twice":
+            reason = f"a second, different message for {where}"
+            if self.links is not None:
+                self.links.strike(peer, reason)
+            return self._refuse(str(peer), reason)
+        return self._refuse(str(peer), f"{where} is too far {verdict} of this node's round {self._round()}")
+
+    def _hold(self, sender: str, env: Envelope) -> None:
+        """Keep a frame of an epoch this node has not entered yet; raises ProtocolError when the hold is full."""
+        if not self.inbox.hold(sender, env):
+            raise ProtocolError(f"too many frames held back for a later epoch (epoch {env.epoch})")
+        if env.epoch > self.epoch:
+            self.on_newer_epoch(env.epoch)  # the sender entered a later epoch first: keep it for then
 
     def _refuse(self, sender: str, reason: str) -> bool:
         logger.warning("dropped a message from %s: %s", sender[-8:], reason)
@@ -169,6 +256,7 @@ class Transport:
             if peer not in staying:
                 task.cancel()
         self.inbox.enter_epoch(record.number, self.to_message)
+        self.seen.keep_only(set(record.members) | {sender for sender, _ in self.inbox.held})
 
     def cancel(self) -> None:
         for task in list(self.pending):

@@ -7,13 +7,14 @@ the message. See docs/protocol.md for the field-by-field layout.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import math
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 import msgpack
 import torch
 
-from .codecs import Codec, CodecError, Encoded, decode, get_codec, validate
+from .codecs import Codec, CodecError, Encoded, Int8Codec, TopKCodec, decode, get_codec, validate
 from .message import Message
 
 PROTOCOL_VERSION = 1
@@ -48,6 +49,10 @@ _FIXED_SIZE |= {0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8, 0xD4: 2, 0xD5: 3, 0xD6: 5, 0
 _SIZED = {0xC4: 1, 0xC5: 2, 0xC6: 4, 0xD9: 1, 0xDA: 2, 0xDB: 4}  # bin and str: width of the length field
 _EXT = {0xC7: 1, 0xC8: 2, 0xC9: 4}  # ext: length field, one type byte, data
 _CONTAINERS = {0xDC: (2, 1), 0xDD: (4, 1), 0xDE: (2, 2), 0xDF: (4, 2)}  # width of the count, objects per entry
+# msgpack bytes around the payloads, counted generously: every header field at its longest (about 1.3 kB), and per
+# tensor its entry keys, a 64-character name, dtype, codec, meta and bin header (about 0.3 kB) plus 9 bytes a dim.
+_ENVELOPE_OVERHEAD = 2048
+_TENSOR_OVERHEAD = 512
 
 
 class ProtocolError(ValueError):
@@ -299,6 +304,28 @@ def decode_tensors(env: Envelope) -> dict[str, torch.Tensor]:
         except CodecError as err:
             raise ProtocolError(f"tensor {name!r}: {err}") from None
     return tensors
+
+
+def _payload_bound(codec: Codec, numel: int, itemsize: int) -> int:
+    """The most payload bytes `codec` makes of `numel` elements of at most `itemsize` bytes each."""
+    if isinstance(codec, Int8Codec):
+        return 4 * -(-numel // max(1, min(codec.block, numel))) + numel
+    if isinstance(codec, TopKCodec):
+        return codec.k_for(numel) * (4 + itemsize)
+    return (2 if codec.name in ("fp16", "bf16") else itemsize) * numel
+
+
+def max_frame_bytes(shapes: Mapping[str, tuple[int, ...]], codec: Codec | str = "none", itemsize: int = 8) -> int:
+    """The largest packed envelope whose tensors have these shapes, each encoded with `codec` or sent raw.
+
+    Raw tensors count `itemsize` bytes an element: 8 covers float64 (running-sum totals and SGP weights go
+    uncompressed in float64). A receiver refuses a length header above this before reading the frame."""
+    coder = codec if isinstance(codec, Codec) else get_codec(codec)
+    total = _ENVELOPE_OVERHEAD
+    for shape in shapes.values():
+        numel = math.prod(shape)
+        total += _TENSOR_OVERHEAD + 9 * len(shape) + max(itemsize * numel, _payload_bound(coder, numel, itemsize))
+    return total
 
 
 def from_message(msg: Message, run: str, epoch: int, sender: str, codec: Codec | str = "none") -> Envelope:
