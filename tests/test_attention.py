@@ -15,7 +15,7 @@ from timm.models.swin_transformer import window_partition
 from p2pnode.node.attention import attention_maps, attention_report, last_attention, last_block, select_images
 from p2pnode.node.errors import BadInput
 from p2pnode.node.models import build_model
-from p2pnode.node.saved_models import load_saved_models, save_models, save_simulation_run
+from p2pnode.node.saved_models import load_saved_models, save_models, save_simulation_run, save_state_dirs
 from p2pnode.node.settings import NodeSettings, SimulateSettings
 from p2pnode.node.state_store import StateStore
 
@@ -76,6 +76,11 @@ def test_daemon_state_dir_is_read_with_its_node_classes_and_exact_parameters(tmp
     (saved,) = load_saved_models([tmp_path / "node2"])
     assert (saved.algorithm, saved.node, saved.classes) == ("p2pft", 2, [4, 5, 6])
     assert torch.equal(saved.params, params)
+    # testnet --save: the daemons' state directories copied into the --save layout
+    save_state_dirs(tmp_path / "save", [tmp_path / "node2"], digits_model)
+    (copied,) = load_saved_models(tmp_path / "save")
+    assert (copied.algorithm, copied.node, copied.classes) == ("p2pft", 2, [4, 5, 6])
+    assert torch.equal(copied.params, params) and (tmp_path / "save" / "p2pft" / "node2.json").is_file()
 
 
 def test_models_of_different_trunks_are_refused_with_one_line(tmp_path, digits_model):
@@ -283,3 +288,16 @@ def test_attention_command_writes_the_png(saved_dir, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert out.is_file() and json.loads((tmp_path / "j.json").read_text())["columns"][0] == "original"
+
+
+def test_state_dirs_and_save_folders_mix_in_one_report(saved_dir, tmp_path, digits_model):
+    params = perturbed(digits_model, 1, 0.05, 9)[0]
+    state_dir = tmp_path / "daemon1"
+    store = StateStore(state_dir, {"run_id": "r", "fingerprint": digits_model.fingerprint, "settings_hash": "h"})
+    store.save(SimpleNamespace(state_dict=lambda: {"params": params}, objective=None), {"round": 1, "index": 3})
+    settings = NodeSettings(index=1, state_dir=str(state_dir))  # its classes: its share of --split, 2-3
+    store.events.write("start", peer_id="p", run_id="r", settings=settings.to_dict())  # no result.json: it left
+    store.close()
+    report = attention_report([saved_dir / "local", state_dir, saved_dir / "central"], tmp_path / "g.png", node=1)
+    assert report["columns"] == ["original", "local", "p2pft", "central"]
+    assert report["sources"]["p2pft"] == str(state_dir) and report["node_classes"] == [2, 3]
