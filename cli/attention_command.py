@@ -42,7 +42,7 @@ def attention(
     console.print(f"wrote {out} ({len(report['images'])} images, {report['grid'][0]}x{report['grid'][1]} maps)")
     similarity = report["similarity_to_central"]
     if similarity:
-        shown = ", ".join(f"{LABELS.get(a, a)} {v:.3f}" for a, v in similarity.items() if a != "central")
+        shown = ", ".join(f"{LABELS.get(a, a)} {v:.4f}" for a, v in similarity.items() if a != "central")
         if shown:
             console.print(f"mean cosine similarity to the central model's maps: {shown}")
     if json_path is not None:
