@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -124,11 +124,20 @@ def save_simulation_run(directory: str | Path, sim, name: str) -> list[Path]:
 
 
 def save_state_dirs(
-    directory: str | Path, state_dirs: Iterable[str | Path], model: FineTuneModel | None = None
+    directory: str | Path,
+    state_dirs: Iterable[str | Path] | Mapping[int, str | Path],
+    model: FineTuneModel | None = None,
 ) -> list[Path]:
     """Copy the final parameters in daemon state directories into a `--save` directory (one file per node,
-    under each daemon's algorithm). `model` (already built from the same settings) saves building it again."""
-    saved = load_saved_models(list(state_dirs))
+    under each daemon's algorithm). Given a mapping {node: state_dir}, those are the node numbers (a
+    joiner started without --index has none of its own); else each daemon's --index. `model` (already
+    built from the same settings) saves building it again."""
+    numbered = dict(state_dirs) if isinstance(state_dirs, Mapping) else None
+    paths = list(numbered.values()) if numbered is not None else list(state_dirs)
+    saved = load_saved_models(paths)
+    if numbered is not None:
+        for s, node in zip(saved, numbered, strict=True):
+            s.node = int(node)
     if model is None:
         model = build_saved_model(saved[0])
     written = []

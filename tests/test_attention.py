@@ -81,6 +81,8 @@ def test_daemon_state_dir_is_read_with_its_node_classes_and_exact_parameters(tmp
     (copied,) = load_saved_models(tmp_path / "save")
     assert (copied.algorithm, copied.node, copied.classes) == ("p2pft", 2, [4, 5, 6])
     assert torch.equal(copied.params, params) and (tmp_path / "save" / "p2pft" / "node2.json").is_file()
+    save_state_dirs(tmp_path / "numbered", {5: tmp_path / "node2"}, digits_model)  # testnet names its nodes
+    assert [s.node for s in load_saved_models(tmp_path / "numbered")] == [5]
 
 
 def test_models_of_different_trunks_are_refused_with_one_line(tmp_path, digits_model):
