@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from p2pnode.node.errors import BadInput
 from p2pnode.node.settings import NodeSettings, SimulateSettings, TestnetSettings
 
+from .attention_command import attention
 from .options import with_settings
 
 try:  # typer >= 0.26 vendors its own click
@@ -69,6 +70,10 @@ def _progress() -> Iterator[Callable[[str, int, int, str], None]]:
             progress.stop()
 
 
+SaveDir = Annotated[
+    Path | None,
+    typer.Option(help="write each node's final trainable parameters per algorithm here (read by `p2pnode attention`)"),
+]
 JsonPath = Annotated[Path | None, typer.Option("--json", help="write results and settings as JSON")]
 PlotPath = Annotated[Path | None, typer.Option(help="write accuracy against epoch as an image")]
 
@@ -169,8 +174,10 @@ def keygen(
         Path, typer.Argument(help="where to write the private key (an existing file is never overwritten)")
     ],
 ) -> None:
-    """Write a new private key, usable as --identity (a node) or --owner-key (a run owner), and print
-    its `peer-id:` and `public-key:` lines."""
+    """Write a new private key (a node's --identity or an owner's key); print its peer id and public key.
+
+    The file is never overwritten. Both printed lines are one token each: `peer-id: ...` (what an
+    invitation names) and `public-key: ...` (what a closed run's --owner takes)."""
     from p2pnode.protocol.admission import AdmissionError, generate_key_file, peer_id_of, public_key_token
 
     try:
@@ -189,8 +196,9 @@ def invite(
     expires: Annotated[str, typer.Option(help="how long it is valid: a number and s, m, h, d or w")] = "30d",
     out: Annotated[Path | None, typer.Option(help="write the invitation here [default: stdout]")] = None,
 ) -> None:
-    """Write an invitation to a closed run, signed by the owner and bound to one peer id. The serial it
-    prints on stderr is what `p2pnode revoke` takes."""
+    """Write an invitation to a closed run, signed by the owner and bound to one peer id.
+
+    The serial it prints on stderr is what `p2pnode revoke` takes."""
     import time
 
     from p2pnode.protocol.admission import AdmissionError, load_private_key, make_invitation, parse_duration
@@ -207,7 +215,9 @@ def invite(
         except OSError as e:
             raise BadInput(f"cannot write {out}: {e.strerror}") from None
     until = time.strftime("%Y-%m-%d %H:%M", time.gmtime(invitation.expires))
-    console.print(f"invitation {invitation.serial} for {peer} in run {run_id!r}, valid until {until} UTC", soft_wrap=True)
+    console.print(
+        f"invitation {invitation.serial} for {peer} in run {run_id!r}, valid until {until} UTC", soft_wrap=True
+    )
 
 
 @app.command()
@@ -218,8 +228,10 @@ def revoke(
     run_id: RunId = "default",
     keep: Annotated[str, typer.Option(help="how long the DHT keeps the revocation (s, m, h, d or w)")] = "365d",
 ) -> None:
-    """Publish the owner's revocation of an invitation in the run's DHT: every member drops that peer
-    at its next membership read, and its records and streams are refused from then on."""
+    """Publish the owner's revocation of an invitation in the run's DHT.
+
+    Every member drops that peer at its next membership read; its records and streams are refused
+    from then on."""
     from p2pnode.node.access import publish_revocation
     from p2pnode.protocol.admission import AdmissionError, parse_duration
 
@@ -289,6 +301,7 @@ def testnet(
     settings: TestnetSettings,
     json_path: JsonPath = None,
     plot: PlotPath = None,
+    save: SaveDir = None,
 ) -> None:
     """Start a bootstrap peer and NODES `p2pnode start` processes on 127.0.0.1, run, and tear down."""
     from p2pnode.node.testnet import run_testnet
@@ -299,8 +312,11 @@ def testnet(
             info = f"acc {100 * acc:5.1f}%" if acc is not None else ""
             task(f"node {node}", total, done, info)
 
-        result = run_testnet(settings, on_progress)
+        result = run_testnet(settings, on_progress, save=save)
     _report(result, json_path, plot)
+
+
+app.command()(attention)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,8 +34,10 @@ def attention(
         int, typer.Option(help="the node whose models are compared (node<N> of --save, a daemon's --index; from 0)")
     ] = 0,
 ) -> None:
-    """Overlay the last block's attention on test images: original, Local-FT, P2P-FT, central (whatever
-    was saved), one colour scale per row; by default half the images are of classes the node never saw."""
+    """Overlay the last block's attention on test images, one row per image, one column per model.
+
+    Columns: the original, then Local-FT, P2P-FT, central and any other algorithm saved; one colour
+    scale per row. By default half the images are of classes the node never saw."""
     from p2pnode.node.attention import LABELS, attention_report
 
     report = attention_report(directory, out, json_path, images=images, classes=classes, node=node)

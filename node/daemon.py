@@ -24,14 +24,13 @@ import numpy as np
 from hivemind.p2p import PeerID
 
 from ..protocol.codecs import get_codec
-from ..protocol.envelope import (
-    MAX_MESSAGE_BYTES,
-)
+from ..protocol.envelope import max_frame_bytes
 from ..protocol.links import Links
 from ..protocol.membership import EpochRecord, MemberInfo, Membership, run_validators
 from ..protocol.transfer import TransferError, fetch_state, serve_state
 from .access import run_access
 from .algorithms import ALGORITHMS, Algorithm, StepRule
+from .contributions import Contributions
 from .data import parse_class_set, parse_split, partition
 from .dht_process import start_dht, stop_dht
 from .driver import RoundDriver
@@ -78,6 +77,7 @@ class Node:
         self._finishing = False  # past the last round: a signal stops at once
         self.compute = ThreadPoolExecutor(1, thread_name_prefix="p2pnode-train")
         self.info: MemberInfo | None = None
+        self.contributions = Contributions()
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -187,15 +187,17 @@ class Node:
             self.inbox,
             known_peers=self._known_peers,
             on_refused=self._on_refused,
-            on_heard=lambda peer: self.agent.heard_from(peer) if self.agent else None,
+            on_heard=self._on_heard,
             on_newer_epoch=self._on_newer_epoch,
         )
         self.links = self.transport.links = await Links.create(
             self.p2p,
             s.run_id,
             self.transport.on_frame,
-            max_bytes=MAX_MESSAGE_BYTES,
+            # every message carries one vector of the trainable size and at most a float64 scalar
+            max_bytes=max_frame_bytes({"v": (self.model.num_trainable,), "w": (1,)}, s.codec),
             timeout=max(30.0, s.round_timeout),
+            admit=self._admits,
         )
         await serve_state(self.p2p, s.run_id, self._snapshot, admit=self._admits)
         if s.metrics_port is not None:
@@ -210,6 +212,7 @@ class Node:
             index=s.index,
             classes=s.classes or "",
             invitation=self.access.invitation,
+            contributions=self.contributions.view,
         )
         membership = Membership(self.dht, s.run_id, validators[0], ttl=4 * s.heartbeat, admission=self.access.admission)
         self.agent = await MembershipAgent.create(membership, self.info, s.heartbeat)
@@ -232,7 +235,7 @@ class Node:
             self.settings.leave_timeout,
         )
         if self.agent is not None:
-            asyncio.get_running_loop().create_task(self.agent.announce())
+            self.agent.announce_soon()
 
     def request_stop(self) -> None:
         """Finish the current step, checkpoint and go now."""
@@ -357,7 +360,13 @@ class Node:
         heartbeats = {m.peer_id for m in self.agent.infos} if self.agent else set()
         return peer_id in heartbeats | (self._known_peers() or set())
 
+    def _on_heard(self, sender: str, round_: int, nbytes: int) -> None:
+        self.contributions.accepted(sender, round_, nbytes)
+        if self.agent is not None:
+            self.agent.heard_from(sender)
+
     def _on_refused(self, sender: str, reason: str) -> None:
+        self.contributions.refused(sender)
         if self.store is not None:
             self.store.events.write("refused", peer=sender, reason=reason)
         if self.metrics is not None:
@@ -478,6 +487,10 @@ class Node:
             "bytes_per_epoch": self.links.bytes_sent / s.epochs,
             "messages_per_epoch": self.links.frames_sent / s.epochs,
             "rejected": self.links.rejected,
+            # this node's view of each in-neighbour: [rounds, bytes, accepted, refused] (also in its DHT record)
+            "contributions": self.contributions.summary(),
+            "refused_by_link_limits": dict(self.links.refused),
+            "banned": {str(p): reason for p, reason in self.links.banned.items()},
             "seconds": time.perf_counter() - self._started,
             "index": self.index,
             "peer_id": self.peer_id,

@@ -45,6 +45,7 @@ class MembershipAgent:
         self._tasks: list[asyncio.Task] = []
         self._refreshed = 0.0
         self._wake = asyncio.Event()
+        self._pending: set[asyncio.Task] = set()  # announcements in flight
 
     @classmethod
     async def create(cls, membership: Membership, info: MemberInfo, heartbeat: float) -> MembershipAgent:
@@ -54,6 +55,8 @@ class MembershipAgent:
         return self
 
     async def shutdown(self) -> None:
+        if self._pending:  # let status changes (left, done) reach the DHT before it stops
+            await asyncio.wait(list(self._pending), timeout=5.0)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -71,11 +74,17 @@ class MembershipAgent:
         except Exception as e:
             logger.warning("membership refresh failed: %s", e)
 
+    def announce_soon(self) -> None:
+        """Publish now without waiting for it (`shutdown` lets such publications finish first)."""
+        task = asyncio.get_running_loop().create_task(self.announce())
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
     def report_silent(self, peer_id: str) -> None:
         if peer_id not in self._silent:
             self._silent.add(peer_id)
             logger.warning("reporting peer %s silent: no message for several rounds", peer_id[-8:])
-            asyncio.get_running_loop().create_task(self.announce())
+            self.announce_soon()
 
     def heard_from(self, peer_id: str) -> None:
         self._silent.discard(peer_id)
@@ -84,7 +93,7 @@ class MembershipAgent:
         """This node now runs in `record`'s epoch (published with the next heartbeat, or now)."""
         self.info.epoch, self.info.epoch_hash = record.number, record.hash
         self._silent &= set(record.members)
-        asyncio.get_running_loop().create_task(self.announce())
+        self.announce_soon()
 
     async def _beat(self) -> None:
         while True:

@@ -9,6 +9,7 @@ from rich.table import Table
 
 from ..protocol.membership import EpochRecord, MemberInfo, Membership, run_validators
 from . import epochs
+from .contributions import attested
 from .errors import BadInput
 
 
@@ -77,13 +78,14 @@ def status_tables(status: RunStatus) -> list[Table]:
     peers += [m.peer_id for m in infos if m.peer_id not in peers]
     table = Table(title=f"run {status.run_id}: {len(infos)} member(s)")
     columns = ("#", "peer", "classes", "state", "status", "round", "pass", "loss", "accuracy", "sent", "seen")
+    columns += ("attested by neighbours",)
     for col in columns:
         table.add_column(col, justify="left" if col in ("peer", "state", "status", "classes") else "right")
     for peer in peers:
         m = next((x for x in infos if x.peer_id == peer), None)
         position = str(record.members.index(peer)) if record is not None and peer in record.members else "-"
         if m is None:
-            table.add_row(position, peer[-10:], "-", status.state_of(peer), "-", "-", "-", "-", "-", "-", "-")
+            table.add_row(position, peer[-10:], "-", status.state_of(peer), *["-"] * 7, attestation(infos, peer))
             continue
         table.add_row(
             position,
@@ -97,5 +99,17 @@ def status_tables(status: RunStatus) -> list[Table]:
             f"{100 * m.accuracy:.1f}%" if m.accuracy >= 0 else "-",
             f"{m.bytes_sent / 1e6:.1f} MB",
             f"{time.time() - m.updated:.0f} s ago",
+            attestation(infos, peer),
         )
     return [head, table]
+
+
+def attestation(infos: list[MemberInfo], peer: str) -> str:
+    """What the members that received from `peer` attest it contributed: rounds (the most any of
+    them counted), megabytes and messages accepted/refused (summed), and by how many of them."""
+    said = attested({m.peer_id: m.contributions for m in infos if m.peer_id != peer}, peer)
+    if not said:
+        return "-"
+    rounds = max(v[0] for v in said.values())
+    total = [sum(v[i] for v in said.values()) for i in (1, 2, 3)]
+    return f"{rounds} rounds, {total[0] / 1e6:.1f} MB, {total[1]} ok / {total[2]} refused (by {len(said)})"

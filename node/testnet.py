@@ -23,6 +23,7 @@ from pathlib import Path
 from .churn import ChurnEvent, initial_members, parse_churn
 from .data import parse_split
 from .errors import BadInput
+from .saved_models import save_simulation_run, save_state_dirs
 from .settings import RunSettings, TestnetSettings, to_flags
 from .simulator import AlgorithmResult, SimulationResult
 
@@ -230,7 +231,10 @@ class _Fleet:
             f.close()
 
 
-def run_testnet(settings: TestnetSettings, on_progress: ProgressCallback | None = None) -> SimulationResult:
+def run_testnet(
+    settings: TestnetSettings, on_progress: ProgressCallback | None = None, save: str | Path | None = None
+) -> SimulationResult:
+    """Run the testnet; with `save`, write each node's final parameters there (`p2pnode attention` reads them)."""
     s = settings
     if s.algorithm == "central":
         raise BadInput("central is the single-node reference: compare against it with `p2pnode simulate`")
@@ -263,7 +267,7 @@ def run_testnet(settings: TestnetSettings, on_progress: ProgressCallback | None 
         stop_processes(procs + (fleet.all_processes() if fleet else []))
         if fleet is not None:
             fleet.close()
-    return _collect(s, workdir, fleet, results, events)
+    return _collect(s, workdir, fleet, results, events, save)
 
 
 MAX_EXTRA_JOINERS = 16  # node ids past --nodes that --churn may introduce with `join`
@@ -326,7 +330,12 @@ def _watch(
 
 
 def _collect(
-    s: TestnetSettings, workdir: Path, fleet: _Fleet, results: dict[int, dict], events: list[ChurnEvent]
+    s: TestnetSettings,
+    workdir: Path,
+    fleet: _Fleet,
+    results: dict[int, dict],
+    events: list[ChurnEvent],
+    save: str | Path | None = None,
 ) -> SimulationResult:
     total = fleet.total
     evals = {i: _eval_history(fleet.state(i)) for i in range(total)}
@@ -368,11 +377,17 @@ def _collect(
     if events:
         shared["nodes"] = len(took_part)
     out = {s.algorithm: algo}
+    if save is not None:
+        save_state_dirs(save, {i: fleet.state(i) for i in took_part})  # the daemons, named by node
     if s.compare:  # references the daemons cannot run (central) or that are not the point: in-process
         from .simulator import Simulation
 
         sim = Simulation(s)
-        out.update({name: sim.run(name) for name in s.compare if name != s.algorithm})
+        for name in s.compare:
+            if name != s.algorithm:
+                out[name] = sim.run(name)
+                if save is not None:
+                    save_simulation_run(save, sim, name)
     sources = {name: "daemons" if name == s.algorithm else "simulated" for name in out}
     return SimulationResult({**shared, "workdir": str(workdir), "sources": sources}, out, reference["fingerprint"])
 

@@ -103,7 +103,7 @@ class Transport:
         inbox: Inbox,
         known_peers: Callable[[], set[str] | None],
         on_refused: Callable[[str, str], None],
-        on_heard: Callable[[str], None],
+        on_heard: Callable[[str, int, int], None],  # sender, round, frame bytes
         on_newer_epoch: Callable[[int], None],
     ) -> None:
         self.run_id, self.peer_id, self.inbox = run_id, peer_id, inbox
@@ -161,7 +161,7 @@ class Transport:
             self.seen.forget(sender, key)  # not taken: the sender may send another frame for it
             return self._refuse(sender, str(e))
         self.inbox.put(msg)
-        self.on_heard(sender)
+        self.on_heard(sender, env.round, len(data))
         return True
 
     def _round(self) -> int | None:

@@ -49,6 +49,7 @@ class _MemberRecord(pydantic.BaseModel):
     bytes_sent: pydantic.StrictInt
     classes: pydantic.StrictStr
     invitation: pydantic.StrictStr
+    contributions: dict[pydantic.StrictStr, list[pydantic.StrictInt]]
     updated: pydantic.StrictFloat
 
 
@@ -98,6 +99,8 @@ class MemberInfo:
     bytes_sent: int = 0
     classes: str = ""
     invitation: str = ""  # closed runs: the owner's invitation for this peer id (JSON)
+    # per in-neighbour: [rounds, bytes, accepted, refused] of its messages, as this node saw them
+    contributions: dict[str, list[int]] = field(default_factory=dict)
     updated: float = field(default_factory=time.time)
 
     @property
@@ -177,6 +180,11 @@ def run_validators(run_id: str, private_key=None, owner: str | None = None) -> l
     return validators
 
 
+# Every DHT call is bounded: a call still in flight when the DHT process stops would never return,
+# and the thread waiting on it would keep the daemon's event loop (and the process) from exiting.
+DHT_CALL_TIMEOUT = 20.0
+
+
 class Membership:
     """Announce this node and read the run's members. Calls block briefly; run them in a thread."""
 
@@ -192,19 +200,26 @@ class Membership:
         self.subkey = validator.local_public_key
         self._refused: set[tuple[str, str]] = set()  # (peer, reason) already logged
 
+    def _store(self, key: str, value: object, expiration: float, subkey: object) -> bool:
+        future = self.dht.store(key, value, expiration, subkey=subkey, return_future=True)
+        return future.result(timeout=DHT_CALL_TIMEOUT)
+
+    def _get(self, key: str):
+        return self.dht.get(key, latest=True, return_future=True).result(timeout=DHT_CALL_TIMEOUT)
+
     def announce(self, info: MemberInfo) -> bool:
         info.updated = time.time()
         record = asdict(info)
         record["loss"] = float(record["loss"]) if record["loss"] == record["loss"] else -1.0
-        return bool(self.dht.store(run_key(self.run_id), record, get_dht_time() + self.ttl, subkey=self.subkey))
+        return bool(self._store(run_key(self.run_id), record, get_dht_time() + self.ttl, subkey=self.subkey))
 
     def propose(self, record: EpochRecord, ttl: float) -> bool:
         """Write (or refresh) this peer's epoch record."""
-        return bool(self.dht.store(epochs_key(self.run_id), record.to_dict(), get_dht_time() + ttl, subkey=self.subkey))
+        return bool(self._store(epochs_key(self.run_id), record.to_dict(), get_dht_time() + ttl, subkey=self.subkey))
 
     def epochs(self) -> list[EpochRecord]:
         """Every epoch record the DHT holds for the run (one per proposer)."""
-        found = self.dht.get(epochs_key(self.run_id), latest=True)
+        found = self._get(epochs_key(self.run_id))
         if found is None or not isinstance(found.value, dict):
             return []
         records = []
@@ -237,7 +252,7 @@ class Membership:
 
     def revocations(self) -> list[Revocation]:
         """The owner's revocations the DHT holds for this run (each signature checked by the caller)."""
-        found = self.dht.get(revoked_key(self.run_id), latest=True)
+        found = self._get(revoked_key(self.run_id))
         if found is None or not isinstance(found.value, dict):
             return []
         out = []
@@ -249,11 +264,11 @@ class Membership:
     def publish_revocation(self, rev: Revocation, ttl: float) -> bool:
         """Store an owner-signed revocation (any peer may store it again: the owner's signature is in the value)."""
         value = {"run_id": rev.run_id, "serial": rev.serial, "signature": rev.signature}
-        return bool(self.dht.store(revoked_key(self.run_id), value, get_dht_time() + ttl, subkey=rev.serial))
+        return bool(self._store(revoked_key(self.run_id), value, get_dht_time() + ttl, subkey=rev.serial))
 
     def members(self) -> list[MemberInfo]:
         """Live members, one per peer id (the newest record), in the run's order."""
-        found = self.dht.get(run_key(self.run_id), latest=True)
+        found = self._get(run_key(self.run_id))
         if found is None or not isinstance(found.value, dict):
             return []
         newest: dict[str, MemberInfo] = {}

@@ -14,6 +14,7 @@ import torch
 from hivemind.p2p import PeerID
 
 from p2pnode.node.daemon import Node
+from p2pnode.node.run_status import attestation, read_run_status
 from p2pnode.node.settings import NodeSettings
 from p2pnode.node.testnet import invite_nodes, start_bootstrap, stop_processes
 from p2pnode.protocol.admission import (
@@ -124,6 +125,9 @@ def run_closed(tmp_path, name: str, with_uninvited: bool):
             if attack is not None:
                 await attack
             params = [n.algorithm.params.clone() for n in nodes]
+            if with_uninvited:
+                status = await asyncio.get_running_loop().run_in_executor(None, read_run_status, addrs, RUN, owner)
+                results = [{**r, "status": status} for r in results]
             return results, params, stranger
         finally:
             for n in nodes:
@@ -138,8 +142,7 @@ def run_closed(tmp_path, name: str, with_uninvited: bool):
 
 
 @pytest.mark.timeout(540)
-def test_an_uninvited_peer_pushing_every_round_changes_nothing_in_a_closed_run(tmp_path, caplog):
-    caplog.set_level("WARNING", logger="p2pnode")
+def test_an_uninvited_peer_pushing_every_round_changes_nothing_in_a_closed_run(tmp_path):
     started = time.monotonic()
     results, params, stranger = run_closed(tmp_path, "attacked", with_uninvited=True)
     clean_results, clean_params, _ = run_closed(tmp_path, "clean", with_uninvited=False)
@@ -151,5 +154,19 @@ def test_an_uninvited_peer_pushing_every_round_changes_nothing_in_a_closed_run(t
     for got, want in zip(params, clean_params, strict=True):
         assert torch.equal(got, want), (got - want).abs().max()
     assert [r["accuracy"] for r in results] == [r["accuracy"] for r in clean_results]
-    assert stranger.peer_id[-8:] in caplog.text  # the members logged what they refused, and from whom
+    # every member closed the stranger's streams before reading a byte of them
+    assert all(r["refused_by_link_limits"].get("not admitted", 0) >= 1 for r in results), results
+    assert all(not r["refused_by_link_limits"] for r in clean_results)
+    # contribution records: each node saw its one in-neighbour (directed ring) in every round, and
+    # what it published in its member record is what `p2pnode status` shows for that neighbour
+    peers = [r["peer_id"] for r in results]
+    status = results[0]["status"]
+    for i, r in enumerate(results):
+        in_neighbour = peers[(i - 1) % 3]
+        assert list(r["contributions"]) == [in_neighbour], r["contributions"]
+        got_rounds, got_bytes, accepted, refused = r["contributions"][in_neighbour]
+        assert got_rounds == rounds and accepted >= rounds and refused == 0 and got_bytes > 0
+        assert attestation(status.infos, in_neighbour).startswith(f"{rounds} rounds")
+    assert attestation(status.infos, stranger.peer_id) == "-"
+    assert stranger.peer_id not in [m.peer_id for m in status.infos]
     assert time.monotonic() - started < 500
