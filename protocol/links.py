@@ -30,12 +30,13 @@ logger = logging.getLogger(__name__)
 
 ACCEPTED, REJECTED = b"\x01", b"\x00"
 HEADER_LEN = 8
-MAX_NOTED = 1024  # non-admitted peers logged once each, up to this many
+ADMIT_WAIT_S = 10.0  # the longest an admission check may take (a new member's record may be a poll away)
+MAX_NOTED = 1024  # non-admitted peers logged (once each) up to this many
 
 # (payload, sender's authenticated peer id) -> accepted?
 FrameHandler = Callable[[bytes, PeerID], Awaitable[bool]]
 # sender's authenticated peer id -> may it open a stream? (checked before anything is read)
-Admit = Callable[[PeerID], bool]
+Admit = Callable[[PeerID], Awaitable[bool]]  # may take a moment (e.g. to read the DHT); nothing is read meanwhile
 
 
 def handler_name(run_id: str) -> str:
@@ -228,27 +229,29 @@ class Links:
             "peak_buffered_bytes": self.budget.peak,
         }
 
-    def _admitted(self, peer: PeerID) -> bool:
+    async def _admitted(self, peer: PeerID) -> bool:
         if self.admit is None:
             return True
         try:
-            return bool(self.admit(peer))
+            return bool(await asyncio.wait_for(self.admit(peer), ADMIT_WAIT_S))
+        except asyncio.TimeoutError:
+            return False
         except Exception:
             logger.exception("the admission check failed for %s", short(peer))
             return False
 
-    def _open(self, peer: PeerID, writer: asyncio.StreamWriter) -> bool:
+    async def _open(self, peer: PeerID, writer: asyncio.StreamWriter) -> bool:
         """Whether a new in-stream may be read at all; registers it if so."""
         if peer in self.banned:
             self.refused["banned"] += 1
             return False
         # Not a strike: the daemon learns of new members from the DHT a little late, and an honest
         # joiner that retries would be banned for the run; a stream closed unread costs nothing.
-        if not self._admitted(peer):
+        if not await self._admitted(peer):
             self.refused["not admitted"] += 1
             if peer not in self._noted and len(self._noted) < MAX_NOTED:
                 self._noted.add(peer)
-                logger.info("closed a stream from %s before reading it: not admitted to this run", short(peer))
+                logger.warning("closed a stream from %s before reading it: not admitted to this run", short(peer))
             return False
         streams = self._in.setdefault(peer, set())
         if len(streams) >= self.limits.streams_per_peer:
@@ -278,7 +281,7 @@ class Links:
     async def _handle(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Serve one in-link: frames in order until the sender closes it or a limit ends it."""
         peer = info.peer_id
-        if not self._open(peer, writer):
+        if not await self._open(peer, writer):
             writer.close()
             return
         try:
