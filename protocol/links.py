@@ -18,6 +18,7 @@ within `strike_window_s` ban the peer for the run. `counters()` reports all of i
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections import Counter, defaultdict, deque
@@ -32,11 +33,13 @@ ACCEPTED, REJECTED = b"\x01", b"\x00"
 HEADER_LEN = 8
 ADMIT_WAIT_S = 10.0  # the longest an admission check may take (a new member's record may be a poll away)
 MAX_NOTED = 1024  # non-admitted peers logged (once each) up to this many
+MAX_CHECKING = 256  # new in-streams waiting for their admission check, all peers together
 
 # (payload, sender's authenticated peer id) -> accepted?
 FrameHandler = Callable[[bytes, PeerID], Awaitable[bool]]
-# sender's authenticated peer id -> may it open a stream? (checked before anything is read)
-Admit = Callable[[PeerID], Awaitable[bool]]  # may take a moment (e.g. to read the DHT); nothing is read meanwhile
+# sender's authenticated peer id -> may it open a stream? Checked before anything is read; an async check may take
+# a moment (e.g. to read the DHT), at most ADMIT_WAIT_S, and nothing is read meanwhile.
+Admit = Callable[[PeerID], Awaitable[bool] | bool]
 
 
 def handler_name(run_id: str) -> str:
@@ -122,6 +125,7 @@ class Links:
         self._in: dict[PeerID, set[asyncio.StreamWriter]] = {}  # open in-streams of admitted peers
         self._strikes: dict[PeerID, deque[float]] = {}
         self._noted: set[PeerID] = set()
+        self._checking: Counter[PeerID] = Counter()  # in-streams waiting for their admission check, per peer
         self.banned: dict[PeerID, str] = {}  # peer -> the reason of its last strike
         self.refused: Counter[str] = Counter()  # streams and frames refused by the link layer, by limit
         self.peak_streams = 0  # most in-streams one peer had open at once
@@ -230,28 +234,45 @@ class Links:
         }
 
     async def _admitted(self, peer: PeerID) -> bool:
+        """`admit(peer)`, counted and logged; a flood of new streams must not become a flood of checks."""
         if self.admit is None:
             return True
-        try:
-            return bool(await asyncio.wait_for(self.admit(peer), ADMIT_WAIT_S))
-        except asyncio.TimeoutError:
+        if self._checking[peer] >= self.limits.streams_per_peer or self._checking.total() >= MAX_CHECKING:
+            self.refused["admission busy"] += 1
             return False
+        self._checking[peer] += 1
+        try:
+            verdict = self.admit(peer)
+            ok = bool(await asyncio.wait_for(verdict, ADMIT_WAIT_S) if inspect.isawaitable(verdict) else verdict)
+        except asyncio.TimeoutError:
+            ok = False
         except Exception:
             logger.exception("the admission check failed for %s", short(peer))
-            return False
-
-    async def _open(self, peer: PeerID, writer: asyncio.StreamWriter) -> bool:
-        """Whether a new in-stream may be read at all; registers it if so."""
-        if peer in self.banned:
-            self.refused["banned"] += 1
-            return False
-        # Not a strike: the daemon learns of new members from the DHT a little late, and an honest
-        # joiner that retries would be banned for the run; a stream closed unread costs nothing.
-        if not await self._admitted(peer):
+            ok = False
+        finally:
+            self._checking[peer] -= 1
+            if not self._checking[peer]:
+                del self._checking[peer]
+        if not ok:
             self.refused["not admitted"] += 1
             if peer not in self._noted and len(self._noted) < MAX_NOTED:
                 self._noted.add(peer)
                 logger.warning("closed a stream from %s before reading it: not admitted to this run", short(peer))
+        return ok
+
+    async def _open(self, peer: PeerID, writer: asyncio.StreamWriter) -> bool:
+        """Whether a new in-stream may be read at all; registers it if so.
+
+        Refusing admission is not a strike: the daemon learns of new members from the DHT a little late,
+        and an honest joiner that retries would be banned for the run; a stream closed unread costs nothing.
+        A peer with a stream open now was admitted already: its extra streams go straight to the limit."""
+        if peer in self.banned:
+            self.refused["banned"] += 1
+            return False
+        if peer not in self._in and not await self._admitted(peer):
+            return False
+        if peer in self.banned:  # banned while its admission was being checked
+            self.refused["banned"] += 1
             return False
         streams = self._in.setdefault(peer, set())
         if len(streams) >= self.limits.streams_per_peer:
