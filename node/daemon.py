@@ -47,6 +47,8 @@ from .transport import Transport
 
 logger = logging.getLogger(__name__)
 
+ADMIT_WAIT_S = 5.0  # how long a stream from a peer not known yet waits, unread, for the membership reads
+
 
 class Node:
     """A peer of one run. Build with `await Node.create(settings)`, then `await node.run()`."""
@@ -78,6 +80,7 @@ class Node:
         self.compute = ThreadPoolExecutor(1, thread_name_prefix="p2pnode-train")
         self.info: MemberInfo | None = None
         self.contributions = Contributions()
+        self._refused_until: dict[str, float] = {}  # peers refused admission, until when
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -351,14 +354,32 @@ class Node:
         records = [r for r in (self.record, self.agent.record if self.agent else None) if r is not None]
         return {p for r in records for p in r.members} if records else None
 
-    def _admits(self, peer: PeerID) -> bool:
-        """Whether a peer may open a stream to this node (checked before anything is read from it):
-        a member of the run (in a closed run, one with a valid, unrevoked invitation)."""
-        peer_id = str(peer)
+    def _is_member(self, peer_id: str) -> bool:
+        """A member of the run as this node knows it now (in a closed run, with a valid, unrevoked invitation)."""
         if self.access.closed and not self.access.admission.admitted(peer_id):
             return False
         heartbeats = {m.peer_id for m in self.agent.infos} if self.agent else set()
         return peer_id in heartbeats | (self._known_peers() or set())
+
+    async def _admits(self, peer: PeerID) -> bool:
+        """Whether a peer may open a stream to this node, decided before anything is read from it. A
+        peer not known yet may be a member whose record this node has not read (it just started, or
+        the peer just joined): wait for the next membership reads, a few seconds at most."""
+        peer_id = str(peer)
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._refused_until.get(peer_id, 0.0):
+            return False  # refused a moment ago: a stranger's streams cost nothing more
+        deadline = loop.time() + ADMIT_WAIT_S
+        if not self._is_member(peer_id) and self.agent is not None:
+            self.agent.wake()
+        while not self._is_member(peer_id):
+            if loop.time() >= deadline or self.stop_requested.is_set():
+                if len(self._refused_until) > 4096:
+                    self._refused_until.clear()
+                self._refused_until[peer_id] = loop.time() + ADMIT_WAIT_S
+                return False
+            await asyncio.sleep(0.25)
+        return True
 
     def _on_heard(self, sender: str, round_: int, nbytes: int) -> None:
         self.contributions.accepted(sender, round_, nbytes)

@@ -40,7 +40,14 @@ class Uninvited:
         self.key = load_private_key(key_path)
         self.peer_id = peer_id_of(self.key.public_key())
         validators = run_validators(RUN, dht_signing_key(self.key), owner)
-        self.dht = hivemind.DHT(initial_peers=peers, host_maddrs=LOOPBACK, start=True, record_validators=validators)
+        self.dht = hivemind.DHT(
+            initial_peers=peers,
+            host_maddrs=LOOPBACK,
+            identity_path=str(key_path),  # its libp2p peer id is its key's, as for any real peer
+            start=True,
+            record_validators=validators,
+        )
+        assert str(self.dht.peer_id) == self.peer_id
         info = MemberInfo(peer_id=self.peer_id, fingerprint="f", settings_hash="s", samples=1)
         info.invitation = copied_invitation
         self.record_stored = Membership(self.dht, RUN, validators[0], ttl=60).announce(info)
@@ -58,6 +65,7 @@ class Uninvited:
             await original(messages)
 
         source.send_all = recording
+        sends = []
         try:
             while not done.is_set():
                 for m in list(sent_by_member):
@@ -65,8 +73,10 @@ class Uninvited:
                     poisoned.tensors = {k: -1000 * t if torch.is_tensor(t) else t for k, t in m.tensors.items()}
                     frame = pack(from_message(poisoned, RUN, m.epoch, self.peer_id))
                     for node in members:
-                        self.answers.append(await links.send(PeerID.from_base58(node.peer_id), frame, attempts=1))
+                        target = PeerID.from_base58(node.peer_id)
+                        sends.append(asyncio.create_task(links.send(target, frame, attempts=1)))
                 await asyncio.sleep(0.05)
+            self.answers = list(await asyncio.gather(*sends))
         finally:
             source.send_all = original
             await links.shutdown()
@@ -125,6 +135,8 @@ def run_closed(tmp_path, name: str, with_uninvited: bool):
             if attack is not None:
                 await attack
             params = [n.algorithm.params.clone() for n in nodes]
+            for n, r in zip(nodes, results, strict=True):
+                r["refused_after_the_attack"] = dict(n.links.refused)
             if with_uninvited:
                 status = await asyncio.get_running_loop().run_in_executor(None, read_run_status, addrs, RUN, owner)
                 results = [{**r, "status": status} for r in results]
@@ -155,8 +167,8 @@ def test_an_uninvited_peer_pushing_every_round_changes_nothing_in_a_closed_run(t
         assert torch.equal(got, want), (got - want).abs().max()
     assert [r["accuracy"] for r in results] == [r["accuracy"] for r in clean_results]
     # every member closed the stranger's streams before reading a byte of them
-    assert all(r["refused_by_link_limits"].get("not admitted", 0) >= 1 for r in results), results
-    assert all(not r["refused_by_link_limits"] for r in clean_results)
+    assert all(r["refused_after_the_attack"].get("not admitted", 0) >= 1 for r in results), results
+    assert all(not r["refused_after_the_attack"] for r in clean_results)
     # contribution records: each node saw its one in-neighbour (directed ring) in every round, and
     # what it published in its member record is what `p2pnode status` shows for that neighbour
     peers = [r["peer_id"] for r in results]
@@ -165,8 +177,9 @@ def test_an_uninvited_peer_pushing_every_round_changes_nothing_in_a_closed_run(t
         in_neighbour = peers[(i - 1) % 3]
         assert list(r["contributions"]) == [in_neighbour], r["contributions"]
         got_rounds, got_bytes, accepted, refused = r["contributions"][in_neighbour]
-        assert got_rounds == rounds and accepted >= rounds and refused == 0 and got_bytes > 0
-        assert attestation(status.infos, in_neighbour).startswith(f"{rounds} rounds")
+        # a round's exchange comes before its step: the last round may end the run without one
+        assert rounds - 1 <= got_rounds <= rounds and accepted >= got_rounds and refused == 0 and got_bytes > 0
+        assert attestation(status.infos, in_neighbour).startswith(f"{got_rounds} rounds")
     assert attestation(status.infos, stranger.peer_id) == "-"
     assert stranger.peer_id not in [m.peer_id for m in status.infos]
     assert time.monotonic() - started < 500
