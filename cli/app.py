@@ -102,6 +102,7 @@ def simulate(
     settings: SimulateSettings,
     json_path: JsonPath = None,
     plot: PlotPath = None,
+    save: SaveDir = None,
 ) -> None:
     """Run NODES nodes in one process over in-memory links and print a per-node accuracy table."""
     from p2pnode.node.simulator import simulate as run_simulation
@@ -114,7 +115,7 @@ def simulate(
         def on_epoch(name: str, epoch: int, total: int, acc: float) -> None:
             task(name, total, epoch, f"mean acc {100 * acc:5.1f}%")
 
-        result = run_simulation(settings, on_epoch, on_cache)
+        result = run_simulation(settings, on_epoch, on_cache, save=save)
     _report(result, json_path, plot)
 
 

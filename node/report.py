@@ -3,7 +3,8 @@
 Nodes are shown 1-based ("node 4" is id 3 in `--churn`). With churn, a node that was not in the run
 the whole time gets a note in the table's `membership` row (rounds: "left @200, joined @400"), a `*`
 on its accuracy if it was out at the end (the accuracy it had when it left), and in the plot a line
-only over the epochs it was a member, with membership changes marked by vertical lines.
+only over the epochs it was a member, with membership changes marked by vertical lines. A Byzantine
+node (`--attack`) is marked "(B)" in the header, and the mean is then over the honest nodes only.
 """
 
 from __future__ import annotations
@@ -64,9 +65,10 @@ def results_table(result: SimulationResult) -> Table:
     )
     table = Table(title=title)
     table.add_column("method")
+    attackers = {i for r in result.results.values() for i in r.attackers}
     for i in range(n):
-        table.add_column(f"node {i + 1}", justify="right")
-    table.add_column("mean", justify="right")
+        table.add_column(f"node {i + 1}" + (" (B)" if i in attackers else ""), justify="right")
+    table.add_column("honest mean" if attackers else "mean", justify="right")
     table.add_column("sent / node", justify="right")
     notes: dict[tuple, list[str]] = {}  # distinct membership notes -> the methods they belong to
     starred = False
@@ -75,7 +77,7 @@ def results_table(result: SimulationResult) -> Table:
         starred |= bool(out)
         accs = [f"{100 * a:.1f}" + ("*" if i in out else "") for i, a in enumerate(r.accuracy)]
         cells = accs if len(accs) == n else [accs[0]] + ["" for _ in range(n - 1)]
-        mean = 100 * sum(r.accuracy) / len(r.accuracy)
+        mean = 100 * r.honest_mean
         sent = sum(r.bytes_sent) / len(r.bytes_sent)
         source = result.settings.get("sources", {}).get(name)
         label = LABELS.get(name, name) + (f" ({source})" if source else "")
@@ -89,11 +91,16 @@ def results_table(result: SimulationResult) -> Table:
         label = "membership" + (f" ({', '.join(names)})" if len(notes) > 1 else "")
         cells = dict(node_notes)
         table.add_row(label, *[cells.get(j, "") for j in range(n)], "", "")
+    captions = []
     if notes:
-        caption = "membership: rounds at which a node joined, left, crashed or came back"
+        captions.append("membership: rounds at which a node joined, left, crashed or came back")
         if starred:
-            caption += "; * accuracy when the node left (it was out at the end)"
-        table.caption = caption
+            captions.append("* accuracy when the node left (it was out at the end)")
+    if attackers:
+        attacks = ", ".join(result.settings.get("attack", []))
+        captions.append(f"(B) Byzantine node ({attacks}), not counted in the honest mean")
+    if captions:
+        table.caption = "; ".join(captions)
     return table
 
 

@@ -13,6 +13,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ import torch
 from ..protocol.codecs import get_codec
 from .algorithms import ALGORITHMS, StepRule
 from .algorithms.base import Algorithm
+from .attacks import Poisoner, parse_attacks
 from .churn import ChurnEvent, initial_members, parse_churn
 from .data import parse_split, partition
 from .engine import InMemoryNetwork
@@ -58,6 +60,18 @@ class AlgorithmResult:
     history: dict[str, list | dict] = field(default_factory=dict)
     bytes_per_epoch: list[float] = field(default_factory=list)  # per node
     messages_per_epoch: list[float] = field(default_factory=list)
+    attackers: list[int] = field(default_factory=list)  # Byzantine node ids (`--attack`): not in honest_mean
+    honest_mean: float | None = None  # mean accuracy of the other nodes
+
+    def __post_init__(self) -> None:
+        if self.honest_mean is None:
+            self.honest_mean = honest_mean(self.accuracy, self.attackers)
+
+
+def honest_mean(accuracy: list[float | None], attackers: list[int]) -> float:
+    """Mean accuracy over the honest nodes (those not in `attackers`) that have one."""
+    values = [a for i, a in enumerate(accuracy) if i not in attackers and a is not None]
+    return sum(values) / len(values) if values else float("nan")
 
 
 @dataclass
@@ -213,7 +227,7 @@ class Simulation:
     """Builds the model, data, partitions and feature caches once; runs any algorithm on them.
 
     `churn` (events or a `--churn` string) defaults to the settings' own when they are
-    SimulateSettings; it applies to every algorithm but `central`."""
+    SimulateSettings; it applies to every algorithm but `central`, and so does `--attack`."""
 
     def __init__(
         self,
@@ -225,6 +239,7 @@ class Simulation:
         if churn is None and isinstance(s, SimulateSettings):
             churn = s.churn
         self.churn = parse_churn(churn, s.nodes) if churn is None or isinstance(churn, str) else list(churn)
+        self.attacks = parse_attacks(getattr(s, "attack", None), s.nodes)
         self.device = s.torch_device
         self.model, self.data = prepare_model_and_data(s, self.device)
         self.parts = partition(
@@ -251,9 +266,9 @@ class Simulation:
         s = self.settings
         cls = ALGORITHMS[name]
         if name == "central":  # always alone on all data: churn does not apply
-            topo, shards, churn = make_topology("complete", 1), [np.concatenate(self.parts)], []
+            topo, shards, churn, attacks = make_topology("complete", 1), [np.concatenate(self.parts)], [], []
         else:
-            topo, shards, churn = self.topology, self.parts, self.churn
+            topo, shards, churn, attacks = self.topology, self.parts, self.churn, self.attacks
         per_epoch = iterations_per_epoch(sum(len(p) for p in shards), len(shards), s.batch_size)
         total = per_epoch * s.epochs
         lr = step_schedule(s, total)
@@ -280,6 +295,9 @@ class Simulation:
         for position, i in enumerate(members):
             nodes[i] = build(i, self.initial, topo, position)
         net = InMemoryNetwork(nodes, members=members)
+        if attacks:  # Byzantine nodes: what they send is rewritten on its way
+            net.deliver = Poisoner(attacks, net, s.codec, s.seed)
+        attackers = sorted(a.node for a in attacks)
         self.nodes = net.nodes  # the last run's node objects by id, for inspection
         membership = _Membership(self, net, build, churn)
         history: dict[str, list] = {"epoch": [], "accuracy": [], "loss": []}
@@ -302,7 +320,7 @@ class Simulation:
             history["accuracy"].append(accs)
             history["loss"].append(_mean_losses(losses))
             if on_epoch is not None:
-                on_epoch(name, epoch, s.epochs, float(np.mean([a for a in accs if a is not None])))
+                on_epoch(name, epoch, s.epochs, honest_mean(accs, attackers))
         history["membership"] = membership.records
         history["presence"] = membership.presence
         final = [a if a is not None else membership.last_accuracy[i] for i, a in enumerate(history["accuracy"][-1])]
@@ -315,6 +333,7 @@ class Simulation:
             history=history,
             bytes_per_epoch=[b / s.epochs for b in net.bytes_sent],
             messages_per_epoch=[m / s.epochs for m in net.messages_sent],
+            attackers=attackers,
         )
 
 
@@ -327,11 +346,21 @@ def _mean_losses(losses: list[list[float | None]]) -> list[float | None]:
 
 
 def simulate(
-    settings: RunSettings, on_epoch: EpochCallback | None = None, on_cache: Callable[[int, int], None] | None = None
+    settings: RunSettings,
+    on_epoch: EpochCallback | None = None,
+    on_cache: Callable[[int, int], None] | None = None,
+    save: str | Path | None = None,
 ) -> SimulationResult:
-    """Run `settings.algorithm` and every algorithm in `settings.compare` on the same data and model."""
+    """Run `settings.algorithm` and every algorithm in `settings.compare` on the same data and model;
+    with `save`, write each node's final parameters there per algorithm (`p2pnode attention` reads them)."""
+    from .saved_models import save_simulation_run
+
     torch.set_num_threads(max(1, torch.get_num_threads()))
     sim = Simulation(settings, on_cache)
     names = list(dict.fromkeys([settings.algorithm, *settings.compare]))
-    results = {name: sim.run(name, on_epoch) for name in names}
+    results = {}
+    for name in names:
+        results[name] = sim.run(name, on_epoch)
+        if save is not None:
+            save_simulation_run(save, sim, name)  # before the next run replaces the node objects
     return SimulationResult(settings.to_dict(), results, sim.model.fingerprint)

@@ -119,11 +119,19 @@ class Algorithm(ABC):
         self.epoch = 0
         self.last_loss = float("nan")
         self.iterations_per_epoch = 1
+        self.robust = "none"  # or "clip": self-centred clipping of what neighbours send (robust.py)
 
     def configure(self, *, iterations_per_epoch: int, settings: RunSettings | None = None) -> None:
         """Told by the driver once, before the first iteration: epoch length and the run's settings
-        (for schedules in epochs and algorithm options such as DIMAT's --merge-every)."""
+        (for schedules in epochs and algorithm options such as DIMAT's --merge-every, and --robust)."""
         self.iterations_per_epoch = iterations_per_epoch
+        if settings is not None:
+            self.robust = settings.robust
+
+    @property
+    def clipping(self) -> bool:
+        """Whether this node mixes with self-centred clipping (`--robust clip`, see robust.py)."""
+        return self.robust == "clip"
 
     def enter_epoch(self, hood: Neighbourhood, epoch: int) -> None:
         """Take part in a new membership epoch from the next round on (DESIGN §8).

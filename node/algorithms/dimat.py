@@ -6,6 +6,7 @@ pi is doubly stochastic on an undirected graph (Metropolis weights; uniform on `
 permutes neighbour j's hidden units to match node i's: by activation matching on node i's own data
 (`dimat`, DESIGN §5), by weight matching (`wm`), or not at all (`wa`, plain averaging on DIMAT's
 schedule). Only the trainable block's internal dimensions are permuted, never the residual stream.
+With `--robust clip` each aligned neighbour is clipped around this node's parameters (robust.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from .. import alignment
 from .base import Algorithm, Message, as_tensor, register
+from .robust import clip_around
 
 FEATURE_SAMPLES = 256  # own samples whose activations are correlated when aligning a neighbour
 
@@ -55,6 +57,8 @@ class DIMAT(Algorithm):
         grad, self.last_loss = self.objective.gradient(self.params)
         self.params = self.params - self.step.lr(k) * self.step.direction(grad)
         received = {m.src: as_tensor(m.tensors["x"]) for m in messages if m.kind == "params"}
+        if self.clipping:  # nothing non-finite reaches the alignment (it would be clipped to nothing anyway)
+            received = {j: x for j, x in received.items() if bool(torch.isfinite(x).all())}
         if self.is_merge(k) and received:
             self.params = self.merge(received)
             self.merges += 1
@@ -66,10 +70,17 @@ class DIMAT(Algorithm):
         hood = self.hood
         # neighbours not heard from keep their weight on this node's own parameters (pi stays stochastic)
         self_weight = 1.0 - sum(hood.metropolis_weight(j) for j in received)
-        others = [
-            (hood.metropolis_weight(j), self.align(own, alignment.to_params(model, x))) for j, x in received.items()
-        ]
+        aligned = {j: self.align(own, alignment.to_params(model, x)) for j, x in received.items()}
+        if self.clipping:
+            aligned = self.clipped(aligned)
+        others = [(hood.metropolis_weight(j), params) for j, params in aligned.items()]
         return alignment.to_vector(model, alignment.merge(own, others, self_weight))
+
+    def clipped(self, aligned: dict[int, alignment.Params]) -> dict[int, alignment.Params]:
+        """Aligned neighbours moved to within the clipping radius of this node's parameters (robust.py)."""
+        model = self.objective.model
+        vectors = {j: alignment.to_vector(model, params) for j, params in aligned.items()}
+        return {j: alignment.to_params(model, v) for j, v in clip_around(self.params, vectors).items()}
 
     def align(self, own: alignment.Params, other: alignment.Params) -> alignment.Params:
         model = self.objective.model

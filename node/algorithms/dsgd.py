@@ -31,7 +31,7 @@ class DSGD(Algorithm):
     def incoming(self, phase: str, k: int, messages: Sequence[Message]) -> None:
         grad, self.last_loss = self.objective.gradient(self.params)
         self.pull.receive(messages)
-        mixed = self.pull.mix(self.params)
+        mixed = self.pull.mix(self.params, self.clipping)
         self.params = mixed - self.step.lr(k) * self.step.direction(grad)
         self.iteration = k + 1
 

@@ -7,6 +7,7 @@
 with tau^0 = g^0 and g^k the stored previous gradient. The push phase moves mass through the
 running sums of `running_sums.py`, so a lost message delays mass instead of destroying it.
 With momentum beta > 0 the pulled value is theta - alpha m, m = beta m + tau (heavy ball on the tracker).
+With `--robust clip` both phases clip what neighbours send and the tracker is leaky (robust.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from .base import Algorithm, Message, register
 from .pull import PullChannel
+from .robust import TRACKER_LEAK, MassClipper
 from .running_sums import PushReceiver, PushSender
 
 
@@ -39,6 +41,7 @@ class P2PFT(Algorithm):
         self.pull = PullChannel(self.hood, self.params, self.codec, self.gamma)
         self.sender = PushSender(self.hood, self.params.numel(), self.codec)
         self.receiver = PushReceiver(self.hood, self.params.numel())
+        self.clipper = MassClipper(self.hood.in_neighbours, self.params)
 
     def outgoing(self, phase: str, k: int) -> list[Message]:
         if phase == "pull":
@@ -49,12 +52,17 @@ class P2PFT(Algorithm):
     def incoming(self, phase: str, k: int, messages: Sequence[Message]) -> None:
         if phase == "pull":
             self.pull.receive(messages)
-            self.params = self.pull.mix(self.v)
+            self.params = self.pull.mix(self.v, self.clipping)
             grad, self.last_loss = self.objective.gradient(self.params)
-            self.z = self.tau + grad - self.grad
+            if self.clipping:  # leaky tracker: clipped mass must not pile up (robust.py)
+                self.z = grad + (1 - TRACKER_LEAK) * (self.tau - self.grad)
+            else:
+                self.z = self.tau + grad - self.grad
             self.grad = grad
             return
         arrived = self.receiver.receive(messages)
+        if self.clipping:
+            arrived = self.clipper.apply(self.hood.self_col_weight * self.z, self.receiver.rho)
         self.tau = self.hood.self_col_weight * self.z
         if arrived is not None:
             self.tau = self.tau + arrived.to(self.tau.dtype)
@@ -78,6 +86,7 @@ class P2PFT(Algorithm):
             **self.pull.state_dict(),
             **self.sender.state_dict(),
             **self.receiver.state_dict(),
+            **(self.clipper.state_dict() if self.clipping else {}),
         }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -87,3 +96,4 @@ class P2PFT(Algorithm):
         self.pull.load_state_dict(state)
         self.sender.load_state_dict(state)
         self.receiver.load_state_dict(state)
+        self.clipper.load_state_dict(state)

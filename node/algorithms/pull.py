@@ -9,6 +9,8 @@ tensor `d`) and both ends add the decoded increment, so copy and replica stay id
 consensus step  theta_i = v_i + gamma * sum_j a_ij (H_j - h_i),  which with exact copies and
 gamma = 1 is the plain mix sum_j a_ij v_j. Replicas need every increment in order: after a gap the
 receiver lists the sender in `gaps` and ignores increments until a keyframe (tensor `h`) arrives.
+
+`mix(v, clipping=True)` is `--robust clip`: each H_j - h_i (or v_j - v_i) is clipped first (robust.py).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from ...protocol.codecs import Codec
 from ..topology import Neighbourhood
 from .base import Message, as_tensor
+from .robust import clip_around
 
 
 class PullChannel:
@@ -79,14 +82,18 @@ class PullChannel:
                     continue
                 self.last_seq[j], self.replica_round[j] = m.seq, m.round
 
-    def mix(self, v: torch.Tensor) -> torch.Tensor:
+    def mix(self, v: torch.Tensor, clipping: bool = False) -> torch.Tensor:
+        """The mix of v with the in-neighbours' values; with `clipping`, each of them first moved to
+        within the clipping radius of this node's own (self-centred clipping, robust.py)."""
         if self.codec is None:
+            replicas = clip_around(v, self.replicas) if clipping else self.replicas
             total, weight = v * self.self_weight, self.self_weight
-            for j, vj in self.replicas.items():
+            for j, vj in replicas.items():
                 total, weight = total + self.weight(j) * vj.to(v.dtype), weight + self.weight(j)
             return total / weight if abs(weight - 1.0) > 1e-12 else total
+        replicas = clip_around(self.copy, self.replicas) if clipping else self.replicas
         step = torch.zeros_like(v)
-        for j, hj in self.replicas.items():
+        for j, hj in replicas.items():
             step += self.weight(j) * (hj.to(v.dtype) - self.copy)
         return v + self.gamma * step
 

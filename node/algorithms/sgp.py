@@ -6,7 +6,8 @@ Each node keeps a numerator x_i and a scalar weight w_i (w^0 = 1) and evaluates 
     (x_i, w_i) <- sum_j b_ij (x_j, w_j)        push: j sends b_ij * (x_j, w_j), B column-stochastic
 
 B needs only each sender's out-degree, so SGP runs on directed graphs; the weights w correct the bias
-that a column-stochastic mix alone would leave.
+that a column-stochastic mix alone would leave. With `--robust clip` each in-neighbour's (x, w) is
+clipped around this node's own share and the weights are leaky (robust.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from collections.abc import Sequence
 import torch
 
 from .base import Algorithm, Message, as_tensor, register
+from .robust import TRACKER_LEAK, clip_around
+
+Share = tuple[int, torch.Tensor, float]  # (in-neighbour, its x share, its w share)
 
 
 @register
@@ -45,13 +49,29 @@ class SGP(Algorithm):
 
     def incoming(self, phase: str, k: int, messages: Sequence[Message]) -> None:
         x, w = self.hood.self_col_weight * self.x, self.hood.self_col_weight * self.w
-        for m in messages:
-            if m.kind == "params" and m.src in self.hood.in_neighbours:
-                x = x + as_tensor(m.tensors["x"]).to(x.dtype)
-                w += float(as_tensor(m.tensors["w"])[0])
+        shares = [
+            (m.src, as_tensor(m.tensors["x"]), float(as_tensor(m.tensors["w"])[0]))
+            for m in messages
+            if m.kind == "params" and m.src in self.hood.in_neighbours
+        ]
+        if self.clipping:
+            shares = self._clipped(shares, x, w)
+        for _, xj, wj in shares:
+            x = x + xj.to(x.dtype)
+            w += wj
+        if self.clipping:  # leaky weights: pull w back towards 1, keeping x / w (robust.py)
+            leaked = 1 + (1 - TRACKER_LEAK) * (w - 1)
+            x, w = x * (leaked / w), leaked
         self.x, self.w = x, w
         self.params = self.x / self.w
         self.iteration = k + 1
+
+    @staticmethod
+    def _clipped(shares: list[Share], x: torch.Tensor, w: float) -> list[Share]:
+        """Each in-neighbour's (x, w) clipped around this node's own share (x, w) of its mass."""
+        xs = clip_around(x, {j: xj for j, xj, _ in shares})
+        ws = clip_around(torch.tensor([w], dtype=torch.float64), {j: torch.tensor([wj]) for j, _, wj in shares})
+        return [(j, xs[j], float(ws[j][0])) for j, _, _ in shares]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {**super().state_dict(), "x": self.x, "w": torch.tensor(self.w, dtype=torch.float64)}
