@@ -13,21 +13,26 @@ distance and no honest neighbour is clipped; one that hides closer than that is 
 but then it cannot pull further than an honest neighbour does. A node with d_i <= b in-neighbours
 cannot tell a bad one from a good one and clips nothing.
 
-Push channels (p2pft's tracker tau, sgp's push-sum x and w) carry mass, not values: each
-in-neighbour's increment m_j of a round is clipped around the node's own share s_i of its own mass
-(what it keeps for itself; on a regular graph an honest in-neighbour sends about as much),
-m_j <- s_i + clip(m_j - s_i, c_i), with c_i from the in-neighbours' increments by the same rule.
-Clipping creates or destroys mass, so the sums these algorithms rely on (sum tau = sum g; sum w = n)
-no longer hold, and a bad neighbour can inject up to c_i every round. The trackers are therefore
-leaky: P2P-FT sends z = g^{k+1} + (1 - TRACKER_LEAK)(tau - g^k) instead of tau + g^{k+1} - g^k, so
-an error in sum tau - sum g shrinks by (1 - TRACKER_LEAK) per round instead of piling up, and SGP
-pulls each push-sum weight back towards 1 by the same factor, keeping x / w.
+Push channels carry mass, not values. SGP's push-sum shares (x, w) are clipped per round around the
+node's own share of its own mass (what it keeps for itself; on a regular graph an honest
+in-neighbour sends about as much), like values, and the weights are pulled back towards 1 by
+TRACKER_LEAK per round (keeping x / w). P2P-FT's tracker mass is different: an honest increment
+b z_j = b (tau_j + g_j^{k+1} - g_j^k) is mostly mini-batch noise, so a sign-flipped one hides inside
+any per-round radius, and the tracker adds up whatever is let in. `MassClipper` therefore clips the
+running totals each link has delivered, around this node's own total: the noise telescopes in a
+total, a bad link's total drifts away linearly and is held within the radius. The tracker is leaky:
+P2P-FT sends z = g^{k+1} + (1 - TRACKER_LEAK)(tau - g^k) instead of tau + g^{k+1} - g^k, so stray
+mass (clipped, or pushed to a bad neighbour that never returns it) fades by (1 - TRACKER_LEAK) per
+round instead of staying in sum tau for good.
 
 The price, plainly: robust mixing is not exact. P2P-FT no longer reaches the exact optimum on
-heterogeneous data (the leak makes tau partly local, and honest increments are clipped too), and an
-attacker still biases every round by up to c_i. It needs in-degree >= 2b + 1 (3 here) for the radius
-to come from honest neighbours, and an honest majority of every node's in-weight; a node whose only
-path to the others runs through a bad node (a cut) cannot be protected.
+heterogeneous data (the leak makes tau partly local, and honest totals are clipped too), and what
+an attacker can still do is bounded, not zero: on the pull channel up to w_ij c_i every round, in a
+direction of its choosing (a sign-flipper shrinks the parameters a little each round), and on
+P2P-FT's tracker up to the honest totals' spread. It needs in-degree >= 2b + 1 (3 here) for the
+radius to come from honest neighbours, and an honest majority of every node's in-weight; a node
+whose only path to the others runs through a bad node (a cut) cannot be protected, and a bad value
+that stays inside the honest spread (alie) is by construction not clipped.
 """
 
 from __future__ import annotations
@@ -57,13 +62,11 @@ def radius(distances: Sequence[float], tolerated: int = TOLERATED) -> float:
     return ordered[-(tolerated + 1)]
 
 
-def clip_around(
-    centre: torch.Tensor, values: Mapping[int, torch.Tensor], tolerated: int | None = None
-) -> dict[int, torch.Tensor]:
+def clip_around(centre: torch.Tensor, values: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
     """Each value moved to centre + clip(value - centre, c), c = `radius` of the distances to centre."""
     diffs = {j: v.to(centre.dtype) - centre for j, v in values.items()}
     norms = [float(torch.linalg.vector_norm(d)) for d in diffs.values()]
-    c = radius([n if math.isfinite(n) else math.inf for n in norms], TOLERATED if tolerated is None else tolerated)
+    c = radius([n if math.isfinite(n) else math.inf for n in norms])
     return {j: centre + clip(d, c) for j, d in diffs.items()}
 
 

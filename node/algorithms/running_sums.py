@@ -10,7 +10,7 @@ sum tau + sum_links (sigma - rho) = sum of the latest gradients.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -84,19 +84,6 @@ class PushReceiver:
         sender is listed in `gaps` (it must send a keyframe); a `total` is applied whenever it is newer.
         """
         acc: torch.Tensor | None = None
-        for _, new in self._apply(messages):
-            acc = new if acc is None else acc + new
-        return acc
-
-    def receive_by_link(self, messages: Sequence[Message]) -> dict[int, torch.Tensor]:
-        """Like `receive`, but the newly delivered mass per in-neighbour (for clipping it per link)."""
-        per_link: dict[int, torch.Tensor] = {}
-        for src, new in self._apply(messages):
-            per_link[src] = new if src not in per_link else per_link[src] + new
-        return per_link
-
-    def _apply(self, messages: Sequence[Message]) -> Iterator[tuple[int, torch.Tensor]]:
-        """Apply each new message to rho, in sequence order, yielding (sender, mass it delivered)."""
         for m in sorted(messages, key=lambda m: m.seq):
             if m.src not in self.rho or m.seq <= self.last_seq[m.src]:
                 continue
@@ -111,7 +98,8 @@ class PushReceiver:
                 self.gaps.add(m.src)
                 continue
             self.last_seq[m.src] = m.seq
-            yield m.src, new
+            acc = new if acc is None else acc + new
+        return acc
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {}
