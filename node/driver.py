@@ -92,12 +92,23 @@ class RoundDriver:
         died must not race ahead of the run on its own data."""
         node = self.node
         out = {m.peer_id for m in node.agent.infos if m.status in ("left", "done")}
-        out |= {sender for sender, _ in node.inbox.held}
         latest = node.agent.record
         if latest is not None and latest.rank > node.record.rank:
             out |= set(node.record.members) - set(latest.members)
+            # a sender of frames of an epoch this node has not read yet keeps its grace: skipping it would
+            # let this node race ahead alone until it reads the record (it asks for it at once)
+            out |= {sender for sender, env in node.inbox.held if env.epoch <= latest.number}
         index_of = node.transport.index_of
         return {index_of[p] for p in out if p in index_of and p != node.peer_id}
+
+    def far_behind(self, latest: EpochRecord, k: int) -> bool:
+        """Whether `latest`, which names this node, starts further ahead than any lead a coordinator
+        schedules at this node's pace: this node fell behind the run (its side of a partition was slower,
+        or its old epoch's other members moved on), and its old epoch would crawl there on timeouts.
+        It enters at once at the start round; tracking restarts exactly there, whatever it skipped."""
+        node = self.node
+        lead = node.agent.lead_rounds()
+        return node.in_record(latest) and latest.start_round - k > max(2 * lead, lead + 10)
 
     async def train(self, record: EpochRecord) -> str:
         """Rounds until the end ('done'), a stop ('stopped'), a graceful leave ('left') or an epoch that
@@ -121,6 +132,11 @@ class RoundDriver:
                 if not node.in_record(latest):
                     return "left" if node.leave_by is not None else "left out"
                 self.enter_epoch(latest, k)  # at its start round, or at once if this node read it late
+            elif latest is not None and latest.rank > node.record.rank and self.far_behind(latest, k):
+                logger.warning("epoch %d starts at round %d, far ahead of this node's round %d: jumping to it",
+                               latest.number, latest.start_round, k)  # fmt: skip
+                k = node.round = node.info.round = latest.start_round
+                self.enter_epoch(latest, k)
             started = time.perf_counter()
             await self.run_round(k)
             k += 1

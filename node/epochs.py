@@ -90,6 +90,10 @@ def next_epoch(
     new = joiners(record, infos, record.fingerprint, record.settings_hash)
     if not (out or leaving or new):
         return None
+    # Members of a healed partition trained on their own side meanwhile, maybe past this side's rounds:
+    # the new epoch starts ahead of them too (one that entered late, far ahead of the others, would
+    # wait out timeouts in every round while they catch up). The members behind jump forward to it.
+    furthest = max([furthest] + [m.round for m in infos if m.peer_id in new and m.status == "training"])
     start = furthest + max(lead, MIN_LEAD_ROUNDS)
     if start >= record.rounds:  # near the end: a shorter lead (a member that reads it late enters late)
         start = furthest + MIN_LEAD_ROUNDS

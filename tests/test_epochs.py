@@ -97,6 +97,19 @@ def test_members_of_a_healed_partition_are_let_in_like_joiners():
     assert proposal.members == ("A", "B", "C", "D") and proposal.number == 4
 
 
+def test_a_healed_partition_starts_its_merged_epoch_ahead_of_the_side_that_trained_further():
+    ours, theirs = record("AB", 3, "A", start=50), record("CD", 3, "C", start=50)
+    infos = [info(p, record=ours, round_=200) for p in "AB"] + [info(p, record=theirs, round_=450) for p in "CD"]
+    proposal = epochs.next_epoch(ours, infos, "A", lead=5)
+    assert proposal.start_round == 455  # not 205: C and D would enter 250 rounds ahead of A and B
+
+
+def test_a_fresh_joiners_checkpoint_round_does_not_move_the_start():
+    ours = record("AB", 3, "A", start=50)
+    infos = [info(p, record=ours, round_=200) for p in "AB"] + [info("C", status="joining", round_=900)]
+    assert epochs.next_epoch(ours, infos, "A", lead=5).start_round == 205
+
+
 def test_no_epoch_is_proposed_past_the_end_of_the_run():
     r = record("AB", rounds=103)
     assert epochs.next_epoch(r, [info("A", record=r)], "A", lead=5) is None
