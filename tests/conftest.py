@@ -39,9 +39,25 @@ def session_processes(token: str) -> set[int]:
     return found - {os.getpid()}
 
 
+def bound_unix_sockets() -> set[str]:
+    """Paths of the unix sockets bound in any network namespace a live process is in: /proc/net/unix lists
+    only this process's namespace, and the multi-host tests run daemons in namespaces of their own."""
+    bound, namespaces = set(), set()
+    for ns in Path("/proc").glob("[0-9]*/ns/net"):
+        try:
+            namespace = os.readlink(ns)
+            if namespace in namespaces:
+                continue
+            bound |= set((ns.parent.parent / "net" / "unix").read_text().split())
+            namespaces.add(namespace)
+        except OSError:
+            continue
+    return bound
+
+
 def remove_stale_sockets() -> None:
-    """Remove hivemind's unix sockets that no process has bound any more (per /proc/net/unix)."""
-    bound = set(Path("/proc/net/unix").read_text().split())
+    """Remove hivemind's unix sockets that no process has bound any more, in any network namespace."""
+    bound = bound_unix_sockets()
     for path in glob.glob("/tmp/hivemind-*.sock"):
         if path not in bound:
             Path(path).unlink(missing_ok=True)
