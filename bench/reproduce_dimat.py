@@ -1,6 +1,7 @@
 """The shape of the DIMAT paper's Tables 2 and 3 on scikit-learn's digits (simulator).
 
-    .venv/bin/python bench/reproduce_dimat.py [--seeds 0,1,2] [--epochs 20] [--json PATH] [--plot PATH]
+    .venv/bin/python bench/reproduce_dimat.py [--seeds 0,1,2] [--epochs 20] [--algorithms LIST] [--json PATH]
+        [--plot PATH]
 
 5 agents; IID and non-IID (two classes per agent: 0-1,2-3,4-5,6-7,8-9); `complete` and `ring`;
 SGP, CDSGD, WA, WM and DIMAT, each seed. Prints mean and standard deviation over seeds of the final
@@ -31,7 +32,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
+    parser.add_argument("--algorithms", default=",".join(ALGORITHMS), help="a subset of " + ",".join(ALGORITHMS))
     args = parser.parse_args()
+    algorithms = [a for a in args.algorithms.split(",") if a]
+    unknown = sorted(set(algorithms) - set(ALGORITHMS))
+    if unknown:
+        parser.error(f"unknown algorithm {unknown[0]!r}: choose from {', '.join(ALGORITHMS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     runs: dict[str, dict] = {}
     for split_name, split in SPLITS.items():
@@ -39,7 +45,7 @@ def main() -> None:
             for seed in seeds:
                 settings = SimulateSettings(nodes=5, split=split, topology=topology, epochs=args.epochs, seed=seed)
                 sim = Simulation(settings)
-                for name in ALGORITHMS:
+                for name in algorithms:
                     start = time.perf_counter()
                     r = sim.run(name)
                     key = f"{split_name}|{topology}|{name}|{seed}"
@@ -55,7 +61,7 @@ def main() -> None:
     header = " | ".join(f"{s} {t}" for s in SPLITS for t in TOPOLOGIES)
     print(f"| algorithm | {header} | bytes / agent / epoch (ring) | messages / agent / epoch (ring) |")
     print("|---|" + "---|" * (len(SPLITS) * len(TOPOLOGIES) + 2))
-    for name in ALGORITHMS:
+    for name in algorithms:
         cells = []
         for split_name in SPLITS:
             for topology in TOPOLOGIES:
@@ -70,10 +76,10 @@ def main() -> None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(runs, indent=1))
     if args.plot:
-        plot(runs, seeds, args.plot)
+        plot(runs, seeds, algorithms, args.plot)
 
 
-def plot(runs: dict, seeds: list[int], path: Path) -> None:
+def plot(runs: dict, seeds: list[int], algorithms: list[str], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,7 +87,7 @@ def plot(runs: dict, seeds: list[int], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6), sharey=True)
     for ax, (split_name, topology) in zip(axes, [(s, t) for s in SPLITS for t in TOPOLOGIES], strict=True):
-        for name in ALGORITHMS:
+        for name in algorithms:
             curves = np.array([runs[f"{split_name}|{topology}|{name}|{s}"]["curve"] for s in seeds]) * 100
             ax.plot(range(1, curves.shape[1] + 1), curves.mean(0), label=name)
         ax.set_title(f"{split_name}, {topology}")

@@ -305,19 +305,16 @@ def _run_block(block: nn.Module, params: Params, x: torch.Tensor) -> tuple[torch
 
 
 @torch.no_grad()
-def match_activations(
+def activation_correlations(
     model: FineTuneModel, own: Params, other: Params, features: torch.Tensor, batch_size: int = 32
-) -> list[BlockPermutation]:
-    """Permutations aligning `other` to `own` by the correlation of their hidden activations.
+) -> list[dict[str, np.ndarray]]:
+    """Per trainable block, the Pearson correlations between `own`'s hidden units (rows) and `other`'s
+    (columns) on `features` (inputs of the first trainable block), pooling samples and tokens: "q",
+    "k", "v", "out" (each head's attention output, before proj) and "mlp" (after the activation).
 
-    `features` are the node's own inputs of the first trainable block (a batch of them). Each tail
-    runs its own blocks in order, so block i of each model sees that model's own block i-1 output;
-    permuting internal dimensions never changes a block's output, so this equals feeding the aligned
-    other model forward. Pearson correlations pool samples and tokens. MLP units: linear assignment
-    on the correlation. Heads: a head pair scores the sum of its optimal within-head matchings (q and
-    k together, v together with the head's attention output); heads are assigned on that score, then
-    the within-head permutations of the assigned pairs are kept.
-    """
+    Each tail runs its own blocks in order, so block i of each model sees that model's own block i-1
+    output; permuting internal dimensions never changes a block's output, so this equals feeding the
+    aligned other model forward."""
     blocks = list(model.tail.blocks)
     prefixes = block_prefixes(own)
     if len(prefixes) != len(blocks) or block_prefixes(other) != prefixes:
@@ -331,15 +328,64 @@ def match_activations(
             x_other, b = _run_block(block, _block(other, prefix), x_other)
             for name in names:
                 block_stats[name].add(a[name], b[name])
+    return [{name: s.matrix() for name, s in block_stats.items()} for block_stats in stats]
+
+
+def matched_correlation(corr: dict[str, np.ndarray], perm: BlockPermutation) -> dict[str, float]:
+    """Mean correlation of the unit pairs `perm` matches (own unit i with other's unit perm[i]):
+    "mlp" over MLP units, "qk" over q and k dimensions, "v" over v and attention-output dimensions."""
+    qk, v = (i.numpy() for i in _attention_indices(perm))
+    rows = np.arange(len(qk))
+    return {
+        "mlp": float(corr["mlp"][np.arange(len(perm.mlp)), perm.mlp.numpy()].mean()),
+        "qk": float((corr["q"][rows, qk] + corr["k"][rows, qk]).mean() / 2),
+        "v": float((corr["v"][rows, v] + corr["out"][rows, v]).mean() / 2),
+    }
+
+
+# Activation matching keeps a unit where it is unless moving it raises the correlation of its pair by more
+# than this (DESIGN §5). Matching runs on the node's own data only: on a non-IID shard many units barely
+# vary, their correlations are noise, and an unbiased assignment permutes them at random, pairing units
+# that the other nodes' data use differently (measured: bench/dimat_alignment.py).
+IDENTITY_MARGIN = 0.1
+
+
+@torch.no_grad()
+def match_activations(
+    model: FineTuneModel,
+    own: Params,
+    other: Params,
+    features: torch.Tensor,
+    batch_size: int = 32,
+    margin: float | None = None,
+) -> list[BlockPermutation]:
+    """Permutations aligning `other` to `own` by the correlation of their hidden activations on the
+    node's own `features` (`activation_correlations`). MLP units: linear assignment on the
+    correlation. Heads: a head pair scores the sum of its optimal within-head matchings (q and k
+    together, v together with the head's attention output); heads are assigned on that score, then
+    the within-head permutations of the assigned pairs are kept. Every unit's own position gets a
+    bonus of `margin` per correlation, so a permutation must raise the correlation of the pairs it
+    changes by more than `margin` on average (None: IDENTITY_MARGIN; 0: the plain maximum-correlation
+    assignment).
+    """
+    margin = IDENTITY_MARGIN if margin is None else margin
     num_heads = head_count(model)
-    perms = []
-    for prefix, block_stats in zip(prefixes, stats, strict=True):
-        corr = {name: s.matrix() for name, s in block_stats.items()}
-        mlp = torch.from_numpy(_assign(corr["mlp"]))
-        fixed_qk = _has_qk_norm(_block(own, prefix))
-        heads, qk, v = _match_heads(corr["q"] + corr["k"], corr["v"] + corr["out"], num_heads, fixed_qk)
-        perms.append(BlockPermutation(mlp, heads, qk, v))
-    return perms
+    correlations = activation_correlations(model, own, other, features, batch_size)
+    return [
+        permutation_from_correlations(corr, num_heads, _has_qk_norm(_block(own, prefix)), margin)
+        for prefix, corr in zip(block_prefixes(own), correlations, strict=True)
+    ]
+
+
+def permutation_from_correlations(
+    corr: dict[str, np.ndarray], num_heads: int, fixed_qk: bool, margin: float
+) -> BlockPermutation:
+    """One block's permutation from its activation correlations, with the identity bonus `margin`."""
+    mlp_score = corr["mlp"] + margin * np.eye(len(corr["mlp"]))
+    qk_score = corr["q"] + corr["k"] + 2 * margin * np.eye(len(corr["q"]))
+    v_score = corr["v"] + corr["out"] + 2 * margin * np.eye(len(corr["v"]))
+    heads, qk, v = _match_heads(qk_score, v_score, num_heads, fixed_qk)
+    return BlockPermutation(torch.from_numpy(_assign(mlp_score)), heads, qk, v)
 
 
 def _weight_features(block: Params) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

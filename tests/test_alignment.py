@@ -227,3 +227,31 @@ def test_pearson_correlation_accumulated_over_chunks_matches_numpy() -> None:
         corr.add(x, y)
     expected = np.corrcoef(a.numpy(), b.numpy(), rowvar=False)[:5, 5:]
     assert np.allclose(corr.matrix(), expected, atol=1e-10)
+
+
+def correlations(units: int = 6, heads: int = 2) -> dict[str, np.ndarray]:
+    """Synthetic activation correlations: every unit correlates 0.5 with its counterpart, 0 with the rest."""
+    eye = 0.5 * np.eye(units)
+    return {"mlp": eye.copy(), "q": eye.copy(), "k": eye.copy(), "v": eye.copy(), "out": eye.copy()}
+
+
+def test_a_swap_that_raises_correlation_by_less_than_the_margin_is_not_made() -> None:
+    corr = correlations()
+    corr["mlp"][0, 1] = corr["mlp"][1, 0] = 0.55  # swapping units 0 and 1 gains 0.05 per unit
+    plain = al.permutation_from_correlations(corr, 2, False, margin=0.0)
+    assert plain.mlp.tolist()[:2] == [1, 0]  # the unbiased assignment takes the small gain
+    kept = al.permutation_from_correlations(corr, 2, False, margin=0.1)
+    assert kept.is_identity()
+
+
+def test_a_swap_that_raises_correlation_by_a_clear_margin_is_made_for_units_and_heads() -> None:
+    corr = correlations()
+    corr["mlp"][0, 1] = corr["mlp"][1, 0] = 0.9
+    for name in ("q", "k", "v", "out"):  # heads of 3 dimensions: head 0 matches the other's head 1
+        corr[name][:3, :3] = corr[name][3:, 3:] = 0.0
+        corr[name][:3, 3:] = corr[name][3:, :3] = 0.9 * np.eye(3)
+    perm = al.permutation_from_correlations(corr, 2, False, margin=0.1)
+    assert perm.mlp.tolist() == [1, 0, 2, 3, 4, 5]
+    assert perm.heads.tolist() == [1, 0]
+    within = al.matched_correlation(corr, perm)
+    assert within == pytest.approx({"mlp": (0.9 * 2 + 0.5 * 4) / 6, "qk": 0.9, "v": 0.9})
