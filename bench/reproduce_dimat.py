@@ -33,14 +33,18 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
     parser.add_argument("--algorithms", default=",".join(ALGORITHMS), help="a subset of " + ",".join(ALGORITHMS))
+    parser.add_argument("--splits", default=",".join(SPLITS), help="a subset of " + ",".join(SPLITS))
     args = parser.parse_args()
     algorithms = [a for a in args.algorithms.split(",") if a]
     unknown = sorted(set(algorithms) - set(ALGORITHMS))
     if unknown:
         parser.error(f"unknown algorithm {unknown[0]!r}: choose from {', '.join(ALGORITHMS)}")
+    splits = {name: SPLITS[name] for name in args.splits.split(",") if name}
+    if not splits or set(args.splits.split(",")) - set(SPLITS):
+        parser.error(f"--splits takes a subset of {','.join(SPLITS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     runs: dict[str, dict] = {}
-    for split_name, split in SPLITS.items():
+    for split_name, split in splits.items():
         for topology in TOPOLOGIES:
             for seed in seeds:
                 settings = SimulateSettings(nodes=5, split=split, topology=topology, epochs=args.epochs, seed=seed)
@@ -58,16 +62,16 @@ def main() -> None:
                     }
                     print(f"{key}: {100 * np.mean(r.accuracy):.1f}% ({runs[key]['seconds']:.0f} s)", flush=True)
     print(f"\nFinal test accuracy (%), mean over 5 agents; mean ± std over seeds {seeds}; {args.epochs} epochs\n")
-    header = " | ".join(f"{s} {t}" for s in SPLITS for t in TOPOLOGIES)
+    header = " | ".join(f"{s} {t}" for s in splits for t in TOPOLOGIES)
     print(f"| algorithm | {header} | bytes / agent / epoch (ring) | messages / agent / epoch (ring) |")
-    print("|---|" + "---|" * (len(SPLITS) * len(TOPOLOGIES) + 2))
+    print("|---|" + "---|" * (len(splits) * len(TOPOLOGIES) + 2))
     for name in algorithms:
         cells = []
-        for split_name in SPLITS:
+        for split_name in splits:
             for topology in TOPOLOGIES:
                 accs = [100 * np.mean(runs[f"{split_name}|{topology}|{name}|{s}"]["accuracy"]) for s in seeds]
                 cells.append(f"{np.mean(accs):.1f} ± {np.std(accs):.1f}")
-        ring = runs[f"non-IID|ring|{name}|{seeds[0]}"]
+        ring = runs[f"{list(splits)[-1]}|ring|{name}|{seeds[0]}"]
         print(
             f"| {name} | {' | '.join(cells)} | {ring['bytes_per_epoch'] / 1e6:.2f} MB | "
             f"{ring['messages_per_epoch']:.1f} |"
@@ -75,7 +79,7 @@ def main() -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(runs, indent=1))
-    if args.plot:
+    if args.plot and len(splits) == len(SPLITS):
         plot(runs, seeds, algorithms, args.plot)
 
 
