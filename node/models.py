@@ -45,6 +45,24 @@ def vit_digits(pretrained: bool = False, **kwargs) -> VisionTransformer:
     return model
 
 
+@register_model
+def vit_digits_p2(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """vit_digits with 2-pixel patches: 4x4 attention maps (the default's 4-pixel patches give 2x2).
+
+    Opt-in, for attention figures (`p2pnode attention`): 17 tokens cost about 4x the default's
+    compute. Its position embedding is the fixed 2-D sin-cos one (part of the frozen trunk): a
+    random one left the 16 patches hard to tell apart and P2P-FT far below central. Trains best
+    with `--optimizer adam --lr 0.001` (bench/attention_similarity.py)."""
+    from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
+
+    model = vit_digits(pretrained, **{"patch_size": 2, **kwargs})
+    grid = model.patch_embed.grid_size
+    with torch.no_grad():
+        model.pos_embed[:, model.num_prefix_tokens :] = build_sincos2d_pos_embed(list(grid), model.embed_dim)
+        model.pos_embed[:, : model.num_prefix_tokens] = 0.0
+    return model
+
+
 class _ViTTrunk(nn.Module):
     def __init__(self, model: VisionTransformer, frozen_blocks: int) -> None:
         super().__init__()

@@ -303,3 +303,13 @@ def test_state_dirs_and_save_folders_mix_in_one_report(saved_dir, tmp_path, digi
     report = attention_report([saved_dir / "local", state_dir, saved_dir / "central"], tmp_path / "g.png", node=1)
     assert report["columns"] == ["original", "local", "p2pft", "central"]
     assert report["sources"]["p2pft"] == str(state_dir) and report["node_classes"] == [2, 3]
+
+
+def test_vit_digits_p2_gives_a_4x4_map_with_a_fixed_sincos_position_embedding():
+    model = build_model("vit_digits_p2", num_classes=10)
+    maps = attention_maps(model.model, torch.randn(3, 1, 8, 8))
+    assert maps.shape == (3, 4, 4)
+    assert torch.allclose(maps.sum((1, 2)), torch.ones(3), atol=1e-5)  # the class token's row over the patches
+    again = build_model("vit_digits_p2", num_classes=10, seed=1)  # another seed, the same position embedding
+    assert torch.equal(model.model.pos_embed, again.model.pos_embed)
+    assert not torch.equal(model.model.blocks[0].attn.qkv.weight, again.model.blocks[0].attn.qkv.weight)
