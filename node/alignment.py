@@ -348,6 +348,10 @@ def matched_correlation(corr: dict[str, np.ndarray], perm: BlockPermutation) -> 
 # vary, their correlations are noise, and an unbiased assignment permutes them at random, pairing units
 # that the other nodes' data use differently (measured: bench/dimat_alignment.py).
 IDENTITY_MARGIN = 0.1
+# And a layer's permutation is kept only if it raises the mean correlation of all its pairs by more than this:
+# small gains split the nodes' unit orders apart (each node aligns to its own), and later merges then
+# average units that are matched less well than the unpermuted ones were (bench/dimat_alignment.py).
+LAYER_GAIN = 0.05
 
 
 @torch.no_grad()
@@ -380,12 +384,23 @@ def match_activations(
 def permutation_from_correlations(
     corr: dict[str, np.ndarray], num_heads: int, fixed_qk: bool, margin: float
 ) -> BlockPermutation:
-    """One block's permutation from its activation correlations, with the identity bonus `margin`."""
+    """One block's permutation from its activation correlations, with the identity bonus `margin`; the MLP
+    part and the attention part each stay the identity unless they gain more than LAYER_GAIN (when the
+    margin is on: margin 0 is the plain maximum-correlation assignment)."""
     mlp_score = corr["mlp"] + margin * np.eye(len(corr["mlp"]))
     qk_score = corr["q"] + corr["k"] + 2 * margin * np.eye(len(corr["q"]))
     v_score = corr["v"] + corr["out"] + 2 * margin * np.eye(len(corr["v"]))
     heads, qk, v = _match_heads(qk_score, v_score, num_heads, fixed_qk)
-    return BlockPermutation(torch.from_numpy(_assign(mlp_score)), heads, qk, v)
+    perm = BlockPermutation(torch.from_numpy(_assign(mlp_score)), heads, qk, v)
+    if margin <= 0:
+        return perm
+    same = BlockPermutation.identity(len(perm.mlp), num_heads, perm.qk.shape[1])
+    before, after = matched_correlation(corr, same), matched_correlation(corr, perm)
+    if after["mlp"] - before["mlp"] <= LAYER_GAIN:
+        perm.mlp = same.mlp
+    if (after["qk"] + after["v"]) - (before["qk"] + before["v"]) <= 2 * LAYER_GAIN:
+        perm.heads, perm.qk, perm.v = same.heads, same.qk, same.v
+    return perm
 
 
 def _weight_features(block: Params) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

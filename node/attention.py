@@ -376,7 +376,7 @@ def draw_grid(
 
     algos = list(maps)
     n_rows, n_cols = len(rows), 1 + len(algos)
-    width, height = CELL_INCHES * n_cols + 0.9, CELL_INCHES * n_rows + 0.6
+    width, height = CELL_INCHES * n_cols + 0.9, CELL_INCHES * n_rows + 0.8
     fig = Figure(figsize=(width, height), dpi=DPI)
     FigureCanvasAgg(fig)
     gs = fig.add_gridspec(
@@ -387,7 +387,7 @@ def draw_grid(
         hspace=0.2,
         left=0.35 / width,
         right=1 - 0.45 / width,
-        top=1 - 0.5 / height,
+        top=1 - 0.7 / height,
         bottom=0.1 / height,
     )
     m_ = torch.tensor(mean, dtype=x.dtype).view(-1, 1, 1)
@@ -430,7 +430,9 @@ def draw_grid(
                 ax.set_title(_label(algo) if algo != CENTRAL else "central", fontsize=9)
         bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=fig.add_subplot(gs[r, n_cols]))
         bar.ax.tick_params(labelsize=6)
-    fig.suptitle(f"last-block attention, node {node} (top left: predicted class, red if wrong)", fontsize=9)
+    # placed in inches from the top: the default (2% of the height) lands inside the first row of a tall grid
+    title = f"last-block attention, node {node} (top left: predicted class, red if wrong)"
+    fig.suptitle(title, fontsize=9, y=1 - 0.1 / height, va="top")
     _write(Path(out_png), lambda p: fig.savefig(p, dpi=DPI, format="png"))
     boxes = [ax.get_position() for ax in panels]
     return len({round(b.y0, 4) for b in boxes}), len({round(b.x0, 4) for b in boxes})

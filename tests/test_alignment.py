@@ -255,3 +255,10 @@ def test_a_swap_that_raises_correlation_by_a_clear_margin_is_made_for_units_and_
     assert perm.heads.tolist() == [1, 0]
     within = al.matched_correlation(corr, perm)
     assert within == pytest.approx({"mlp": (0.9 * 2 + 0.5 * 4) / 6, "qk": 0.9, "v": 0.9})
+
+
+def test_a_layer_whose_permutation_gains_little_overall_keeps_the_identity() -> None:
+    corr = correlations(units=100, heads=4)
+    corr["mlp"][0, 1] = corr["mlp"][1, 0] = 0.8  # two units gain 0.3 each: 0.006 for the layer's mean
+    assert al.permutation_from_correlations(corr, 4, False, margin=0.1).is_identity()
+    assert al.permutation_from_correlations(corr, 4, False, margin=0.0).mlp.tolist()[:2] == [1, 0]

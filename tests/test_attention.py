@@ -232,7 +232,7 @@ def test_grid_png_has_a_row_per_image_and_a_column_per_model_plus_the_original(s
     assert report["columns"] == ["original", "local", "p2pft", "central"]
     assert report["layout"] == [3, 4]
     pixels = imread(out)
-    assert pixels.shape[0] == round((CELL_INCHES * 3 + 0.6) * DPI)
+    assert pixels.shape[0] == round((CELL_INCHES * 3 + 0.8) * DPI)
     assert pixels.shape[1] == round((CELL_INCHES * 4 + 0.9) * DPI)
     rows = report["images"]
     assert [r["seen_by_node"] for r in rows] == [False, False, True]  # node 1 saw 2-3
