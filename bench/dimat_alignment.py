@@ -1,13 +1,13 @@
-"""Why activation matching made DIMAT lose to plain averaging on non-IID data, and what the identity margin does.
+"""Why activation matching made DIMAT lose to plain averaging on non-IID data, and what the identity bias does.
 
     .venv/bin/python bench/dimat_alignment.py [--seeds 0] [--epochs 20] [--margins 0,0.1]
 
 Digits, 5 agents, non-IID (two classes each: 0-1,2-3,4-5,6-7,8-9), `complete`, `vit_digits`: the
 setting where DIMAT was 3.6 points below WA. During a DIMAT run, at every merge and for every pair
-(i, j), neighbour j is aligned to node i on i's own 256 samples (what DIMAT does), once per margin
-(`node/alignment.py: IDENTITY_MARGIN`; 0 is the plain maximum-correlation assignment), in a DIMAT
-run that itself uses that margin, and the mean correlation of the matched units is measured per part
-(MLP units, q/k dimensions, v dimensions):
+(i, j), neighbour j is aligned to node i on i's own 256 samples (what DIMAT does), in a DIMAT run
+that uses the given margin (`node/alignment.py: IDENTITY_MARGIN`, with LAYER_GAIN for any margin
+above 0; 0 is the plain maximum-correlation assignment), and the mean correlation of the matched
+units is measured per part (MLP units, q/k dimensions, v dimensions):
 - on i's own samples: the objective the matching maximises;
 - on 256 samples drawn from every agent's shard: what the merged model has to serve;
 each for the identity and for the permutation, with the fraction of units the permutation moves.
