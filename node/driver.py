@@ -128,15 +128,16 @@ class RoundDriver:
             if node.leave_by is not None and not self.others_stay():
                 return "left"  # nobody stays to form an epoch without this node
             latest = node.agent.record
-            if latest is not None and latest.rank > node.record.rank and k >= latest.start_round:
-                if not node.in_record(latest):
-                    return "left" if node.leave_by is not None else "left out"
-                self.enter_epoch(latest, k)  # at its start round, or at once if this node read it late
-            elif latest is not None and latest.rank > node.record.rank and self.far_behind(latest, k):
-                logger.warning("epoch %d starts at round %d, far ahead of this node's round %d: jumping to it",
-                               latest.number, latest.start_round, k)  # fmt: skip
-                k = node.round = node.info.round = latest.start_round
-                self.enter_epoch(latest, k)
+            if latest is not None and latest.rank > node.record.rank:
+                if k >= latest.start_round:
+                    if not node.in_record(latest):
+                        return "left" if node.leave_by is not None else "left out"
+                    self.enter_epoch(latest, k)  # at its start round, or at once if this node read it late
+                elif self.far_behind(latest, k):
+                    logger.warning("epoch %d starts at round %d, far ahead of this node's round %d: jumping to it",
+                                   latest.number, latest.start_round, k)  # fmt: skip
+                    k = node.round = node.info.round = latest.start_round
+                    self.enter_epoch(latest, k)
             started = time.perf_counter()
             await self.run_round(k)
             k += 1
