@@ -304,7 +304,11 @@ def testnet(
     plot: PlotPath = None,
     save: SaveDir = None,
 ) -> None:
-    """Start a bootstrap peer and NODES `p2pnode start` processes on 127.0.0.1, run, and tear down."""
+    """Start a bootstrap peer and NODES `p2pnode start` processes, run, and tear down.
+
+    They run on 127.0.0.1, or with `--hosts netns` (root, Linux) each on its own namespaced host of an
+    emulated internet: `--rate 50mbit` links, `--loss 2` percent packet loss, `--nat 1` node behind a
+    home router. Everything the network lab creates is removed however the run ends."""
     from p2pnode.node.testnet import run_testnet
 
     with _progress() as task:

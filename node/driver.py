@@ -62,6 +62,7 @@ class RoundDriver:
         node.info.status = "training" if node.info.status != "leaving" else "leaving"
         node.agent.acknowledge(record)
         hood = node.algorithm.hood
+        node.transport.reach(hood.in_neighbours)  # behind a NAT they could not open their links otherwise
         logger.info(
             "epoch %d at round %d: node %d of %d, in-neighbours %s, out-neighbours %s",
             record.number,
@@ -170,6 +171,8 @@ class RoundDriver:
                 self.excluded,
                 wait,
             )
-            for j in node.inbox.silent():
+            silent = node.inbox.silent()
+            for j in silent:
                 node.agent.report_silent(node.record.members[j])
+            node.transport.reach(silent)
             await loop.run_in_executor(node.compute, algo.receive, phase, k, arrived)

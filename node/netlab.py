@@ -71,6 +71,11 @@ def run_cmd(
     return done
 
 
+def valid_rate(rate: str) -> bool:
+    """Whether ``rate`` is a tc rate (``50mbit``, ``1gbit``, ``800kbit``)."""
+    return bool(_RATE_RE.match(rate))
+
+
 def list_netns(*, timeout: float = CMD_TIMEOUT_S) -> list[str]:
     """Names of all named network namespaces (``ip netns list``)."""
     out = run_cmd(["ip", "netns", "list"], timeout=timeout).stdout
@@ -227,7 +232,7 @@ class NetLab:
     ) -> None:
         if not _PREFIX_RE.match(prefix):
             raise ValueError(f"prefix must match {_PREFIX_RE.pattern} (no '-'), got {prefix!r}")
-        if rate is not None and not _RATE_RE.match(rate):
+        if rate is not None and not valid_rate(rate):
             raise ValueError(f"rate must be a tc rate like '50mbit' or '1gbit', got {rate!r}")
         if not 0.0 <= loss < 100.0:
             raise ValueError(f"loss is a percentage in [0, 100), got {loss}")

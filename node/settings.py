@@ -22,6 +22,7 @@ from .models import DEFAULT_MODEL
 
 SCHEDULES = ("cosine", "constant")
 ROBUST_RULES = ("none", "clip")
+TESTNET_HOSTS = ("loopback", "netns")
 
 
 def opt(default, help: str, **kw):
@@ -257,6 +258,28 @@ class TestnetSettings(RunSettings):
         None,
         "membership changes in seconds, ACTION:NODE@SECONDSs (join, leave, crash, rejoin): e.g. crash:3@40s,join:4@30s",
     )
+    hosts: str = opt("loopback", "loopback (all peers on 127.0.0.1), or netns: each on its own namespaced host (root)")
+    rate: str | None = opt(None, "with --hosts netns: every host's upload rate, e.g. 50mbit (unshaped if unset)")
+    loss: float = opt(0.0, "with --hosts netns: percent of packets dropped on arrival at every host (nftables)")
+    nat: int = opt(0, "with --hosts netns: the first N nodes each sit behind a masquerading home router")
+
+    def validate(self) -> TestnetSettings:
+        from .netlab import valid_rate
+
+        super().validate()
+        if self.hosts not in TESTNET_HOSTS:
+            raise BadInput(f"unknown --hosts {self.hosts!r}: use {' or '.join(TESTNET_HOSTS)}")
+        if self.hosts == "loopback" and (self.rate is not None or self.loss or self.nat):
+            raise BadInput("--rate, --loss and --nat shape the emulated network: add --hosts netns")
+        if self.rate is not None and not valid_rate(self.rate):
+            raise BadInput(f"bad --rate {self.rate!r}: give a rate like 50mbit, 10mbit or 1gbit")
+        if not 0 <= self.loss < 100:
+            raise BadInput(f"--loss is a percentage in [0, 100) (got {self.loss})")
+        if not 0 <= self.nat <= self.nodes:
+            raise BadInput(f"--nat must be between 0 and --nodes {self.nodes} (got {self.nat})")
+        if self.timeout <= 0 or self.round_timeout <= 0:
+            raise BadInput("--timeout and --round-timeout must be positive")
+        return self
 
 
 def to_flags(settings: RunSettings, only: type[RunSettings] = RunSettings) -> list[str]:

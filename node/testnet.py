@@ -1,4 +1,5 @@
-"""`p2pnode testnet`: a bootstrap peer and N `p2pnode start` processes on 127.0.0.1.
+"""`p2pnode testnet`: a bootstrap peer and N `p2pnode start` processes, on 127.0.0.1 or each on its
+own namespaced host of an emulated internet (`--hosts netns`, with `--rate`, `--loss` and `--nat`).
 
 It shows each node's progress, prints the same per-node table as `simulate`, writes the same JSON
 schema, and tears every process down however the run ends.
@@ -38,16 +39,69 @@ def cli_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "p2pnode.cli.app", *args]
 
 
+class Hosts:
+    """Where a testnet's peers run: every one on 127.0.0.1 (this class), or each on its own host
+    (`NamespacedHosts`). `name` is "boot" for the bootstrap peer and "n<i>" for node i."""
+
+    def listen(self, name: str) -> str:
+        return LOOPBACK
+
+    def popen(self, name: str, argv: list[str], **kw) -> subprocess.Popen:
+        return subprocess.Popen(argv, **kw)
+
+    def close(self) -> None:
+        pass
+
+
+class NamespacedHosts(Hosts):
+    """Each peer on its own network-namespace host of a `NetLab` (DESIGN §11): links shaped to `rate`,
+    `loss` percent of arriving packets dropped, and nodes 0..nat-1 each behind its own masquerading
+    router, so that nobody can dial them. Hosts are made on first use; `close` removes everything."""
+
+    def __init__(self, rate: str | None = None, loss: float = 0.0, nat: int = 0) -> None:
+        from .netlab import NetLab, netlab_available
+
+        ok, why = netlab_available(nft=loss > 0 or nat > 0, tc=rate is not None)
+        if not ok:
+            raise BadInput(f"--hosts netns cannot build the emulated network here: {why}; use --hosts loopback")
+        self.nat = nat
+        self.lab = NetLab(prefix="testnet", rate=rate, loss=loss)
+        self.lab.start()
+        self.hosts: dict = {}
+
+    def host(self, name: str):
+        if name not in self.hosts:
+            node = int(name[1:]) if name.startswith("n") else None
+            router = self.lab.add_nat_router(f"r{node}") if node is not None and node < self.nat else None
+            self.hosts[name] = self.lab.add_host(name, behind=router)
+        return self.hosts[name]
+
+    def listen(self, name: str) -> str:
+        return f"/ip4/{self.host(name).address}/tcp/0"
+
+    def popen(self, name: str, argv: list[str], **kw) -> subprocess.Popen:
+        kw.pop("start_new_session", None)  # a host always starts its commands in their own session
+        return self.host(name).popen(argv, **kw)
+
+    def close(self) -> None:
+        self.lab.close()
+
+
+def make_hosts(settings: TestnetSettings) -> Hosts:
+    if settings.hosts == "netns":
+        return NamespacedHosts(settings.rate, settings.loss, settings.nat)
+    return Hosts()
+
+
 def start_bootstrap(
-    run_id: str, log: Path, timeout: float = 60.0, owner: str | None = None
+    run_id: str, log: Path, timeout: float = 60.0, owner: str | None = None, hosts: Hosts | None = None
 ) -> tuple[subprocess.Popen, list[str]]:
-    """Start `p2pnode bootstrap` on loopback (for a closed run: with its `owner` key); return the
-    process and the multiaddrs it printed."""
-    proc = subprocess.Popen(
-        cli_command("bootstrap", "--listen", LOOPBACK, "--run-id", run_id, *(["--owner", owner] if owner else [])),
-        stdout=subprocess.PIPE,
-        stderr=log.open("w"),
-        text=True,
+    """Start `p2pnode bootstrap` (on loopback, or on `hosts`' host "boot"; for a closed run: with its
+    `owner` key); return the process and the multiaddrs it printed."""
+    hosts = hosts or Hosts()
+    argv = cli_command("bootstrap", "--listen", hosts.listen("boot"), "--run-id", run_id)
+    proc = hosts.popen(
+        "boot", [*argv, *(["--owner", owner] if owner else [])], stdout=subprocess.PIPE, stderr=log.open("w"), text=True
     )
     addr = read_bootstrap_address(proc, timeout)
     if addr is None:
@@ -88,6 +142,7 @@ def node_command(
     members_to_start: int | None = None,
     joiner: bool = False,
     owner: str | None = None,
+    listen: str = LOOPBACK,
 ) -> list[str]:
     """The `p2pnode start` command of node `index` (also what docker-compose.yml runs).
 
@@ -111,7 +166,7 @@ def node_command(
         "--peers",
         ",".join(peers),
         "--listen",
-        LOOPBACK,
+        listen,
         "--state-dir",
         str(state_dir),
         "--identity",
@@ -174,8 +229,10 @@ def _eval_history(state_dir: Path) -> list[dict]:
 class _Fleet:
     """The testnet's node processes, with the churn actions applied to them."""
 
-    def __init__(self, s: TestnetSettings, workdir: Path, addrs: list[str], total: int, initial: list[int]) -> None:
-        self.s, self.workdir, self.addrs = s, workdir, addrs
+    def __init__(
+        self, s: TestnetSettings, workdir: Path, addrs: list[str], total: int, initial: list[int], hosts: Hosts
+    ) -> None:
+        self.s, self.workdir, self.addrs, self.hosts = s, workdir, addrs, hosts
         threads = max(1, (os.cpu_count() or 1) // max(1, len(initial)))  # one torch pool each would oversubscribe
         self.env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         self.procs: dict[int, subprocess.Popen] = {}
@@ -198,11 +255,19 @@ class _Fleet:
                 (state / stale).unlink(missing_ok=True)
         log = (self.workdir / f"node{i}.log").open("a")
         self.log_files.append(log)
+        name = f"n{i}"
         command = node_command(
-            self.s, i, self.addrs, state, members_to_start=len(self.initial), joiner=joiner, owner=self.owner
+            self.s,
+            i,
+            self.addrs,
+            state,
+            members_to_start=len(self.initial),
+            joiner=joiner,
+            owner=self.owner,
+            listen=self.hosts.listen(name),
         )
-        self.procs[i] = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        self.procs[i] = self.hosts.popen(
+            name, command, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
         )
         self.status[i] = "in"
 
@@ -251,10 +316,11 @@ def run_testnet(
     workdir.mkdir(parents=True, exist_ok=True)
     boot = None
     fleet: _Fleet | None = None
+    hosts = make_hosts(s)
     try:
         owner = invite_nodes(workdir, [workdir / f"node{i}" for i in range(total)], s.run_id) if s.closed else None
-        boot, addrs = start_bootstrap(s.run_id, workdir / "bootstrap.log", owner=owner)
-        fleet = _Fleet(s, workdir, addrs, total, initial)
+        boot, addrs = start_bootstrap(s.run_id, workdir / "bootstrap.log", owner=owner, hosts=hosts)
+        fleet = _Fleet(s, workdir, addrs, total, initial, hosts)
         fleet.owner = owner
         for i in range(total):
             for stale in ("result.json", "progress.json", "state.json", "state.safetensors", "events.jsonl"):
@@ -264,9 +330,12 @@ def run_testnet(
         results = _watch(s, fleet, events, on_progress)
     finally:
         procs = [boot] if boot is not None else []
-        stop_processes(procs + (fleet.all_processes() if fleet else []))
-        if fleet is not None:
-            fleet.close()
+        try:
+            stop_processes(procs + (fleet.all_processes() if fleet else []))
+            if fleet is not None:
+                fleet.close()
+        finally:
+            hosts.close()
     return _collect(s, workdir, fleet, results, events, save)
 
 

@@ -121,6 +121,7 @@ class Transport:
         self.peer_of: dict[int, PeerID] = {}
         self.pending: dict[asyncio.Task, PeerID] = {}  # background sends and their destination
         self.unreachable: dict[int, float] = {}
+        self.reaching: set[PeerID] = set()  # in-neighbours being reached now (`reach`)
         self.seen = SeenRounds()
         self._decode = ThreadPoolExecutor(2, thread_name_prefix="p2pnode-decode")
 
@@ -235,6 +236,16 @@ class Transport:
         elif self.peer_of.get(dst) == peer:  # still the same link (no epoch change since)
             self.unreachable[dst] = loop.time() + RETRY_UNREACHABLE_S
             self.algorithm.request_keyframe(dst)
+
+    def reach(self, in_neighbours) -> None:
+        """Open a connection to each in-neighbour that has no link open to this node, in the
+        background, so it can send here even if nobody can dial this node (behind a NAT)."""
+        for j in in_neighbours:
+            peer = self.peer_of.get(j)
+            if peer is not None and not self.links.hears_from(peer) and peer not in self.reaching:
+                self.reaching.add(peer)
+                task = asyncio.create_task(self.links.reach(peer))
+                task.add_done_callback(lambda t, peer=peer: self.reaching.discard(peer))
 
     async def drain(self, limit: float = 30.0) -> None:
         """Wait (at most `limit` seconds) for the background sends to finish."""

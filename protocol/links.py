@@ -46,6 +46,11 @@ def handler_name(run_id: str) -> str:
     return f"p2pnode.{run_id}.link"
 
 
+def hello_name(run_id: str) -> str:
+    """The handler a node opens to reach a peer that must send to it (`Links.reach`)."""
+    return f"p2pnode.{run_id}.hello"
+
+
 def short(peer: PeerID) -> str:
     return str(peer)[-8:]
 
@@ -149,7 +154,31 @@ class Links:
         `admit(peer_id)` runs before a byte of a new in-stream is read: False closes it (None admits all)."""
         self = cls(p2p, run_id, on_frame, max_bytes, timeout, admit, limits)
         await p2p.add_binary_stream_handler(handler_name(run_id), self._handle)
+        await p2p.add_binary_stream_handler(hello_name(run_id), _close_at_once)
         return self
+
+    # --- reaching in-neighbours ------------------------------------------------------------------
+
+    def hears_from(self, peer: PeerID) -> bool:
+        """Whether `peer` has an in-link open to this node now."""
+        return bool(self._in.get(peer))
+
+    async def reach(self, peer: PeerID, timeout: float = 10.0) -> bool:
+        """Open a connection to `peer` (a short stream to its hello handler), so that it can open its
+        link to this node over it: behind a NAT nobody can dial this node, but libp2p carries streams
+        in both directions over a connection either side opened (DESIGN §11). No-op while `peer` has a
+        link open here. False if `peer` could not be reached."""
+        if self.hears_from(peer):
+            return True
+        try:
+            _, _, writer = await asyncio.wait_for(
+                self.p2p.call_binary_stream_handler(peer, hello_name(self.run_id)), timeout
+            )
+            writer.close()
+            return True
+        except Exception as e:  # unreachable now: the next silent round tries again
+            logger.info("could not reach in-neighbour %s: %s", short(peer), type(e).__name__)
+            return False
 
     # --- sending ---------------------------------------------------------------------------------
 
@@ -378,5 +407,10 @@ class Links:
                 writer.close()
         try:
             await self.p2p.remove_binary_stream_handler(handler_name(self.run_id))
+            await self.p2p.remove_binary_stream_handler(hello_name(self.run_id))
         except Exception as e:
             logger.debug("removing the link handler failed: %s", e)
+
+
+async def _close_at_once(info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.close()  # the stream's only use was to open the connection it rode on

@@ -1,0 +1,91 @@
+"""`p2pnode testnet --hosts netns`: a run over an emulated internet (DESIGN §11).
+
+Each peer on its own namespaced host with shaped links; a node behind a masquerading home router
+(nobody can dial it) must still be a full member, and 2% packet loss on every link must not cost
+accuracy. The daemons' P2P-FT is the simulator's computation when every message arrives, so the
+simulator's run of the same settings is the clean run. Skipped where namespaces cannot be made;
+the bad-flag tests run everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from p2pnode.cli.app import main
+from p2pnode.node.netlab import list_netns, netlab_available
+from p2pnode.node.settings import TestnetSettings
+from p2pnode.node.simulator import Simulation
+from p2pnode.node.testnet import run_testnet
+
+AVAILABLE, WHY = netlab_available(nft=True, tc=True)
+needs_netns = pytest.mark.skipif(not AVAILABLE, reason=f"no network namespaces here: {WHY}")
+
+
+def short_run(tmp_path: Path, **network) -> TestnetSettings:
+    return TestnetSettings(
+        epochs=10, round_timeout=5.0, timeout=400.0, hosts="netns", rate="50mbit", workdir=str(tmp_path), **network
+    ).validate()
+
+
+def clean_accuracy(settings: TestnetSettings) -> list[float]:
+    return Simulation(settings).run(settings.algorithm).accuracy
+
+
+def leftover_testnet_namespaces() -> list[str]:
+    return [n for n in list_netns() if n.startswith("p2pnlab-testnet-")]
+
+
+@needs_netns
+@pytest.mark.timeout(400)
+def test_a_node_behind_nat_completes_the_run_as_a_full_member(tmp_path):
+    settings = short_run(tmp_path, nat=1)
+    result = run_testnet(settings).results["p2pft"]
+
+    node0 = json.loads((tmp_path / "node0" / "result.json").read_text())
+    node3 = json.loads((tmp_path / "node3" / "result.json").read_text())
+    # node 0 sits behind NAT; in the directed ring its only in-neighbour is node 3, which cannot dial it
+    heard_rounds = node0["contributions"][node3["peer_id"]][0]
+    assert heard_rounds == node0["rounds"], f"node 0 heard node 3 in {heard_rounds} of {node0['rounds']} rounds"
+    clean = clean_accuracy(settings)
+    for got, want in zip(result.accuracy, clean, strict=True):
+        assert abs(got - want) <= 0.01, f"accuracies {result.accuracy} against the clean run's {clean}"
+    assert not leftover_testnet_namespaces(), "the testnet left namespaces behind"
+
+
+@needs_netns
+@pytest.mark.timeout(400)
+def test_two_percent_loss_on_every_link_ends_within_a_point_of_the_clean_run(tmp_path):
+    settings = short_run(tmp_path, loss=2.0)
+    result = run_testnet(settings).results["p2pft"]
+    clean = clean_accuracy(settings)
+    assert len(result.accuracy) == settings.nodes
+    for got, want in zip(result.accuracy, clean, strict=True):
+        assert abs(got - want) <= 0.01, f"accuracies {result.accuracy} against the clean run's {clean}"
+    assert not leftover_testnet_namespaces(), "the testnet left namespaces behind"
+
+
+@pytest.mark.parametrize(
+    "flags, says",
+    [
+        (["--rate", "50mbit"], "add --hosts netns"),
+        (["--nat", "1"], "add --hosts netns"),
+        (["--hosts", "docker"], "unknown --hosts"),
+        (["--hosts", "netns", "--rate", "fast"], "bad --rate"),
+        (["--hosts", "netns", "--loss", "100"], "--loss is a percentage"),
+        (["--hosts", "netns", "--nat", "5"], "--nat must be between 0 and --nodes 4"),
+    ],
+)
+def test_bad_network_flags_are_one_line_errors_with_exit_code_2(flags, says, capsys):
+    assert main(["testnet", "--epochs", "1", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert says in err and len(err.splitlines()) == 1, err
+
+
+def test_netns_without_root_says_so_in_one_line_with_exit_code_2(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    assert main(["testnet", "--epochs", "1", "--hosts", "netns", "--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not root" in err and "--hosts loopback" in err and len(err.splitlines()) == 1, err
