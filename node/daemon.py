@@ -72,6 +72,8 @@ class Node:
         self._started = time.perf_counter()
         self.history: dict[str, list] = {"epoch": [], "accuracy": [], "loss": []}
         self.epoch_log: list[dict] = []  # every epoch change this node saw
+        self.round_seconds = 0.0  # wall time in rounds, and the part of it spent waiting for in-neighbours
+        self.wait_seconds = 0.0
         self.inbox = Inbox(silent_seconds=max(10.0, 2 * settings.heartbeat))
         self.driver = RoundDriver(self)
         self.stop_requested = asyncio.Event()
@@ -513,6 +515,8 @@ class Node:
             "refused_by_link_limits": dict(self.links.refused),
             "banned": {str(p): reason for p, reason in self.links.banned.items()},
             "seconds": time.perf_counter() - self._started,
+            "round_seconds": self.round_seconds,
+            "wait_seconds": self.wait_seconds,  # of round_seconds: waiting for in-neighbours' messages
             "index": self.index,
             "peer_id": self.peer_id,
             "fingerprint": self.model.fingerprint,

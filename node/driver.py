@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from ..protocol.membership import EpochRecord
 from . import epochs
+from .algorithms.base import on_device
 from .topology import make_topology
 
 if TYPE_CHECKING:
@@ -144,6 +145,7 @@ class RoundDriver:
             k += 1
             node.round = node.info.round = k
             seconds = time.perf_counter() - started
+            node.round_seconds += seconds
             node.agent.round_times.append(seconds)
             if node.metrics is not None:
                 node.metrics.observe_round(k, seconds)
@@ -162,6 +164,7 @@ class RoundDriver:
             out = await loop.run_in_executor(node.compute, algo.send, phase, k)
             await node.transport.send_all(out)
             wait = bool(algo.hood.in_neighbours) and algo.expects_messages(phase, k)
+            waiting_since = time.perf_counter()
             arrived = await node.inbox.collect(
                 phase,
                 k,
@@ -171,8 +174,10 @@ class RoundDriver:
                 self.excluded,
                 wait,
             )
+            node.wait_seconds += time.perf_counter() - waiting_since
             silent = node.inbox.silent()
             for j in silent:
                 node.agent.report_silent(node.record.members[j])
             node.transport.reach(silent)
+            arrived = on_device(arrived, algo.params.device)
             await loop.run_in_executor(node.compute, algo.receive, phase, k, arrived)

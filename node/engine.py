@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 
-from .algorithms.base import Algorithm, Message
+from .algorithms.base import Algorithm, Message, on_device
 from .topology import Topology
 
 Filter = Callable[[Message], bool]
@@ -60,4 +60,5 @@ class InMemoryNetwork:
                     if self.deliver is None or self.deliver(m):
                         inbox[m.dst].append(m)
             for position, node_id in active:
-                self.nodes[node_id].receive(phase, k, inbox[position])
+                node = self.nodes[node_id]
+                node.receive(phase, k, on_device(inbox[position], node.params.device))

@@ -63,6 +63,15 @@ def vit_digits_p2(pretrained: bool = False, **kwargs) -> VisionTransformer:
     return model
 
 
+@register_model
+def vit_digits_s(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """vit_digits at ViT-S's width (384, 6 heads, MLP ratio 4): its trainable tail (last block, norm
+    and a 10-class head) is 1.78M floats, the size of `vit_small_patch16_224`'s, so a round moves what
+    a ViT-S run moves over the network, while a step costs a CPU what ViT-S's block costs a GPU
+    (5 tokens, not 197). For network benchmarks (bench/wan.py)."""
+    return vit_digits(pretrained, **{"embed_dim": 384, "num_heads": 6, "mlp_ratio": 4.0, **kwargs})
+
+
 class _ViTTrunk(nn.Module):
     def __init__(self, model: VisionTransformer, frozen_blocks: int) -> None:
         super().__init__()

@@ -16,8 +16,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import fields
 from pathlib import Path
 
@@ -296,10 +297,35 @@ class _Fleet:
             f.close()
 
 
+@contextlib.contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """Within the block, SIGTERM raises SystemExit (as Ctrl-C raises KeyboardInterrupt), so that `finally`
+    blocks tear down what they built (processes, namespaces) however the run is ended. Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigterm(signum, frame) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_testnet(
     settings: TestnetSettings, on_progress: ProgressCallback | None = None, save: str | Path | None = None
 ) -> SimulationResult:
     """Run the testnet; with `save`, write each node's final parameters there (`p2pnode attention` reads them)."""
+    with sigterm_as_exit():
+        return _run_testnet(settings, on_progress, save)
+
+
+def _run_testnet(
+    settings: TestnetSettings, on_progress: ProgressCallback | None, save: str | Path | None
+) -> SimulationResult:
     s = settings
     if s.algorithm == "central":
         raise BadInput("central is the single-node reference: compare against it with `p2pnode simulate`")

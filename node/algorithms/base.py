@@ -8,6 +8,7 @@ so the same object runs over in-memory links or a real network.
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +41,15 @@ LearningRate = Callable[[int], float]
 def as_tensor(x: Payload) -> torch.Tensor:
     """A message tensor as a torch tensor, decoding it if it is still encoded."""
     return decode(x) if isinstance(x, Encoded) else x
+
+
+def on_device(messages: list[Message], device: torch.device) -> list[Message]:
+    """`messages` with every tensor decoded and on `device`: codecs decode on the CPU, and a node that
+    trains on a GPU mixes there."""
+    if device.type == "cpu":
+        return messages
+    moved = [{k: as_tensor(v).to(device) for k, v in m.tensors.items()} for m in messages]
+    return [dataclasses.replace(m, tensors=tensors) for m, tensors in zip(messages, moved, strict=True)]
 
 
 @dataclass

@@ -39,8 +39,8 @@ class P2PFT(Algorithm):
         self.tau = self.grad.clone()
         self.z = torch.zeros_like(self.tau)
         self.pull = PullChannel(self.hood, self.params, self.codec, self.gamma)
-        self.sender = PushSender(self.hood, self.params.numel(), self.codec)
-        self.receiver = PushReceiver(self.hood, self.params.numel())
+        self.sender = PushSender(self.hood, self.params.numel(), self.codec, self.params.device)
+        self.receiver = PushReceiver(self.hood, self.params.numel(), self.params.device)
         self.clipper = MassClipper(self.hood.in_neighbours, self.params)
 
     def outgoing(self, phase: str, k: int) -> list[Message]:

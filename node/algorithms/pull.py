@@ -52,7 +52,7 @@ class PullChannel:
             return [Message(me, d, round_, phase, "value", {"v": v}) for d in self.hood.out_neighbours]
         self.seq += 1
         increment = self.codec.encode(v - self.copy)
-        self.copy += as_tensor(increment).to(self.copy.dtype)
+        self.copy += as_tensor(increment).to(self.copy)  # the codec decodes on the CPU
         out = []
         for d in self.hood.out_neighbours:
             if d in self.keyframe_due:

@@ -20,10 +20,12 @@ from .base import Message, as_tensor
 
 
 class PushSender:
-    def __init__(self, hood: Neighbourhood, dim: int, codec: Codec | None = None) -> None:
+    def __init__(
+        self, hood: Neighbourhood, dim: int, codec: Codec | None = None, device: torch.device | str = "cpu"
+    ) -> None:
         self.hood, self.codec = hood, codec
-        self.sigma = {d: torch.zeros(dim, dtype=torch.float64) for d in hood.out_neighbours}
-        self.delivered = {d: torch.zeros(dim, dtype=torch.float64) for d in hood.out_neighbours}
+        self.sigma = {d: torch.zeros(dim, dtype=torch.float64, device=device) for d in hood.out_neighbours}
+        self.delivered = {d: torch.zeros(dim, dtype=torch.float64, device=device) for d in hood.out_neighbours}
         self.seq = dict.fromkeys(hood.out_neighbours, 0)
         self.keyframe_due: set[int] = set()
 
@@ -44,7 +46,7 @@ class PushSender:
                 continue
             pending = (self.sigma[dst] - self.delivered[dst]).to(z.dtype)
             delta = pending if self.codec is None else self.codec.encode(pending)
-            self.delivered[dst] += as_tensor(delta).to(torch.float64)
+            self.delivered[dst] += as_tensor(delta).to(self.delivered[dst])  # float64, on its device
             out.append(Message(self.hood.node, dst, round_, phase, "delta", {"delta": delta}, self.seq[dst]))
         return out
 
@@ -71,9 +73,9 @@ class PushSender:
 
 
 class PushReceiver:
-    def __init__(self, hood: Neighbourhood, dim: int) -> None:
+    def __init__(self, hood: Neighbourhood, dim: int, device: torch.device | str = "cpu") -> None:
         self.hood = hood
-        self.rho = {s: torch.zeros(dim, dtype=torch.float64) for s in hood.in_neighbours}
+        self.rho = {s: torch.zeros(dim, dtype=torch.float64, device=device) for s in hood.in_neighbours}
         self.last_seq = dict.fromkeys(hood.in_neighbours, 0)
         self.gaps: set[int] = set()
 
