@@ -10,6 +10,10 @@ the bad-flag tests run everywhere.
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -65,6 +69,43 @@ def test_two_percent_loss_on_every_link_ends_within_a_point_of_the_clean_run(tmp
     for got, want in zip(result.accuracy, clean, strict=True):
         assert abs(got - want) <= 0.01, f"accuracies {result.accuracy} against the clean run's {clean}"
     assert not leftover_testnet_namespaces(), "the testnet left namespaces behind"
+
+
+def processes_mentioning(text: str) -> list[int]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text.encode() in cmdline.read_bytes():
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+@needs_netns
+@pytest.mark.timeout(240)
+def test_a_testnet_ended_by_sigterm_removes_its_namespaces_and_processes(tmp_path):
+    argv = [sys.executable, "-m", "p2pnode.cli.app", "testnet", "--hosts", "netns", "--nat", "1", "--loss", "1"]
+    proc = subprocess.Popen(
+        [*argv, "--epochs", "40", "--workdir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    prefix = f"p2pnlab-testnet-{proc.pid}-"
+    try:
+        deadline = time.monotonic() + 150
+        while not all((tmp_path / f"node{i}" / "events.jsonl").exists() for i in range(4)):
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the nodes did not start"
+            time.sleep(0.5)
+        built = [n for n in list_netns() if n.startswith(prefix)]
+        assert len(built) == 7, built  # switch, bootstrap, NAT router, 4 nodes
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert not [n for n in list_netns() if n.startswith(prefix)], "namespaces left behind"
+    assert not processes_mentioning(str(tmp_path)), "node processes left behind"
 
 
 @pytest.mark.parametrize(
