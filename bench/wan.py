@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -78,31 +79,60 @@ def wait_all(procs: list, timeout: float, what: str, reached: Callable[[], bool]
         raise RuntimeError(f"{what}: a peer exited with code {[p.returncode for p in procs]}")
 
 
-def run_p2pft(settings: TestnetSettings, rate: str, workdir: Path, timeout: float, target: float | None) -> dict:
+Points = list[list[tuple[float, float]]]  # per node: (seconds since training started, accuracy)
+
+
+def run_swarm(
+    rate: str,
+    workdir: Path,
+    nodes: int,
+    start_boot: Callable[[NamespacedHosts], tuple[subprocess.Popen, str]],
+    peer_argv: Callable[[int, str, str], list[str]],
+    read_points: Callable[[Path, int], tuple[Points, int]],
+    timeout: float,
+    target: float | None,
+    what: str,
+) -> dict:
+    """A bootstrap and `nodes` peers on namespaced hosts shaped to `rate`, until they exit (or, with
+    `target`, until every node reached it); what they measured and what each host's interface sent.
+    `peer_argv(i, bootstrap address, listen address)` is peer i's command; it logs to peer<i>.log."""
     workdir.mkdir(parents=True, exist_ok=True)
     hosts = NamespacedHosts(rate=rate)
     procs = []
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     try:
-        boot, addrs = start_bootstrap(settings.run_id, workdir / "bootstrap.log", hosts=hosts)
+        boot, addr = start_boot(hosts)
         procs.append(boot)
-        env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        for i in range(settings.nodes):
-            state = workdir / f"node{i}"
-            state.mkdir(parents=True, exist_ok=True)
-            command = node_command(settings, i, addrs, state, listen=hosts.listen(f"n{i}"))
-            log = (workdir / f"node{i}.log").open("w")
-            procs.append(hosts.popen(f"n{i}", command, stdout=log, stderr=subprocess.STDOUT, env=_env(env)))
-        reached = (lambda: time_to(_p2pft_points(workdir, settings.nodes)[0], target) is not None) if target else None
-        wait_all(procs[1:], timeout, "the P2P-FT run", reached)
-        sent = [tx_bytes(hosts.host(f"n{i}")) for i in range(settings.nodes)]
+        for i in range(nodes):
+            log = (workdir / f"peer{i}.log").open("w")
+            argv = peer_argv(i, addr, hosts.listen(f"n{i}"))
+            procs.append(hosts.popen(f"n{i}", argv, stdout=log, stderr=subprocess.STDOUT, env=env))
+        reached = (lambda: time_to(read_points(workdir, nodes)[0], target) is not None) if target else None
+        wait_all(procs[1:], timeout, what, reached)
+        sent = [tx_bytes(hosts.host(f"n{i}")) for i in range(nodes)]
     finally:
         stop_processes(procs)
         hosts.close()
-    points, rounds = _p2pft_points(workdir, settings.nodes)
-    return {"points": points, "sent": sent, "rounds": rounds, "final": [node[-1][1] for node in points]}
+    points, done = read_points(workdir, nodes)
+    return {"points": points, "sent": sent, "rounds": done, "final": [node[-1][1] for node in points]}
 
 
-def _p2pft_points(workdir: Path, nodes: int) -> tuple[list[list[tuple[float, float]]], int]:
+def run_p2pft(settings: TestnetSettings, rate: str, workdir: Path, timeout: float, target: float | None) -> dict:
+    def start_boot(hosts: NamespacedHosts) -> tuple[subprocess.Popen, str]:
+        boot, addrs = start_bootstrap(settings.run_id, workdir / "bootstrap.log", hosts=hosts)
+        return boot, addrs[0]
+
+    def peer_argv(i: int, addr: str, listen: str) -> list[str]:
+        state = workdir / f"node{i}"
+        state.mkdir(parents=True, exist_ok=True)
+        return node_command(settings, i, [addr], state, listen=listen)
+
+    return run_swarm(
+        rate, workdir, settings.nodes, start_boot, peer_argv, _p2pft_points, timeout, target, "the P2P-FT run"
+    )
+
+
+def _p2pft_points(workdir: Path, nodes: int) -> tuple[Points, int]:
     """Each node's (seconds since training started, accuracy) after each pass, and the rounds done."""
     paths = [workdir / f"node{i}" / "events.jsonl" for i in range(nodes)]
     events = [read_events(path) if path.is_file() else [] for path in paths]
@@ -124,42 +154,34 @@ def run_hivemind(
     timeout: float,
     target: float | None,
 ) -> dict:
-    hosts = NamespacedHosts(rate=rate)
-    procs = []
-    try:
-        argv = [sys.executable, str(HERE / "hivemind_peer.py"), "--bootstrap", "--listen", hosts.listen("boot")]
-        workdir.mkdir(parents=True, exist_ok=True)
+    peer = [sys.executable, str(HERE / "hivemind_peer.py")]
+
+    def start_boot(hosts: NamespacedHosts) -> tuple[subprocess.Popen, str]:
+        argv = [*peer, "--bootstrap", "--listen", hosts.listen("boot")]
         boot_log = (workdir / "bootstrap.log").open("w")
         boot = hosts.popen("boot", argv, stdout=subprocess.PIPE, stderr=boot_log, text=True)
-        procs.append(boot)
-        addrs = [read_bootstrap_address(boot, 60)]
-        if addrs[0] is None:
+        addr = read_bootstrap_address(boot, 60)
+        if addr is None:
+            stop_processes([boot])
             raise RuntimeError(f"the hivemind bootstrap printed no address; see {workdir / 'bootstrap.log'}")
-        for i in range(settings.nodes):
-            argv = [
-                sys.executable, str(HERE / "hivemind_peer.py"), "--index", str(i), "--peers", addrs[0],
-                "--listen", hosts.listen(f"n{i}"), "--workdir", str(workdir), "--out", str(workdir / f"peer{i}.jsonl"),
-                "--model", settings.model, "--split", settings.split, "--batch-size", str(settings.batch_size),
-                "--target-batch-size", str(settings.batch_size * settings.nodes), "--steps", str(steps),
-                "--lr", str(settings.lr), "--momentum", str(settings.momentum), "--optimizer", settings.optimizer,
-                "--compression", compression,
-            ]  # fmt: skip
-            log = (workdir / f"peer{i}.log").open("w")
-            env = _env({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
-            procs.append(hosts.popen(f"n{i}", argv, stdout=log, stderr=subprocess.STDOUT, env=env))
-        reached = (
-            (lambda: time_to(_hivemind_points(workdir, settings.nodes)[0], target) is not None) if target else None
-        )
-        wait_all(procs[1:], timeout, "the hivemind run", reached)
-        sent = [tx_bytes(hosts.host(f"n{i}")) for i in range(settings.nodes)]
-    finally:
-        stop_processes(procs)
-        hosts.close()
-    points, done = _hivemind_points(workdir, settings.nodes)
-    return {"points": points, "sent": sent, "rounds": done, "final": [node[-1][1] for node in points]}
+        return boot, addr
+
+    def peer_argv(i: int, addr: str, listen: str) -> list[str]:
+        return [
+            *peer, "--index", str(i), "--peers", addr, "--listen", listen,
+            "--workdir", str(workdir), "--out", str(workdir / f"peer{i}.jsonl"),
+            "--model", settings.model, "--split", settings.split, "--batch-size", str(settings.batch_size),
+            "--target-batch-size", str(settings.batch_size * settings.nodes), "--steps", str(steps),
+            "--lr", str(settings.lr), "--momentum", str(settings.momentum), "--optimizer", settings.optimizer,
+            "--compression", compression,
+        ]  # fmt: skip
+
+    return run_swarm(
+        rate, workdir, settings.nodes, start_boot, peer_argv, _hivemind_points, timeout, target, "the hivemind run"
+    )
 
 
-def _hivemind_points(workdir: Path, nodes: int) -> tuple[list[list[tuple[float, float]]], int]:
+def _hivemind_points(workdir: Path, nodes: int) -> tuple[Points, int]:
     rows = []
     for i in range(nodes):
         path = workdir / f"peer{i}.jsonl"
@@ -167,12 +189,6 @@ def _hivemind_points(workdir: Path, nodes: int) -> tuple[list[list[tuple[float, 
         rows.append([json.loads(x) for x in lines if x.endswith("}")])
     done = min((node[-1]["step"] if node else 0) for node in rows)
     return [[(r["t"], r["accuracy"]) for r in node] for node in rows], done
-
-
-def _env(extra: dict) -> dict:
-    import os
-
-    return {**os.environ, **extra}
 
 
 def main() -> None:

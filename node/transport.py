@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 from hivemind.p2p import PeerID
@@ -237,12 +237,12 @@ class Transport:
             self.unreachable[dst] = loop.time() + RETRY_UNREACHABLE_S
             self.algorithm.request_keyframe(dst)
 
-    def reach(self, in_neighbours) -> None:
-        """Open a connection to each in-neighbour that has no link open to this node, in the
-        background, so it can send here even if nobody can dial this node (behind a NAT)."""
+    def reach(self, in_neighbours: Iterable[int]) -> None:
+        """Open a connection to each in-neighbour that has no link open to this node (`Links.reach`), in
+        the background, so it can send here even if nobody can dial this node (behind a NAT)."""
         for j in in_neighbours:
             peer = self.peer_of.get(j)
-            if peer is not None and not self.links.hears_from(peer) and peer not in self.reaching:
+            if peer is not None and peer not in self.reaching:
                 self.reaching.add(peer)
                 task = asyncio.create_task(self.links.reach(peer))
                 task.add_done_callback(lambda t, peer=peer: self.reaching.discard(peer))

@@ -30,11 +30,6 @@ AVAILABLE, WHY = netlab_available(tc=True)
 pytestmark = pytest.mark.skipif(not AVAILABLE, reason=f"no network namespaces here: {WHY}")
 
 
-def listen_on(command: list[str], address: str) -> list[str]:
-    at = command.index("--listen")
-    return [*command[: at + 1], f"/ip4/{address}/tcp/0", *command[at + 2 :]]
-
-
 def evals(state: Path) -> list[dict]:
     path = state / "events.jsonl"
     return [e for e in read_events(path) if e["kind"] == "eval"] if path.is_file() else []
@@ -62,7 +57,7 @@ def start_run(lab: NetLab, settings: TestnetSettings, tmp_path: Path) -> tuple[H
     for i, host in enumerate(hosts):
         state = tmp_path / f"n{i}"
         state.mkdir()
-        command = listen_on(node_command(settings, i, [addr], state), host.address)
+        command = node_command(settings, i, [addr], state, listen=f"/ip4/{host.address}/tcp/0")
         log = (tmp_path / f"n{i}.log").open("w")
         procs.append(host.popen(command, stdout=log, stderr=subprocess.STDOUT, env=env))
     return boot_host, hosts, procs
