@@ -37,6 +37,7 @@ from .driver import RoundDriver
 from .errors import BadInput
 from .membership import MembershipAgent
 from .metrics import NodeMetrics
+from .pace import BackgroundGradients, SlowedGradients
 from .rounds import Inbox
 from .settings import NodeSettings
 from .simulator import iterations_per_epoch, objective_seed, step_schedule
@@ -265,6 +266,8 @@ class Node:
         if self.store is not None:
             self.store.close()
         self.compute.shutdown(wait=True)
+        if self.algorithm is not None and hasattr(self.algorithm.objective, "shutdown"):
+            self.algorithm.objective.shutdown()
         if self.transport is not None:
             self.transport.shutdown()
 
@@ -332,6 +335,10 @@ class Node:
             seed=objective_seed(s, index),
             weight_decay=s.weight_decay,
         )
+        if s.slowdown > 1:
+            objective = SlowedGradients(objective, s.slowdown)
+        if s.sync == "async":  # rounds go on at the run's pace; the gradient comes when it is ready
+            objective = BackgroundGradients(objective, self.driver.behind)
         codec = None if s.codec == "none" else get_codec(s.codec)
         step = StepRule(step_schedule(s, self.rounds), s.momentum, s.optimizer)
 
@@ -456,7 +463,7 @@ class Node:
 
     async def end_of_epoch(self, epoch: int) -> None:
         loop = asyncio.get_running_loop()
-        acc = await loop.run_in_executor(self.compute, accuracy, self.model, self.algorithm.params, self.test_bank)
+        acc = await loop.run_in_executor(self.compute, self._evaluate)
         self.info.train_epoch, self.info.accuracy = epoch, acc
         self.info.loss = float(self.algorithm.last_loss)
         self.info.bytes_sent = self.links.bytes_sent
@@ -486,6 +493,10 @@ class Node:
         if self.metrics is not None:
             self.metrics.observe_eval(self.info.loss, acc)
         await self.agent.announce()
+
+    def _evaluate(self) -> float:
+        with self.algorithm.model_in_use():
+            return accuracy(self.model, self.algorithm.params, self.test_bank)
 
     async def _linger(self, limit: float = 10.0) -> None:
         """Stay reachable briefly so slower members can still deliver to us and see us done."""

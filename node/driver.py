@@ -24,6 +24,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# --sync async: no node runs more than MAX_LAG rounds ahead of an in-neighbour's messages, and a round stops
+# waiting for its own gradient once an in-neighbour is AHEAD_ROUNDS ahead: the fastest node sets the pace
+MAX_LAG = 2
+AHEAD_ROUNDS = 2
+
 
 class RoundDriver:
     """Drives one node; `await driver.train(record)` runs it from `record` to an outcome."""
@@ -103,6 +108,13 @@ class RoundDriver:
         index_of = node.transport.index_of
         return {index_of[p] for p in out if p in index_of and p != node.peer_id}
 
+    def behind(self) -> bool:
+        """Asynchronous rounds: whether an in-neighbour is AHEAD_ROUNDS or more rounds ahead of this node,
+        so this round must not wait for this node's own gradient (node/pace.py). The run's fastest
+        node is never behind: its gradients set the run's pace, and every other node keeps within
+        AHEAD_ROUNDS of it, folding in its own gradients as they come."""
+        return self.node.inbox.newest_round >= self.node.round + AHEAD_ROUNDS
+
     def far_behind(self, latest: EpochRecord, k: int) -> bool:
         """Whether `latest`, which names this node, starts further ahead than any lead a coordinator
         schedules at this node's pace: this node fell behind the run (its side of a partition was slower,
@@ -163,18 +175,26 @@ class RoundDriver:
         for phase in algo.phases:
             out = await loop.run_in_executor(node.compute, algo.send, phase, k)
             await node.transport.send_all(out)
-            wait = bool(algo.hood.in_neighbours) and algo.expects_messages(phase, k)
-            waiting_since = time.perf_counter()
-            arrived = await node.inbox.collect(
-                phase,
-                k,
-                algo.hood.in_neighbours,
-                node.settings.round_timeout,
-                self.hurry,
-                self.excluded,
-                wait,
-            )
-            node.wait_seconds += time.perf_counter() - waiting_since
+            if algo.asynchronous:  # mix the newest values and whatever mass has come
+                if phase == algo.phases[0]:
+                    waiting_since = time.perf_counter()
+                    limit = 1.0 if self.hurry() else node.settings.round_timeout
+                    await node.inbox.wait_for_lag(k, algo.hood.in_neighbours, MAX_LAG, limit, self.excluded)
+                    node.wait_seconds += time.perf_counter() - waiting_since
+                arrived = node.inbox.take(phase, algo.hood.in_neighbours)
+            else:
+                wait = bool(algo.hood.in_neighbours) and algo.expects_messages(phase, k)
+                waiting_since = time.perf_counter()
+                arrived = await node.inbox.collect(
+                    phase,
+                    k,
+                    algo.hood.in_neighbours,
+                    node.settings.round_timeout,
+                    self.hurry,
+                    self.excluded,
+                    wait,
+                )
+                node.wait_seconds += time.perf_counter() - waiting_since
             silent = node.inbox.silent()
             for j in silent:
                 node.agent.report_silent(node.record.members[j])

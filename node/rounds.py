@@ -47,10 +47,14 @@ class Inbox:
         self.arrival = asyncio.Event()
         self.misses: dict[int, int] = {}  # in-neighbour -> deadlines missed in a row
         self.entered = time.monotonic()
+        self.newest_round = -1  # the latest round any in-neighbour has sent in this epoch
+        self.sent_round: dict[int, int] = {}  # in-neighbour -> the latest round it has sent in this epoch
 
     def put(self, msg: Message) -> None:
         self.by_phase.setdefault(msg.phase, []).append(msg)
         self.misses.pop(msg.src, None)
+        self.newest_round = max(self.newest_round, msg.round)
+        self.sent_round[msg.src] = max(self.sent_round.get(msg.src, -1), msg.round)
         self.last_heard[msg.src] = time.monotonic()
         self.arrival.set()
 
@@ -71,12 +75,14 @@ class Inbox:
         """Forget the old epoch's messages and take the held ones of `epoch`; returns how many."""
         self.by_phase, self.misses, self.last_heard = {}, {}, {}
         self.entered = time.monotonic()
+        self.newest_round, self.sent_round = -1, {}
         keep, taken = [], 0
         for sender, env in self.held:
             if env.epoch == epoch:
                 msg = convert(sender, env)
                 if msg is not None:
                     self.by_phase.setdefault(msg.phase, []).append(msg)
+                    self.newest_round = max(self.newest_round, msg.round)
                     taken += 1
             elif env.epoch > epoch:
                 keep.append((sender, env))
@@ -92,6 +98,35 @@ class Inbox:
             for j, n in self.misses.items()
             if n >= SILENT_ROUNDS and now - self.last_heard.get(j, self.entered) >= self.silent_seconds
         }
+
+    async def wait_for_lag(
+        self, k: int, in_neighbours: tuple[int, ...], lag: int, limit: float, excluded: Callable[[], set[int]]
+    ) -> None:
+        """Asynchronous rounds: wait, up to `limit`, until every in-neighbour has sent a message of round
+        k - lag or later (a slow node still sends every round, so this waits for its messages, never for
+        its gradients). An in-neighbour that does not in time misses this round."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + limit
+        while True:
+            self.arrival.clear()
+            skip = excluded()
+            late = [j for j in in_neighbours if j not in skip and self.sent_round.get(j, -1) < k - lag]
+            if not late or loop.time() >= end:
+                break
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.arrival.wait(), end - loop.time())
+        for j in late:
+            self.misses[j] = self.misses.get(j, 0) + 1
+
+    def take(self, phase: str, in_neighbours: tuple[int, ...]) -> list[Message]:
+        """Asynchronous rounds: every message of `phase` that has arrived, of any round, without waiting.
+        An in-neighbour that sent none since the last call misses a round (silence is still noticed)."""
+        inbox = self.by_phase.pop(phase, [])
+        heard = {m.src for m in inbox}
+        for j in in_neighbours:
+            if j not in heard:
+                self.misses[j] = self.misses.get(j, 0) + 1
+        return inbox
 
     async def collect(
         self,

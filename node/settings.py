@@ -23,6 +23,7 @@ from .models import DEFAULT_MODEL
 SCHEDULES = ("cosine", "constant")
 ROBUST_RULES = ("none", "clip")
 TESTNET_HOSTS = ("loopback", "netns")
+SYNC_MODES = ("wait", "async")
 
 
 def opt(default, help: str, **kw):
@@ -66,6 +67,15 @@ class RunSettings:
     batch_size: int = opt(16, "mini-batch size per node")
     seed: int = opt(0, "seed for partitions, sampling and random topologies")
     device: str = opt("auto", "auto, cpu or cuda[:N]")
+    # pace: wait keeps every node in lockstep, async lets each go at its own pace (README: slow volunteers)
+    sync: str = opt(
+        "wait",
+        "wait: each round waits for every in-neighbour (up to --round-timeout); async: each node steps at its "
+        "own pace, mixing the newest values and whatever mass has arrived",
+    )
+    max_staleness: int = opt(
+        50, "with --sync async: a neighbour's value over N rounds old is left out of the mix (its mass is kept)"
+    )
 
     def validate(self) -> RunSettings:
         from ..protocol.codecs import CodecError, get_codec
@@ -93,6 +103,10 @@ class RunSettings:
             raise BadInput(f"--merge-every must be at least 1 epoch (got {self.merge_every})")
         if self.warmup_epochs < 0:
             raise BadInput(f"--warmup-epochs must be >= 0 (got {self.warmup_epochs})")
+        if self.sync not in SYNC_MODES:
+            raise BadInput(f"unknown --sync {self.sync!r}: use {' or '.join(SYNC_MODES)}")
+        if self.max_staleness < 1:
+            raise BadInput(f"--max-staleness must be at least 1 round (got {self.max_staleness})")
         if self.robust not in ROBUST_RULES:
             raise BadInput(f"unknown --robust {self.robust!r}: use {' or '.join(ROBUST_RULES)}")
         if self.schedule not in SCHEDULES:
@@ -153,6 +167,7 @@ class SimulateSettings(RunSettings):
         [],
         "make a node Byzantine, NODE:KIND with KIND signflip, scale:FACTOR, noise, alie or stale (e.g. 2:signflip)",
     )
+    slow: list[str] = opt([], "make a node slower, NODE:FACTOR: it computes one step per FACTOR rounds of the others")
 
     def validate(self) -> SimulateSettings:
         from .attacks import parse_attacks
@@ -161,6 +176,7 @@ class SimulateSettings(RunSettings):
         super().validate()
         parse_churn(self.churn, self.nodes)
         parse_attacks(self.attack, self.nodes)
+        parse_slow(self.slow, self.nodes)
         return self
 
 
@@ -187,6 +203,7 @@ class NodeSettings(RunSettings):
     )
     metrics_port: int | None = opt(None, "serve Prometheus metrics on this port (127.0.0.1; see --metrics-addr)")
     metrics_addr: str = opt("127.0.0.1", "address for --metrics-port (0.0.0.0 exposes it)")
+    slowdown: float = opt(1.0, "emulate a slower machine: every training step takes this many times as long")
 
     def validate(self) -> NodeSettings:
         super().validate()
@@ -198,11 +215,32 @@ class NodeSettings(RunSettings):
             raise BadInput(f"--checkpoint-every must be at least 1 (got {self.checkpoint_every})")
         if min(self.round_timeout, self.join_timeout, self.heartbeat, self.leave_timeout) <= 0:
             raise BadInput("--round-timeout, --join-timeout, --heartbeat and --leave-timeout must be positive")
+        if not (self.slowdown >= 1 and math.isfinite(self.slowdown)):
+            raise BadInput(f"--slowdown must be a factor >= 1 (got {self.slowdown})")
         if self.metrics_port is not None and not 1 <= self.metrics_port <= 65535:
             raise BadInput(f"--metrics-port must be a port number 1-65535 (got {self.metrics_port})")
         if self.algorithm == "central" and self.nodes != 1:
             raise BadInput("central is the single-node reference: use it with simulate, or --nodes 1")
         return self
+
+
+def parse_slow(specs: list[str], nodes: int) -> dict[int, float]:
+    """`--slow NODE:FACTOR` entries as {node: factor}; one line on anything malformed."""
+    slow: dict[int, float] = {}
+    for spec in specs:
+        node, sep, factor = spec.partition(":")
+        try:
+            i, f = int(node), float(factor)
+        except ValueError:
+            raise BadInput(f"bad --slow {spec!r}: give NODE:FACTOR, e.g. 3:5 (node 3 five times slower)") from None
+        if not sep or not 0 <= i < nodes:
+            raise BadInput(f"bad --slow {spec!r}: NODE must be 0..{nodes - 1}")
+        if not (f >= 1 and math.isfinite(f)):
+            raise BadInput(f"bad --slow {spec!r}: FACTOR must be a number >= 1")
+        if i in slow:
+            raise BadInput(f"--slow names node {i} twice")
+        slow[i] = f
+    return slow
 
 
 def load_config(path: str | Path) -> dict:
@@ -262,6 +300,7 @@ class TestnetSettings(RunSettings):
     rate: str | None = opt(None, "with --hosts netns: every host's upload rate, e.g. 50mbit (unshaped if unset)")
     loss: float = opt(0.0, "with --hosts netns: percent of packets dropped on arrival at every host (nftables)")
     nat: int = opt(0, "with --hosts netns: the first N nodes each sit behind a masquerading home router")
+    slow: list[str] = opt([], "make a node slower, NODE:FACTOR: its training steps take FACTOR times as long")
 
     def validate(self) -> TestnetSettings:
         from .netlab import valid_rate
@@ -277,6 +316,7 @@ class TestnetSettings(RunSettings):
             raise BadInput(f"--loss is a percentage in [0, 100) (got {self.loss})")
         if not 0 <= self.nat <= self.nodes:
             raise BadInput(f"--nat must be between 0 and --nodes {self.nodes} (got {self.nat})")
+        parse_slow(self.slow, self.nodes)
         if self.timeout <= 0 or self.round_timeout <= 0:
             raise BadInput("--timeout and --round-timeout must be positive")
         return self

@@ -26,7 +26,8 @@ from .churn import ChurnEvent, initial_members, parse_churn
 from .data import parse_split, partition
 from .engine import InMemoryNetwork
 from .errors import BadInput
-from .settings import RunSettings, SimulateSettings
+from .pace import StaleGradients
+from .settings import RunSettings, SimulateSettings, parse_slow
 from .topology import Topology, make_topology
 from .training import FeatureBank, VisionObjective, accuracy, prepare_model_and_data
 
@@ -62,6 +63,9 @@ class AlgorithmResult:
     messages_per_epoch: list[float] = field(default_factory=list)
     attackers: list[int] = field(default_factory=list)  # Byzantine node ids (`--attack`): not in honest_mean
     honest_mean: float | None = None  # mean accuracy of the other nodes
+    steps: list[int] = field(default_factory=list)  # gradients each node computed (fewer for a --slow one, async)
+    # the run's length in a normal node's step times: in lockstep every round waits for the slowest node
+    duration_steps: float = 0.0
 
     def __post_init__(self) -> None:
         if self.honest_mean is None:
@@ -267,8 +271,10 @@ class Simulation:
         cls = ALGORITHMS[name]
         if name == "central":  # always alone on all data: churn does not apply
             topo, shards, churn, attacks = make_topology("complete", 1), [np.concatenate(self.parts)], [], []
+            slow = {}
         else:
             topo, shards, churn, attacks = self.topology, self.parts, self.churn, self.attacks
+            slow = parse_slow(getattr(s, "slow", []), s.nodes)
         per_epoch = iterations_per_epoch(sum(len(p) for p in shards), len(shards), s.batch_size)
         total = per_epoch * s.epochs
         lr = step_schedule(s, total)
@@ -282,6 +288,8 @@ class Simulation:
                 seed=objective_seed(s, i),
                 weight_decay=s.weight_decay,
             )
+            if s.sync == "async" and i in slow:  # its gradients come late and seldom; it exchanges every round
+                objective = StaleGradients(objective, slow[i])
             codec = None if s.codec == "none" else get_codec(s.codec)
             step = StepRule(lr, s.momentum, s.optimizer)
             node = cls(topology.neighbourhood(position), objective, params, step, codec, s.gamma)
@@ -334,6 +342,8 @@ class Simulation:
             bytes_per_epoch=[b / s.epochs for b in net.bytes_sent],
             messages_per_epoch=[m / s.epochs for m in net.messages_sent],
             attackers=attackers,
+            steps=[getattr(n.objective, "gradients", total) if n is not None else 0 for n in net.nodes],
+            duration_steps=float(total if s.sync == "async" else total * max(slow.values(), default=1.0)),
         )
 
 

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from .algorithms import Algorithm
 from .events import EventLog
+from .pace import unwrapped
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class StateStore:
     def save(self, algorithm: Algorithm, meta: dict) -> None:
         """Atomically write the whole algorithm state (safetensors) and its metadata (JSON)."""
         state = {k: v.detach().to("cpu").clone().contiguous() for k, v in algorithm.state_dict().items()}
-        objective = algorithm.objective
+        objective = unwrapped(algorithm.objective)
         if hasattr(objective, "_order"):
             state["objective.order"] = torch.as_tensor(objective._order.copy())
             meta = {**meta, "rng": objective.rng.bit_generator.state, "samples_seen": objective.samples_seen}
@@ -86,7 +87,7 @@ class StateStore:
     @staticmethod
     def restore_objective(algorithm: Algorithm, checkpoint: Checkpoint) -> None:
         """Continue the checkpoint's mini-batch order instead of replaying it."""
-        objective, meta = algorithm.objective, checkpoint.meta
+        objective, meta = unwrapped(algorithm.objective), checkpoint.meta
         order = checkpoint.state.pop("objective.order", None)
         if order is not None and "rng" in meta:
             objective._order = order.cpu().numpy()

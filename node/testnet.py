@@ -26,7 +26,7 @@ from .churn import ChurnEvent, initial_members, parse_churn
 from .data import parse_split
 from .errors import BadInput
 from .saved_models import save_simulation_run, save_state_dirs
-from .settings import RunSettings, TestnetSettings, to_flags
+from .settings import RunSettings, TestnetSettings, parse_slow, to_flags
 from .simulator import AlgorithmResult, SimulationResult
 
 logger = logging.getLogger(__name__)
@@ -154,6 +154,7 @@ def node_command(
     split = parse_split(settings.split)
     data_flags = ["--classes", format_class_set(split[index % len(split)])] if isinstance(split, list) else []
     shared = to_flags(settings, RunSettings)
+    slow = parse_slow(settings.slow, settings.nodes)
     if members_to_start is not None:
         at = shared.index("--nodes")
         shared[at + 1] = str(members_to_start)
@@ -179,6 +180,7 @@ def node_command(
         "--heartbeat",
         "2",
         *(["--owner", owner, "--invite", str(state_dir / "invite.json")] if owner else []),
+        *(["--slowdown", str(slow[index])] if index in slow else []),
     )
 
 

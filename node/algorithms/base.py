@@ -8,9 +8,11 @@ so the same object runs over in-memory links or a real network.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
@@ -130,6 +132,8 @@ class Algorithm(ABC):
         self.last_loss = float("nan")
         self.iterations_per_epoch = 1
         self.robust = "none"  # or "clip": self-centred clipping of what neighbours send (robust.py)
+        self.asynchronous = False  # --sync async: rounds go on with whatever has arrived (see `oldest_mixed`)
+        self.max_staleness = 50
 
     def configure(self, *, iterations_per_epoch: int, settings: RunSettings | None = None) -> None:
         """Told by the driver once, before the first iteration: epoch length and the run's settings
@@ -137,11 +141,33 @@ class Algorithm(ABC):
         self.iterations_per_epoch = iterations_per_epoch
         if settings is not None:
             self.robust = settings.robust
+            self.asynchronous = settings.sync == "async"
+            self.max_staleness = settings.max_staleness
+
+    def oldest_mixed(self, k: int) -> int | None:
+        """The oldest round of a neighbour's value that round k still mixes (None: any). Only asynchronous
+        rounds leave values out: one more than --max-staleness rounds old would pull this node back to
+        where that neighbour was long ago (a laptop asleep); what it pushed still counts."""
+        return k - self.max_staleness if self.asynchronous else None
 
     @property
     def clipping(self) -> bool:
         """Whether this node mixes with self-centred clipping (`--robust clip`, see robust.py)."""
         return self.robust == "clip"
+
+    def local_step(self, k: int, params: torch.Tensor) -> torch.Tensor | float:
+        """The step to subtract for this node's next gradient at `params`, for the algorithms that step
+        on their own gradient (not P2P-FT's tracker). A slow node's round that has no new gradient yet
+        (node/pace.py) gets 0: stepping again on its old one would count that batch twice."""
+        grad, loss = self.objective.gradient(params)
+        if not getattr(self.objective, "fresh", True):
+            return 0.0
+        self.last_loss = loss
+        return self.step.lr(k) * self.step.direction(grad)
+
+    def model_in_use(self) -> AbstractContextManager:
+        """Held while the algorithm runs the model itself: a background gradient (node/pace.py) shares it."""
+        return getattr(self.objective, "lock", None) or contextlib.nullcontext()
 
     def enter_epoch(self, hood: Neighbourhood, epoch: int) -> None:
         """Take part in a new membership epoch from the next round on (DESIGN §8).

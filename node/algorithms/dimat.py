@@ -33,6 +33,10 @@ class DIMAT(Algorithm):
         super().__init__(*args, **kwargs)
         self.merge_every, self.warmup_epochs = 1, 0
         self.merges = 0
+        self.newest: dict[int, tuple[int, torch.Tensor]] = {}  # --sync async: neighbour -> (round, model)
+
+    def reset_links(self) -> None:
+        self.newest = {}
 
     def configure(self, *, iterations_per_epoch: int, settings=None) -> None:
         super().configure(iterations_per_epoch=iterations_per_epoch, settings=settings)
@@ -40,10 +44,14 @@ class DIMAT(Algorithm):
             self.merge_every, self.warmup_epochs = settings.merge_every, settings.warmup_epochs
 
     def is_merge(self, k: int) -> bool:
-        """Merge at the end of every `merge_every`-th epoch, once the warm-up epochs are done."""
-        done = k + 1
+        """Merge at the end of every `merge_every`-th epoch, once the warm-up epochs are done. With
+        asynchronous rounds a slow node's round numbers jump ahead: it merges in the round that passes
+        a merge point (its first round since the last one), so it never skips a merge."""
         period = self.merge_every * self.iterations_per_epoch
-        return done % period == 0 and done > self.warmup_epochs * self.iterations_per_epoch
+        first = min(self.iteration, k) if self.asynchronous else k
+        warm = self.warmup_epochs * self.iterations_per_epoch
+        done = (k + 1) // period * period  # the last merge point at or before round k's end
+        return done >= first + 1 and done > warm
 
     def expects_messages(self, phase: str, k: int) -> bool:
         return self.is_merge(k)
@@ -54,13 +62,19 @@ class DIMAT(Algorithm):
         return [Message(self.node, d, k, phase, "params", {"x": self.params}) for d in self.hood.out_neighbours]
 
     def incoming(self, phase: str, k: int, messages: Sequence[Message]) -> None:
-        grad, self.last_loss = self.objective.gradient(self.params)
-        self.params = self.params - self.step.lr(k) * self.step.direction(grad)
+        self.params = self.params - self.local_step(k, self.params)
         received = {m.src: as_tensor(m.tensors["x"]) for m in messages if m.kind == "params"}
+        if self.asynchronous:  # merge with each neighbour's newest model, whenever it was sent
+            for m in messages:
+                if m.kind == "params" and m.round >= self.newest.get(m.src, (-1, None))[0]:
+                    self.newest[m.src] = (m.round, received[m.src])
+            oldest = self.oldest_mixed(k)
+            received = {j: x for j, (r, x) in self.newest.items() if r >= oldest}
         if self.clipping:  # nothing non-finite reaches the alignment (it would be clipped to nothing anyway)
             received = {j: x for j, x in received.items() if bool(torch.isfinite(x).all())}
         if self.is_merge(k) and received:
-            self.params = self.merge(received)
+            with self.model_in_use():
+                self.params = self.merge(received)
             self.merges += 1
         self.iteration = k + 1
 

@@ -29,10 +29,10 @@ class DSGD(Algorithm):
         return self.pull.send(self.params, k, phase)
 
     def incoming(self, phase: str, k: int, messages: Sequence[Message]) -> None:
-        grad, self.last_loss = self.objective.gradient(self.params)
+        step = self.local_step(k, self.params)
         self.pull.receive(messages)
-        mixed = self.pull.mix(self.params, self.clipping)
-        self.params = mixed - self.step.lr(k) * self.step.direction(grad)
+        mixed = self.pull.mix(self.params, self.clipping, self.oldest_mixed(k))
+        self.params = mixed - step
         self.iteration = k + 1
 
     def request_keyframe(self, dst: int) -> None:

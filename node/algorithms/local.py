@@ -17,8 +17,7 @@ class LocalFT(Algorithm):
         return []
 
     def incoming(self, phase: str, k: int, messages: Sequence[Message]) -> None:
-        grad, self.last_loss = self.objective.gradient(self.params)
-        self.params = self.params - self.step.lr(k) * self.step.direction(grad)
+        self.params = self.params - self.local_step(k, self.params)
         self.iteration = k + 1
 
 

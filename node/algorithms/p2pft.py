@@ -52,7 +52,7 @@ class P2PFT(Algorithm):
     def incoming(self, phase: str, k: int, messages: Sequence[Message]) -> None:
         if phase == "pull":
             self.pull.receive(messages)
-            self.params = self.pull.mix(self.v, self.clipping)
+            self.params = self.pull.mix(self.v, self.clipping, self.oldest_mixed(k))
             grad, self.last_loss = self.objective.gradient(self.params)
             if self.clipping:  # leaky tracker: clipped mass must not pile up (robust.py)
                 self.z = grad + (1 - TRACKER_LEAK) * (self.tau - self.grad)

@@ -82,16 +82,20 @@ class PullChannel:
                     continue
                 self.last_seq[j], self.replica_round[j] = m.seq, m.round
 
-    def mix(self, v: torch.Tensor, clipping: bool = False) -> torch.Tensor:
+    def mix(self, v: torch.Tensor, clipping: bool = False, oldest: int | None = None) -> torch.Tensor:
         """The mix of v with the in-neighbours' values; with `clipping`, each of them first moved to
-        within the clipping radius of this node's own (self-centred clipping, robust.py)."""
+        within the clipping radius of this node's own (self-centred clipping, robust.py). Values sent
+        before round `oldest` are left out, their weight staying on v (the mix stays stochastic)."""
+        fresh = self.replicas
+        if oldest is not None:
+            fresh = {j: r for j, r in self.replicas.items() if self.replica_round[j] >= oldest}
         if self.codec is None:
-            replicas = clip_around(v, self.replicas) if clipping else self.replicas
+            replicas = clip_around(v, fresh) if clipping else fresh
             total, weight = v * self.self_weight, self.self_weight
             for j, vj in replicas.items():
                 total, weight = total + self.weight(j) * vj.to(v.dtype), weight + self.weight(j)
             return total / weight if abs(weight - 1.0) > 1e-12 else total
-        replicas = clip_around(self.copy, self.replicas) if clipping else self.replicas
+        replicas = clip_around(self.copy, fresh) if clipping else fresh
         step = torch.zeros_like(v)
         for j, hj in replicas.items():
             step += self.weight(j) * (hj.to(v.dtype) - self.copy)

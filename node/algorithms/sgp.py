@@ -37,8 +37,7 @@ class SGP(Algorithm):
         self.w = 1.0
 
     def outgoing(self, phase: str, k: int) -> list[Message]:
-        grad, self.last_loss = self.objective.gradient(self.x / self.w)
-        self.x = self.x - self.step.lr(k) * self.step.direction(grad)
+        self.x = self.x - self.local_step(k, self.x / self.w)
         hood = self.hood
         messages = []
         for d in hood.out_neighbours:

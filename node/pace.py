@@ -1,0 +1,111 @@
+"""A node's gradients at its own pace: what `--sync async` and `--slow` do to a node's objective.
+
+With asynchronous rounds (README: slow volunteers) a node keeps exchanging at the run's pace and
+folds in a new gradient whenever its machine has one: a slow node's rounds carry its latest
+gradient, however old, and the tracker still sums every node's latest gradient (DESIGN §2, §3).
+Each wrapper is an objective, so the algorithms stay as they are; `fresh` tells the algorithms that
+take local steps (D-SGD, DIMAT) whether the gradient they got is a new one.
+
+- `StaleGradients`: the simulator's slow node. A gradient takes `factor` rounds: the one a round
+  gets was started `factor` rounds earlier at that round's parameters.
+- `SlowedGradients`: the daemon's `--slowdown`, a machine `factor` times slower: every gradient
+  takes `factor` times as long (it sleeps the difference).
+- `BackgroundGradients`: the daemon's asynchronous rounds. The gradient runs in its own thread;
+  a round waits for it only while no in-neighbour is ahead of this node (`behind()` says when one
+  is), else it goes on with the latest gradient and the computation carries on.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+
+import torch
+
+from .algorithms.base import Objective
+
+POLL_S = 0.002  # how often a round waiting for its gradient looks whether a neighbour got ahead
+
+
+def unwrapped(objective: Objective) -> Objective:
+    """The data-drawing objective under any pace wrappers (its batch order is what checkpoints keep)."""
+    while isinstance(objective, _Wrapper):
+        objective = objective.objective
+    return objective
+
+
+class _Wrapper:
+    """Delegates everything but `gradient` to the wrapped objective (its model, data, counters)."""
+
+    def __init__(self, objective: Objective) -> None:
+        self.objective = objective
+        self.fresh = True
+        self.gradients = 0  # gradients computed
+
+    def __getattr__(self, name: str):
+        return getattr(self.objective, name)
+
+
+class StaleGradients(_Wrapper):
+    def __init__(self, objective: Objective, factor: float) -> None:
+        super().__init__(objective)
+        self.factor = factor
+        self.latest: tuple[torch.Tensor, float] | None = None
+        self.started_at: torch.Tensor | None = None  # parameters of the gradient being computed
+        self.rounds = 0.0  # rounds it has been computing
+
+    def gradient(self, params: torch.Tensor) -> tuple[torch.Tensor, float]:
+        if self.latest is None:  # the first gradient: every node starts with one (tau^0 = g^0)
+            self.latest, self.started_at = self.objective.gradient(params), params.clone()
+            self.gradients += 1
+            return self.latest
+        self.rounds += 1
+        self.fresh = self.rounds >= self.factor
+        if self.fresh:
+            self.latest = self.objective.gradient(self.started_at)
+            self.gradients += 1
+            self.started_at, self.rounds = params.clone(), self.rounds - self.factor
+        return self.latest
+
+
+class SlowedGradients(_Wrapper):
+    def __init__(self, objective: Objective, factor: float) -> None:
+        super().__init__(objective)
+        self.factor = factor
+
+    def gradient(self, params: torch.Tensor) -> tuple[torch.Tensor, float]:
+        started = time.perf_counter()
+        result = self.objective.gradient(params)
+        self.gradients += 1
+        time.sleep((self.factor - 1) * (time.perf_counter() - started))
+        return result
+
+
+class BackgroundGradients(_Wrapper):
+    def __init__(self, objective: Objective, behind: Callable[[], bool]) -> None:
+        super().__init__(objective)
+        self.behind = behind
+        self.lock = threading.Lock()  # the model is shared with evaluation and DIMAT's alignment
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="gradient")
+        self.running: Future | None = None
+        self.latest: tuple[torch.Tensor, float] | None = None
+
+    def _compute(self, params: torch.Tensor) -> tuple[torch.Tensor, float]:
+        with self.lock:
+            return self.objective.gradient(params)
+
+    def gradient(self, params: torch.Tensor) -> tuple[torch.Tensor, float]:
+        if self.running is None:
+            self.running = self.worker.submit(self._compute, params.clone())
+        while not wait([self.running], timeout=POLL_S).done:
+            if self.latest is not None and self.behind():
+                self.fresh = False
+                return self.latest
+        self.latest, self.running, self.fresh = self.running.result(), None, True
+        self.gradients += 1
+        return self.latest
+
+    def shutdown(self) -> None:
+        self.worker.shutdown(wait=True, cancel_futures=True)

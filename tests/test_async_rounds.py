@@ -1,0 +1,65 @@
+"""`--sync async` and `--slow` (issue 12): flags, the simulator's slow node, and a daemon testnet with a
+node whose steps take 5x as long that still ends in consensus."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from p2pnode.cli.app import main
+from p2pnode.node.settings import SimulateSettings, TestnetSettings
+from p2pnode.node.simulator import Simulation
+from p2pnode.node.testnet import node_command, run_testnet
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["simulate", "--slow", "3"], "give NODE:FACTOR"),
+        (["simulate", "--slow", "7:2"], "NODE must be 0..3"),
+        (["simulate", "--slow", "3:0.5"], "FACTOR must be a number >= 1"),
+        (["simulate", "--slow", "3:2", "--slow", "3:4"], "names node 3 twice"),
+        (["simulate", "--sync", "sometimes"], "unknown --sync 'sometimes'"),
+        (["simulate", "--max-staleness", "0"], "--max-staleness must be at least 1"),
+        (["testnet", "--slow", "x:2"], "give NODE:FACTOR"),
+        (["start", "--slowdown", "0.5"], "--slowdown must be a factor >= 1"),
+    ],
+)
+def test_bad_pace_flags_exit_2_with_one_line(argv, says, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert says in err and len(err.splitlines()) == 1, err
+
+
+def test_the_testnet_makes_only_the_named_node_slower(tmp_path):
+    settings = TestnetSettings(slow=["2:3.5"]).validate()
+    commands = [node_command(settings, i, ["/ip4/127.0.0.1/tcp/1/p2p/x"], tmp_path / str(i)) for i in range(4)]
+    assert [c[c.index("--slowdown") + 1] if "--slowdown" in c else None for c in commands] == [None, None, "3.5", None]
+
+
+@pytest.mark.timeout(300)
+def test_an_asynchronous_simulation_gives_the_slow_node_one_gradient_per_factor_rounds_and_keeps_consensus():
+    settings = SimulateSettings(epochs=2, sync="async", slow=["3:5"]).validate()
+    result = Simulation(settings).run("p2pft")
+    rounds = result.iterations
+    assert result.steps[:3] == [rounds] * 3
+    assert result.steps[3] == pytest.approx(rounds / 5, abs=2)
+    assert result.duration_steps == rounds  # the others never waited for it
+    assert max(result.accuracy) - min(result.accuracy) <= 0.02
+    lockstep = Simulation(SimulateSettings(epochs=2, slow=["3:5"]).validate()).run("p2pft")
+    assert lockstep.steps == [rounds] * 4 and lockstep.duration_steps == 5 * rounds
+
+
+@pytest.mark.timeout(400)
+def test_an_asynchronous_testnet_with_a_5x_slower_node_ends_in_consensus(tmp_path):
+    settings = TestnetSettings(
+        workdir=str(tmp_path), run_id="async", epochs=3, sync="async", slow=["3:5"], timeout=300
+    ).validate()
+    result = run_testnet(settings).results["p2pft"]
+    assert max(result.accuracy) - min(result.accuracy) <= 0.03, result.accuracy
+    assert min(result.accuracy) > 0.3, result.accuracy  # it learned (chance is 0.1)
+    node_results = [json.loads(Path(p).read_text()) for p in sorted(tmp_path.glob("node*/result.json"))]
+    assert [r["rounds"] for r in node_results] == [result.iterations] * 4
+    assert node_results[3]["settings"]["slowdown"] == 5.0
