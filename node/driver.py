@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import statistics
 import time
 from typing import TYPE_CHECKING
 
@@ -24,10 +25,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# --sync async: no node runs more than MAX_LAG rounds ahead of an in-neighbour's messages, and a round stops
-# waiting for its own gradient once an in-neighbour is AHEAD_ROUNDS ahead: the fastest node sets the pace
-MAX_LAG = 2
-AHEAD_ROUNDS = 2
+# --sync async: a round waits for its in-neighbours' first-phase messages of rounds k - MAX_LAG or later; a
+# node whose gradients take SLOW_RATIO times as long as the other members' (the median) goes on without
+# waiting for them once an in-neighbour is ahead, so the others wait for its messages, never its gradients
+MAX_LAG = 0
+SLOW_RATIO = 1.5
 
 
 class RoundDriver:
@@ -109,11 +111,18 @@ class RoundDriver:
         return {index_of[p] for p in out if p in index_of and p != node.peer_id}
 
     def behind(self) -> bool:
-        """Asynchronous rounds: whether an in-neighbour is AHEAD_ROUNDS or more rounds ahead of this node,
-        so this round must not wait for this node's own gradient (node/pace.py). The run's fastest
-        node is never behind: its gradients set the run's pace, and every other node keeps within
-        AHEAD_ROUNDS of it, folding in its own gradients as they come."""
-        return self.node.inbox.newest_round >= self.node.round + AHEAD_ROUNDS
+        """Asynchronous rounds: whether this round must go on without waiting for this node's own gradient
+        (node/pace.py): an in-neighbour is already in a later round and this machine is slow, its
+        gradients taking SLOW_RATIO times as long as the other members' (from their DHT records) or
+        longer. A node as fast as the others waits for its gradient (a stale one costs accuracy); a
+        slow one keeps exchanging at the run's pace and folds its gradients in as they come."""
+        node = self.node
+        seconds = getattr(node.algorithm.objective, "seconds", None)
+        if node.inbox.newest_round <= node.round or seconds is None:
+            return False
+        members = set(node.record.members) - {node.peer_id}
+        others = [m.step_seconds for m in node.agent.infos if m.peer_id in members and m.step_seconds > 0]
+        return bool(others) and seconds >= SLOW_RATIO * statistics.median(others)
 
     def far_behind(self, latest: EpochRecord, k: int) -> bool:
         """Whether `latest`, which names this node, starts further ahead than any lead a coordinator
@@ -154,6 +163,7 @@ class RoundDriver:
                     self.enter_epoch(latest, k)
             started = time.perf_counter()
             await self.run_round(k)
+            node.info.step_seconds = getattr(node.algorithm.objective, "seconds", None) or 0.0
             k += 1
             node.round = node.info.round = k
             seconds = time.perf_counter() - started

@@ -11,8 +11,9 @@ take local steps (D-SGD, DIMAT) whether the gradient they got is a new one.
 - `SlowedGradients`: the daemon's `--slowdown`, a machine `factor` times slower: every gradient
   takes `factor` times as long (it sleeps the difference).
 - `BackgroundGradients`: the daemon's asynchronous rounds. The gradient runs in its own thread;
-  a round waits for it only while no in-neighbour is ahead of this node (`behind()` says when one
-  is), else it goes on with the latest gradient and the computation carries on.
+  a round waits for it unless `behind()` (an in-neighbour is ahead, and this machine's gradients take
+  clearly longer than the run's rounds): then it goes on with the latest gradient while the
+  computation carries on.
 """
 
 from __future__ import annotations
@@ -91,10 +92,15 @@ class BackgroundGradients(_Wrapper):
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="gradient")
         self.running: Future | None = None
         self.latest: tuple[torch.Tensor, float] | None = None
+        self.seconds: float | None = None  # how long a gradient takes here (moving average)
 
     def _compute(self, params: torch.Tensor) -> tuple[torch.Tensor, float]:
         with self.lock:
-            return self.objective.gradient(params)
+            started = time.perf_counter()
+            result = self.objective.gradient(params)
+            took = time.perf_counter() - started
+            self.seconds = took if self.seconds is None else 0.8 * self.seconds + 0.2 * took
+            return result
 
     def gradient(self, params: torch.Tensor) -> tuple[torch.Tensor, float]:
         if self.running is None:

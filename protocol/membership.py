@@ -46,6 +46,7 @@ class _MemberRecord(pydantic.BaseModel):
     incarnation: pydantic.StrictStr
     loss: pydantic.StrictFloat
     accuracy: pydantic.StrictFloat
+    step_seconds: pydantic.StrictFloat
     bytes_sent: pydantic.StrictInt
     classes: pydantic.StrictStr
     invitation: pydantic.StrictStr
@@ -96,6 +97,7 @@ class MemberInfo:
     incarnation: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # new at every process start
     loss: float = float("nan")
     accuracy: float = -1.0
+    step_seconds: float = 0.0  # --sync async: how long one gradient takes on this node (0: not measured yet)
     bytes_sent: int = 0
     classes: str = ""
     invitation: str = ""  # closed runs: the owner's invitation for this peer id (JSON)
