@@ -118,11 +118,14 @@ class RoundDriver:
         slow one keeps exchanging at the run's pace and folds its gradients in as they come."""
         node = self.node
         seconds = getattr(node.algorithm.objective, "seconds", None)
-        if node.inbox.newest_round <= node.round or seconds is None:
+        if seconds is None:
             return False
         members = set(node.record.members) - {node.peer_id}
-        others = [m.step_seconds for m in node.agent.infos if m.peer_id in members and m.step_seconds > 0]
-        return bool(others) and seconds >= SLOW_RATIO * statistics.median(others)
+        others = [m for m in node.agent.infos if m.peer_id in members]
+        # messages say where in-neighbours are; DHT records say it too for algorithms that seldom send (DIMAT)
+        ahead = max([node.inbox.newest_round, *(m.round for m in others)]) > node.round
+        pace = [m.step_seconds for m in others if m.step_seconds > 0]
+        return ahead and bool(pace) and seconds >= SLOW_RATIO * statistics.median(pace)
 
     def far_behind(self, latest: EpochRecord, k: int) -> bool:
         """Whether `latest`, which names this node, starts further ahead than any lead a coordinator
@@ -186,7 +189,7 @@ class RoundDriver:
             out = await loop.run_in_executor(node.compute, algo.send, phase, k)
             await node.transport.send_all(out)
             if algo.asynchronous:  # mix the newest values and whatever mass has come
-                if phase == algo.phases[0]:
+                if phase == algo.phases[0] and algo.expects_messages(phase, k):
                     waiting_since = time.perf_counter()
                     limit = 1.0 if self.hurry() else node.settings.round_timeout
                     await node.inbox.wait_for_lag(k, algo.hood.in_neighbours, MAX_LAG, limit, self.excluded)

@@ -63,3 +63,37 @@ def test_an_asynchronous_testnet_with_a_5x_slower_node_ends_in_consensus(tmp_pat
     node_results = [json.loads(Path(p).read_text()) for p in sorted(tmp_path.glob("node*/result.json"))]
     assert [r["rounds"] for r in node_results] == [result.iterations] * 4
     assert node_results[3]["settings"]["slowdown"] == 5.0
+
+
+def test_a_slow_local_learner_steps_only_on_a_new_gradient():
+    """D-SGD, DIMAT and Local-FT step on their own gradient: a round without a new one must not step
+    again on the old one (that would count the slow node's batch FACTOR times)."""
+    import torch
+
+    from p2pnode.node.algorithms import ALGORITHMS, StepRule
+    from p2pnode.node.pace import StaleGradients
+    from p2pnode.node.topology import make_topology
+
+    class Pull:
+        dim = 1
+
+        def gradient(self, params):
+            return torch.ones(1), 0.0  # always the same direction: every real step moves params by lr
+
+    alone = make_topology("complete", 1).neighbourhood(0)
+    node = ALGORITHMS["local"](alone, StaleGradients(Pull(), 3), torch.zeros(1), StepRule(lambda k: 1.0))
+    trace = []
+    for k in range(9):
+        node.receive("local", k, [])
+        trace.append(float(node.params))
+    assert trace == [-1.0, -1.0, -1.0, -2.0, -2.0, -2.0, -3.0, -3.0, -3.0]  # one step per 3 rounds
+
+
+@pytest.mark.timeout(300)
+def test_asynchronous_dimat_with_a_slow_node_still_merges_every_epoch():
+    common = dict(algorithm="dimat", nodes=3, split="iid", topology="ring", epochs=2, batch_size=64, lr=0.05)
+    sim = Simulation(SimulateSettings(sync="async", slow=["2:4"], **common).validate())
+    result = sim.run("dimat")
+    assert [n.merges for n in sim.nodes] == [2, 2, 2]
+    assert result.steps[2] < result.steps[0] / 3
+    assert min(result.accuracy) > 0.5

@@ -91,23 +91,8 @@ def test_merge_every_must_be_positive():
 def test_dimat_merges_at_the_end_of_every_merge_every_th_epoch_after_the_warmup():
     dimat = ALGORITHMS["dimat"].__new__(ALGORITHMS["dimat"])
     dimat.iterations_per_epoch, dimat.merge_every, dimat.warmup_epochs = 3, 2, 2
-    dimat.asynchronous, dimat.iteration = False, 0
     merges = [k for k in range(18) if dimat.is_merge(k)]
     assert merges == [11, 17]  # epochs 4 and 6 end there; epoch 2 is still warm-up
-
-
-def test_an_asynchronous_dimat_node_whose_rounds_jump_merges_once_per_merge_point_it_passes():
-    dimat = ALGORITHMS["dimat"].__new__(ALGORITHMS["dimat"])
-    dimat.iterations_per_epoch, dimat.merge_every, dimat.warmup_epochs = 3, 2, 2
-    dimat.asynchronous, dimat.iteration = True, 0
-    merges = []
-    for k in range(0, 24, 5):  # a node 5x slower: rounds 0, 5, 10, 15, 20 (merge points end rounds 11, 17, 23)
-        if dimat.is_merge(k):
-            merges.append(k)
-        dimat.iteration = k + 1
-    assert merges == [15, 20]  # passed round 11 in 11..15 and round 17 in 16..20; none in the warm-up
-    dimat.asynchronous = False
-    assert [k for k in range(0, 24, 5) if dimat.is_merge(k)] == []  # lockstep rule: only the exact rounds
 
 
 @pytest.mark.timeout(180)

@@ -44,14 +44,10 @@ class DIMAT(Algorithm):
             self.merge_every, self.warmup_epochs = settings.merge_every, settings.warmup_epochs
 
     def is_merge(self, k: int) -> bool:
-        """Merge at the end of every `merge_every`-th epoch, once the warm-up epochs are done. With
-        asynchronous rounds a slow node's round numbers jump ahead: it merges in the round that passes
-        a merge point (its first round since the last one), so it never skips a merge."""
+        """Merge at the end of every `merge_every`-th epoch, once the warm-up epochs are done."""
+        done = k + 1
         period = self.merge_every * self.iterations_per_epoch
-        first = min(self.iteration, k) if self.asynchronous else k
-        warm = self.warmup_epochs * self.iterations_per_epoch
-        done = (k + 1) // period * period  # the last merge point at or before round k's end
-        return done >= first + 1 and done > warm
+        return done % period == 0 and done > self.warmup_epochs * self.iterations_per_epoch
 
     def expects_messages(self, phase: str, k: int) -> bool:
         return self.is_merge(k)

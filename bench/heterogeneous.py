@@ -1,0 +1,97 @@
+"""One slow volunteer: `--sync wait` against `--sync async`, in the daemon testnet and the simulator.
+
+    .venv/bin/python bench/heterogeneous.py [--factors 2,5,10] [--repeats 3] [--epochs 10] [--hosts loopback]
+        [--sim-epochs 40] [--json PATH]
+
+Testnet (4 daemons, the paper's split, node 3 made FACTOR times slower with `--slow 3:FACTOR`: its
+gradients sleep FACTOR - 1 times their own duration): the fast nodes' seconds per round (median
+over nodes 0-2 and over repeats) against the run without a slow node, and every node's final
+accuracy (of the median repeat by time). Simulator (`simulate --sync async --slow 3:FACTOR`,
+deterministic, `--sim-epochs` passes): each node's accuracy, where the slow node gets one gradient
+per FACTOR rounds, each computed at the parameters of FACTOR rounds before. `--hosts netns` puts
+every daemon on its own namespaced host (root).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+from p2pnode.node.settings import SimulateSettings, TestnetSettings
+from p2pnode.node.simulator import Simulation
+from p2pnode.node.testnet import run_testnet
+
+SLOW = 3
+
+
+def testnet_run(sync: str, factor: float | None, epochs: int, hosts: str, extra: dict) -> dict:
+    with tempfile.TemporaryDirectory(prefix="p2pnode-hetero-") as workdir:
+        slow = [f"{SLOW}:{factor}"] if factor else []
+        settings = TestnetSettings(
+            workdir=workdir, run_id="hetero", epochs=epochs, sync=sync, slow=slow, hosts=hosts, timeout=900, **extra
+        ).validate()
+        run_testnet(settings)
+        nodes = [json.loads(p.read_text()) for p in sorted(Path(workdir).glob("node*/result.json"))]
+    per_round = [n["round_seconds"] / n["rounds"] for n in nodes]
+    return {
+        "fast_seconds_per_round": statistics.median(per_round[:SLOW] + per_round[SLOW + 1 :]),
+        "slow_seconds_per_round": per_round[SLOW],
+        "accuracy": [n["accuracy"] for n in nodes],
+        "training_seconds": max(n["seconds"] for n in nodes),
+    }
+
+
+def median_run(runs: list[dict]) -> dict:
+    ordered = sorted(runs, key=lambda r: r["fast_seconds_per_round"])
+    chosen = dict(ordered[len(ordered) // 2])
+    chosen["fast_seconds_per_round_all"] = [r["fast_seconds_per_round"] for r in runs]
+    return chosen
+
+
+def simulated(sync: str, factor: float | None, epochs: int) -> list[float]:
+    slow = [f"{SLOW}:{factor}"] if factor else []
+    return Simulation(SimulateSettings(epochs=epochs, sync=sync, slow=slow).validate()).run("p2pft").accuracy
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--factors", default="2,5,10")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--sim-epochs", type=int, default=40)
+    parser.add_argument("--hosts", default="loopback")
+    parser.add_argument("--rate", default=None, help="with --hosts netns: every host's upload rate")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    extra = {"rate": args.rate} if args.rate else {}
+    factors = [float(f) for f in args.factors.split(",")]
+    cases = [("wait", None)] + [(sync, f) for f in factors for sync in ("wait", "async")]
+    rows: list[dict] = []
+    for sync, factor in cases:
+        runs = [testnet_run(sync, factor, args.epochs, args.hosts, extra) for _ in range(args.repeats)]
+        row = {"sync": sync, "factor": factor, **median_run(runs)}
+        if args.sim_epochs and (sync == "async" or not rows):
+            row["simulated_accuracy"] = simulated(sync, factor, args.sim_epochs)
+        elif args.sim_epochs:  # in lockstep a slow node changes the time, not the arithmetic
+            row["simulated_accuracy"] = rows[0]["simulated_accuracy"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    base = rows[0]["fast_seconds_per_round"]
+    print(f"\n{args.hosts}, {args.epochs} epochs, medians of {args.repeats} runs; simulator {args.sim_epochs} epochs")
+    print("| slow node | sync | fast nodes' s/round | vs no slow node | testnet accuracy (nodes 0-3) | simulator |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        acc = ", ".join(f"{100 * a:.1f}" for a in r["accuracy"])
+        sim = ", ".join(f"{100 * a:.1f}" for a in r.get("simulated_accuracy", []))
+        name = f"{r['factor']:g}x" if r["factor"] else "none"
+        ratio = r["fast_seconds_per_round"] / base
+        print(f"| {name} | {r['sync']} | {r['fast_seconds_per_round']:.4f} | {ratio:.2f}x | {acc} | {sim} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
