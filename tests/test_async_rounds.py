@@ -97,3 +97,32 @@ def test_asynchronous_dimat_with_a_slow_node_still_merges_every_epoch():
     assert [n.merges for n in sim.nodes] == [2, 2, 2]
     assert result.steps[2] < result.steps[0] / 3
     assert min(result.accuracy) > 0.5
+
+
+def test_a_value_older_than_max_staleness_leaves_the_mix_but_its_pushed_mass_still_counts():
+    import torch
+
+    from p2pnode.node.algorithms import ALGORITHMS, StepRule
+    from p2pnode.node.algorithms.base import Message
+    from p2pnode.node.topology import make_topology
+
+    class Flat:
+        dim = 2
+
+        def gradient(self, params):
+            return torch.zeros(2), 0.0
+
+    hood = make_topology("directed-ring", 2).neighbourhood(0)  # in- and out-neighbour: node 1
+    node = ALGORITHMS["p2pft"](hood, Flat(), torch.zeros(2), StepRule(lambda k: 0.1))
+    node.asynchronous, node.max_staleness = True, 5
+    old_value = Message(1, 0, 3, "pull", "value", {"v": torch.ones(2)})
+    mass = Message(1, 0, 3, "push", "delta", {"delta": torch.full((2,), 0.5)}, 1)
+    node.send("pull", 20)
+    node.receive("pull", 20, [old_value])
+    assert torch.equal(node.params, torch.zeros(2))  # round 3 is more than 5 rounds before round 20
+    node.send("push", 20)
+    node.receive("push", 20, [mass])
+    assert torch.allclose(node.tau, torch.full((2,), 0.5))  # the mass it pushed is applied all the same
+    node.send("pull", 21)  # v = params - lr * tau = -0.05
+    node.receive("pull", 21, [Message(1, 0, 18, "pull", "value", {"v": torch.ones(2)})])
+    assert torch.allclose(node.params, torch.full((2,), 0.5 * -0.05 + 0.5 * 1.0))  # a fresh value is mixed
