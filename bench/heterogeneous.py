@@ -1,7 +1,7 @@
 """One slow volunteer: `--sync wait` against `--sync async`, in the daemon testnet and the simulator.
 
     .venv/bin/python bench/heterogeneous.py [--factors 2,5,10] [--repeats 3] [--epochs 10] [--hosts loopback]
-        [--sim-epochs 40] [--json PATH]
+        [--base-slowdown 1] [--sim-epochs 40] [--json PATH]
 
 Testnet (4 daemons, the paper's split, node 3 made FACTOR times slower with `--slow 3:FACTOR`: its
 gradients sleep FACTOR - 1 times their own duration): the fast nodes' seconds per round (median
@@ -9,7 +9,9 @@ over nodes 0-2 and over repeats) against the run without a slow node, and every 
 accuracy (of the median repeat by time). Simulator (`simulate --sync async --slow 3:FACTOR`,
 deterministic, `--sim-epochs` passes): each node's accuracy, where the slow node gets one gradient
 per FACTOR rounds, each computed at the parameters of FACTOR rounds before. `--hosts netns` puts
-every daemon on its own namespaced host (root).
+every daemon on its own namespaced host (root). `--base-slowdown B` makes every node's gradient B
+times as long (node 3's B x FACTOR): a heavier model's step, where the default one is a few ms of a
+round that the exchange dominates.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ from p2pnode.node.testnet import run_testnet
 SLOW = 3
 
 
-def testnet_run(sync: str, factor: float | None, epochs: int, hosts: str, extra: dict) -> dict:
+def testnet_run(sync: str, factor: float | None, epochs: int, hosts: str, base: float, extra: dict) -> dict:
     with tempfile.TemporaryDirectory(prefix="p2pnode-hetero-") as workdir:
-        slow = [f"{SLOW}:{factor}"] if factor else []
+        slowdown = {i: base for i in range(4) if base > 1} | ({SLOW: base * factor} if factor else {})
+        slow = [f"{i}:{f}" for i, f in sorted(slowdown.items())]
         settings = TestnetSettings(
             workdir=workdir, run_id="hetero", epochs=epochs, sync=sync, slow=slow, hosts=hosts, timeout=900, **extra
         ).validate()
@@ -64,6 +67,7 @@ def main() -> None:
     parser.add_argument("--sim-epochs", type=int, default=40)
     parser.add_argument("--hosts", default="loopback")
     parser.add_argument("--rate", default=None, help="with --hosts netns: every host's upload rate")
+    parser.add_argument("--base-slowdown", type=float, default=1.0)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     extra = {"rate": args.rate} if args.rate else {}
@@ -71,7 +75,9 @@ def main() -> None:
     cases = [("wait", None)] + [(sync, f) for f in factors for sync in ("wait", "async")]
     rows: list[dict] = []
     for sync, factor in cases:
-        runs = [testnet_run(sync, factor, args.epochs, args.hosts, extra) for _ in range(args.repeats)]
+        runs = [
+            testnet_run(sync, factor, args.epochs, args.hosts, args.base_slowdown, extra) for _ in range(args.repeats)
+        ]
         row = {"sync": sync, "factor": factor, **median_run(runs)}
         if args.sim_epochs and (sync == "async" or not rows):
             row["simulated_accuracy"] = simulated(sync, factor, args.sim_epochs)
@@ -80,7 +86,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     base = rows[0]["fast_seconds_per_round"]
-    print(f"\n{args.hosts}, {args.epochs} epochs, medians of {args.repeats} runs; simulator {args.sim_epochs} epochs")
+    print(f"\n{args.hosts}, {args.epochs} epochs, base slowdown {args.base_slowdown:g}, medians of {args.repeats}")
     print("| slow node | sync | fast nodes' s/round | vs no slow node | testnet accuracy (nodes 0-3) | simulator |")
     print("|---|---|---|---|---|---|")
     for r in rows:

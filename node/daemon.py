@@ -21,6 +21,7 @@ from pathlib import Path
 
 import hivemind
 import numpy as np
+import torch
 from hivemind.p2p import PeerID
 
 from ..protocol.codecs import get_codec
@@ -81,6 +82,8 @@ class Node:
         self.leave_by: float | None = None  # loop time after which a leaving node just goes
         self._finishing = False  # past the last round: a signal stops at once
         self.compute = ThreadPoolExecutor(1, thread_name_prefix="p2pnode-train")
+        self.evaluator = ThreadPoolExecutor(1, thread_name_prefix="p2pnode-eval")  # --sync async: beside the rounds
+        self.evaluations: list[asyncio.Task] = []
         self.info: MemberInfo | None = None
         self.contributions = Contributions()
         self._refused_until: dict[str, float] = {}  # peers refused admission, until when
@@ -266,6 +269,7 @@ class Node:
         if self.store is not None:
             self.store.close()
         self.compute.shutdown(wait=True)
+        self.evaluator.shutdown(wait=True)
         if self.algorithm is not None and hasattr(self.algorithm.objective, "shutdown"):
             self.algorithm.objective.shutdown()
         if self.transport is not None:
@@ -434,6 +438,7 @@ class Node:
     async def _finish(self, outcome: str) -> dict | None:
         loop = asyncio.get_running_loop()
         self._finishing = True
+        await asyncio.gather(*self.evaluations)
         await self.transport.drain(limit=5.0 if outcome != "done" else 15.0)
         await loop.run_in_executor(self.compute, self.checkpoint)
         if outcome != "done":
@@ -462,8 +467,13 @@ class Node:
         return self.round, self.algorithm.params
 
     async def end_of_epoch(self, epoch: int) -> None:
+        """Evaluate the parameters of now (rounds replace `params`, never modify it in place). With
+        asynchronous rounds it runs beside the round loop (`self.evaluations`): a slow machine's
+        evaluation must not hold up the neighbours that wait for its messages."""
         loop = asyncio.get_running_loop()
-        acc = await loop.run_in_executor(self.compute, self._evaluate)
+        params, round_ = self.algorithm.params, self.round
+        pool = self.evaluator if self.algorithm.asynchronous else self.compute
+        acc = await loop.run_in_executor(pool, self._evaluate, params)
         self.info.train_epoch, self.info.accuracy = epoch, acc
         self.info.loss = float(self.algorithm.last_loss)
         self.info.bytes_sent = self.links.bytes_sent
@@ -472,7 +482,7 @@ class Node:
         self.history["loss"].append(self.info.loss)
         logger.info(
             "round %d/%d epoch %s: loss %.4f, test accuracy %.1f%%, sent %.1f MB",
-            self.round,
+            round_,
             self.rounds,
             epoch,
             self.info.loss,
@@ -480,7 +490,7 @@ class Node:
             self.links.bytes_sent / 1e6,
         )
         progress = {
-            "round": self.round,
+            "round": round_,
             "rounds": self.rounds,
             "epoch": epoch,
             "membership_epoch": self.record.number,
@@ -494,9 +504,9 @@ class Node:
             self.metrics.observe_eval(self.info.loss, acc)
         await self.agent.announce()
 
-    def _evaluate(self) -> float:
+    def _evaluate(self, params: torch.Tensor) -> float:
         with self.algorithm.model_in_use():
-            return accuracy(self.model, self.algorithm.params, self.test_bank)
+            return accuracy(self.model, params, self.test_bank)
 
     async def _linger(self, limit: float = 10.0) -> None:
         """Stay reachable briefly so slower members can still deliver to us and see us done."""

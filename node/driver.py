@@ -175,7 +175,9 @@ class RoundDriver:
             if node.metrics is not None:
                 node.metrics.observe_round(k, seconds)
                 node.metrics.set_bytes(node.links.bytes_sent, node.links.frames_sent)
-            if k % node.per_epoch == 0:
+            if k % node.per_epoch == 0 and node.algorithm.asynchronous:  # evaluate beside the rounds
+                node.evaluations.append(asyncio.create_task(node.end_of_epoch(k // node.per_epoch)))
+            elif k % node.per_epoch == 0:
                 await node.end_of_epoch(k // node.per_epoch)
             if k % s.checkpoint_every == 0:
                 await loop.run_in_executor(node.compute, node.checkpoint)
