@@ -4,7 +4,7 @@ With asynchronous rounds (README: slow volunteers) a node keeps exchanging at th
 folds in a new gradient whenever its machine has one: a slow node's rounds carry its latest
 gradient, however old, and the tracker still sums every node's latest gradient (DESIGN §2, §3).
 Each wrapper is an objective, so the algorithms stay as they are; `fresh` tells the algorithms that
-take local steps (D-SGD, DIMAT) whether the gradient they got is a new one.
+take local steps (D-SGD, SGP, DIMAT, Local-FT) whether the gradient they got is a new one.
 
 - `StaleGradients`: the simulator's slow node. A gradient takes `factor` rounds: the one a round
   gets was started `factor` rounds earlier at that round's parameters.
@@ -12,7 +12,7 @@ take local steps (D-SGD, DIMAT) whether the gradient they got is a new one.
   takes `factor` times as long (it sleeps the difference).
 - `BackgroundGradients`: the daemon's asynchronous rounds. The gradient runs in its own thread;
   a round waits for it unless `behind()` (an in-neighbour is ahead, and this machine's gradients take
-  clearly longer than the run's rounds): then it goes on with the latest gradient while the
+  1.5x the other members' or longer): then it goes on with the latest gradient while the
   computation carries on.
 """
 
