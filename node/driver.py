@@ -190,16 +190,14 @@ class RoundDriver:
         for phase in algo.phases:
             out = await loop.run_in_executor(node.compute, algo.send, phase, k)
             await node.transport.send_all(out)
+            waiting_since = time.perf_counter()
             if algo.asynchronous:  # mix the newest values and whatever mass has come
                 if phase == algo.phases[0] and algo.expects_messages(phase, k):
-                    waiting_since = time.perf_counter()
                     limit = 1.0 if self.hurry() else node.settings.round_timeout
                     await node.inbox.wait_for_lag(k, algo.hood.in_neighbours, MAX_LAG, limit, self.excluded)
-                    node.wait_seconds += time.perf_counter() - waiting_since
                 arrived = node.inbox.take(phase, algo.hood.in_neighbours)
             else:
                 wait = bool(algo.hood.in_neighbours) and algo.expects_messages(phase, k)
-                waiting_since = time.perf_counter()
                 arrived = await node.inbox.collect(
                     phase,
                     k,
@@ -209,7 +207,7 @@ class RoundDriver:
                     self.excluded,
                     wait,
                 )
-                node.wait_seconds += time.perf_counter() - waiting_since
+            node.wait_seconds += time.perf_counter() - waiting_since
             silent = node.inbox.silent()
             for j in silent:
                 node.agent.report_silent(node.record.members[j])
