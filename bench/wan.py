@@ -19,7 +19,7 @@ ready) until every node's test accuracy, evaluated after each pass over the data
 Bytes per node: what the host's interface sent (everything: DHT, protocol overhead, retransmissions).
 Start-up (model build, feature cache, DHT join) is not counted for either.
 
-    .venv/bin/python bench/wan.py --rates 50mbit,10mbit --codecs none,int8 --epochs 10
+    .venv/bin/python bench/wan.py --rates 50mbit,10mbit --codecs none,int8 --epochs 10 [--syncs wait,async]
 """
 
 from __future__ import annotations
@@ -195,6 +195,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rates", default="50mbit,10mbit")
     ap.add_argument("--codecs", default="none,int8", help="P2P-FT codecs to run")
+    ap.add_argument(
+        "--syncs",
+        default="wait",
+        help="P2P-FT paces to run with each codec: wait, async (the push exchange overlaps the next round)",
+    )
     ap.add_argument("--hivemind-compression", default="fp16", help="none or fp16; empty to skip hivemind")
     ap.add_argument("--model", default="vit_digits_s")
     ap.add_argument("--epochs", type=int, default=10)
@@ -225,10 +230,12 @@ def main() -> None:
     for rate in args.rates.split(","):
         runs: list[tuple[str, dict]] = []
         for codec in [c for c in args.codecs.split(",") if c]:
-            settings = TestnetSettings(**{**base.__dict__, "codec": codec}).validate()
-            workdir = Path(args.workdir) / f"{rate}-p2pft-{codec.replace(':', '')}"
-            runs.append((f"P2P-FT {codec}", run_p2pft(settings, rate, workdir, args.timeout, stop)))
-            _print(rate, *runs[-1], target)
+            for sync in args.syncs.split(","):
+                settings = TestnetSettings(**{**base.__dict__, "codec": codec, "sync": sync}).validate()
+                workdir = Path(args.workdir) / f"{rate}-p2pft-{codec.replace(':', '')}-{sync}"
+                name = f"P2P-FT {codec}" + (f" {sync}" if sync != "wait" else "")
+                runs.append((name, run_p2pft(settings, rate, workdir, args.timeout, stop)))
+                _print(rate, *runs[-1], target)
         if args.hivemind_compression:
             steps = args.epochs * per_pass  # P2P-FT's rounds: the same samples, 4 x batch-size a step
             workdir = Path(args.workdir) / f"{rate}-hivemind"

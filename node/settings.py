@@ -51,7 +51,9 @@ class RunSettings:
     # graph and algorithm
     topology: str = opt("directed-ring", "directed-ring, exponential, complete, ring, random:K, or an edge-list file")
     algorithm: str = opt("p2pft", "p2pft, sgp, dsgd, cdsgd, dimat, wa, wm, local or central (see README)")
-    codec: str = opt("none", "compression of exchanged tensors: none, fp16, bf16, int8, topk:FRACTION")
+    codec: str = opt(
+        "int8", "compression of exchanged tensors: int8 (blockwise, the default), none, fp16, bf16, topk:FRACTION"
+    )
     gamma: float = opt(1.0, "consensus step for compressed exchange (<= 1; lower for aggressive top-k)")
     robust: str = opt("none", "mixing that survives a bad neighbour: none, or clip (self-centred clipping; not exact)")
     # training. Defaults found by bench/reproduce_table1.py on digits (see README): they bring every
@@ -75,6 +77,11 @@ class RunSettings:
     )
     max_staleness: int = opt(
         50, "with --sync async: a neighbour's value over N rounds old is left out of the mix (its mass is kept)"
+    )
+    overlap: bool = opt(
+        False,
+        "P2P-FT: compute the gradient while the pull exchange runs, at the value this node sends "
+        "(theta - lr tau) instead of after mixing; stays exact (README: fewer bytes per accuracy)",
     )
 
     def validate(self) -> RunSettings:

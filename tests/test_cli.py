@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
 from p2pnode.cli.app import main
 from p2pnode.node.models import build_model
+from p2pnode.protocol.codecs import DEFAULT_BLOCK
 
 FAST = ["--epochs", "1"]
 
@@ -164,9 +166,10 @@ def test_simulate_json_counts_bytes_sent_per_node(run):
     assert results["central"]["bytes_sent"] == [0]
     dsgd, p2pft = results["dsgd"]["bytes_sent"], results["p2pft"]["bytes_sent"]
     assert all(b > 0 for b in dsgd)
-    # directed ring: one float32 vector of the trainable size to one neighbour per iteration
+    # directed ring: one vector of the trainable size to one neighbour per iteration, in the default
+    # codec int8: a byte per value and a float32 scale per block
     dim = build_model("vit_digits", num_classes=10).num_trainable
-    assert dsgd == [results["dsgd"]["iterations"] * dim * 4] * 4
+    assert dsgd == [results["dsgd"]["iterations"] * (dim + 4 * math.ceil(dim / DEFAULT_BLOCK))] * 4
     # P2P-FT sends two messages of that size per iteration (pull value, push mass)
     assert p2pft == [2 * b for b in dsgd]
     assert results["p2pft"]["iterations"] == results["dsgd"]["iterations"]

@@ -51,12 +51,15 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 def test_four_daemons_match_the_simulator_after_five_rounds_and_leave_nothing_behind(tmp_path, own_processes):
     assert not own_processes()
     sockets_before = set(glob.glob("/tmp/hivemind-*"))
-    settings = TestnetSettings(nodes=4, workdir=str(tmp_path), run_id="equiv", timeout=240, **FAST).validate()
+    # uncompressed: with int8 (the default) float noise between the processes (thread counts) can move a
+    # value across a rounding boundary, a whole quantisation step
+    exact = {"codec": "none", **FAST}
+    settings = TestnetSettings(nodes=4, workdir=str(tmp_path), run_id="equiv", timeout=240, **exact).validate()
     result = run_testnet(settings)
     daemons = result.results["p2pft"]
     assert daemons.iterations == 5
 
-    sim = Simulation(SimulateSettings(nodes=4, **FAST))
+    sim = Simulation(SimulateSettings(nodes=4, **exact))
     reference = sim.run("p2pft")
     for i in range(4):
         state = load_file(str(tmp_path / f"node{i}" / "state.safetensors"))
