@@ -19,7 +19,7 @@ ready) until every node's test accuracy, evaluated after each pass over the data
 Bytes per node: what the host's interface sent (everything: DHT, protocol overhead, retransmissions).
 Start-up (model build, feature cache, DHT join) is not counted for either.
 
-    .venv/bin/python bench/wan.py --rates 50mbit,10mbit --codecs none,int8 --epochs 10 [--syncs wait,async]
+    .venv/bin/python bench/wan.py --rates 50mbit,10mbit --codecs none,int8 --epochs 10 [--paces wait,overlap,async]
 """
 
 from __future__ import annotations
@@ -196,9 +196,10 @@ def main() -> None:
     ap.add_argument("--rates", default="50mbit,10mbit")
     ap.add_argument("--codecs", default="none,int8", help="P2P-FT codecs to run")
     ap.add_argument(
-        "--syncs",
+        "--paces",
         default="wait",
-        help="P2P-FT paces to run with each codec: wait, async (the push exchange overlaps the next round)",
+        help="P2P-FT variants to run with each codec: wait (lockstep), overlap (--overlap: the gradient computes "
+        "while the pull exchange runs), async (--sync async: nobody waits for pushed mass), async+overlap",
     )
     ap.add_argument("--hivemind-compression", default="fp16", help="none or fp16; empty to skip hivemind")
     ap.add_argument("--model", default="vit_digits_s")
@@ -230,10 +231,12 @@ def main() -> None:
     for rate in args.rates.split(","):
         runs: list[tuple[str, dict]] = []
         for codec in [c for c in args.codecs.split(",") if c]:
-            for sync in args.syncs.split(","):
-                settings = TestnetSettings(**{**base.__dict__, "codec": codec, "sync": sync}).validate()
-                workdir = Path(args.workdir) / f"{rate}-p2pft-{codec.replace(':', '')}-{sync}"
-                name = f"P2P-FT {codec}" + (f" {sync}" if sync != "wait" else "")
+            for pace in args.paces.split(","):
+                sync, overlap = ("async" if "async" in pace else "wait"), "overlap" in pace
+                changes = {"codec": codec, "sync": sync, "overlap": overlap}
+                settings = TestnetSettings(**{**base.__dict__, **changes}).validate()
+                workdir = Path(args.workdir) / f"{rate}-p2pft-{codec.replace(':', '')}-{pace.replace('+', '-')}"
+                name = f"P2P-FT {codec}" + (f" {pace}" if pace != "wait" else "")
                 runs.append((name, run_p2pft(settings, rate, workdir, args.timeout, stop)))
                 _print(rate, *runs[-1], target)
         if args.hivemind_compression:
@@ -250,6 +253,7 @@ def main() -> None:
                     "method": name,
                     "seconds_to_target": time_to(r["points"], target),
                     "rounds": r["rounds"],
+                    "seconds_per_round": seconds_per_round(r),
                     "mb_sent_per_node": statistics.median(r["sent"]) / 1e6,
                     "final_accuracy": r["final"],
                     "points": r["points"],
@@ -264,7 +268,17 @@ def _print(rate: str, name: str, r: dict, target: float) -> None:
     took = f"{t:.0f} s" if t is not None else "not reached"
     final = " ".join(f"{100 * a:.1f}" for a in r["final"])
     mb = statistics.median(r["sent"]) / 1e6
-    print(f"{rate:>8} {name:<16} to target: {took:>12}  rounds {r['rounds']}  {mb:.0f} MB/node  final {final}")
+    per_round = seconds_per_round(r)
+    print(
+        f"{rate:>8} {name:<24} to target: {took:>12}  rounds {r['rounds']}  {per_round:.2f} s/round  "
+        f"{mb:.0f} MB/node  final {final}"
+    )
+
+
+def seconds_per_round(r: dict) -> float:
+    """Training seconds per round (or swarm step) up to the last evaluation every node made."""
+    last = max((node[-1][0] for node in r["points"] if node), default=math.nan)
+    return last / r["rounds"] if r["rounds"] else math.nan
 
 
 if __name__ == "__main__":

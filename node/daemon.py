@@ -552,6 +552,9 @@ class Node:
     def checkpoint(self) -> None:
         if self.algorithm is None:
             return
+        if not torch.isfinite(self.algorithm.params).all():  # diverged: keep the last good checkpoint
+            logger.error("parameters not finite at round %d: keeping the checkpoint in %s", self.round, self.state_dir)
+            return
         meta = {
             "round": self.round,
             "index": self.index,

@@ -3,7 +3,8 @@
 Nodes have a fixed id (their index in `nodes`) for as long as the run lasts; the members of the
 current epoch are a list of those ids, and a member's position in it is its node number in the
 epoch's topology and messages. `change_epoch` installs a new member list (DESIGN §8); a member in
-`down` has crashed: it neither sends nor receives until an epoch leaves it out.
+`down` has crashed: it neither sends nor receives until an epoch leaves it out. A node whose values
+stopped being finite (`Diverged`) sends nothing more.
 
 A message arrives in the phase it was sent in, unless `delay(message)` holds it back that many
 rounds (asynchronous rounds, tests); messages on a link arrive in the order they were sent (a
@@ -12,11 +13,15 @@ stream). How a slow node's gradients lag is its objective's business (`node/pace
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 
 from .algorithms.base import Algorithm, Message, on_device
+from .errors import Diverged
 from .topology import Topology
+
+logger = logging.getLogger(__name__)
 
 Filter = Callable[[Message], bool]
 Delay = Callable[[Message], int]
@@ -43,6 +48,7 @@ class InMemoryNetwork:
         self.members: list[int] = list(range(len(self.nodes))) if members is None else list(members)
         self.epoch = 0
         self.down: set[int] = set()
+        self.diverged: set[int] = set()
         self.bytes_sent = [0] * len(self.nodes)
         self.messages_sent = [0] * len(self.nodes)
 
@@ -67,7 +73,7 @@ class InMemoryNetwork:
         phases = self.nodes[active[0]].phases if active else ()
         for phase in phases:
             for node_id in active:
-                for m in self.nodes[node_id].send(phase, k):
+                for m in self._send(node_id, phase, k):
                     self.bytes_sent[node_id] += m.nbytes
                     self.messages_sent[node_id] += 1
                     if self.deliver is None or self.deliver(m):
@@ -75,6 +81,17 @@ class InMemoryNetwork:
             for node_id in active:
                 node = self.nodes[node_id]
                 node.receive(phase, k, on_device(self._arrived(node_id, phase, k), node.params.device))
+
+    def _send(self, node_id: int, phase: str, k: int) -> list[Message]:
+        """A node's messages; a node that diverged sends nothing more (its neighbours mix without it)."""
+        if node_id in self.diverged:
+            return []
+        try:
+            return self.nodes[node_id].send(phase, k)
+        except Diverged as e:
+            logger.warning("%s; it sends nothing more", e)
+            self.diverged.add(node_id)
+            return []
 
     def _post(self, sender: int, k: int, m: Message) -> None:
         receiver = self.members[m.dst]

@@ -6,3 +6,9 @@ class BadInput(ValueError):
 
     The CLI prints it without a traceback and exits with code 2.
     """
+
+
+class Diverged(BadInput):
+    """A node's own parameters or tracker are no longer finite: its training diverged (a step size too
+    large, or a hostile neighbour mixed in without `--robust clip`). It must not send them: no codec
+    can encode them and no receiver would accept them."""

@@ -412,6 +412,9 @@ def _watch(
                     logger.warning("node %d came too late: the run had finished", i)
                     fleet.status[i] = "late"
                     continue
+                if p.returncode == 2 and tail and tail[-1].startswith("error: "):  # its own one-line error
+                    log = fleet.workdir / f"node{i}.log"
+                    raise BadInput(f"node {i} stopped: {tail[-1].removeprefix('error: ')} (log: {log})")
                 raise RuntimeError(f"node {i} exited with code {p.returncode}: {' | '.join(tail)}")
             progress = _read_json(fleet.state(i) / "progress.json")
             if progress and on_progress:

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import torch
 
-from ...protocol.codecs import Codec, Encoded, decode
+from ...protocol.codecs import Codec, CodecError, Encoded, decode
 from ...protocol.message import Message, Payload
-from ..errors import BadInput
+from ..errors import BadInput, Diverged
 from ..topology import Neighbourhood
 
 if TYPE_CHECKING:
@@ -184,11 +184,23 @@ class Algorithm(ABC):
         """Forget all per-link state (subclasses with channels or trackers rebuild them here)."""
 
     def send(self, phase: str, k: int) -> list[Message]:
-        """What drivers call: `outgoing`, each message stamped with this node's epoch."""
-        messages = self.outgoing(phase, k)
+        """What drivers call: `outgoing`, each message stamped with this node's epoch. Raises `Diverged`
+        rather than send values that are not finite."""
+        try:
+            messages = self.outgoing(phase, k)
+        except CodecError as e:  # the codecs refuse only non-finite values of a float tensor
+            raise self._diverged(k, str(e)) from None
         for m in messages:
+            if not all(torch.isfinite(t).all() for t in m.tensors.values() if isinstance(t, torch.Tensor)):
+                raise self._diverged(k, "its values are not finite")
             m.epoch = self.epoch
         return messages
+
+    def _diverged(self, k: int, why: str) -> Diverged:
+        return Diverged(
+            f"node {self.node} diverged at round {k} ({why}): lower --lr, or use --robust clip if a "
+            "neighbour may be hostile"
+        )
 
     def receive(self, phase: str, k: int, messages: Sequence[Message]) -> None:
         """What drivers call: `incoming` with only the messages of this node's epoch from its in-neighbours
