@@ -19,7 +19,7 @@ ready) until every node's test accuracy, evaluated after each pass over the data
 Bytes per node: what the host's interface sent (everything: DHT, protocol overhead, retransmissions).
 Start-up (model build, feature cache, DHT join) is not counted for either.
 
-    .venv/bin/python bench/wan.py --rates 50mbit,10mbit --codecs none,int8 --epochs 10 [--paces wait,overlap,async]
+    .venv/bin/python bench/wan.py --rates 50mbit,10mbit --codecs none,int8 --epochs 10 [--syncs wait,async]
 """
 
 from __future__ import annotations
@@ -196,10 +196,10 @@ def main() -> None:
     ap.add_argument("--rates", default="50mbit,10mbit")
     ap.add_argument("--codecs", default="none,int8", help="P2P-FT codecs to run")
     ap.add_argument(
-        "--paces",
+        "--syncs",
         default="wait",
-        help="P2P-FT variants to run with each codec: wait (lockstep), overlap (--overlap: the gradient computes "
-        "while the pull exchange runs), async (--sync async: nobody waits for pushed mass), async+overlap",
+        help="P2P-FT paces to run with each codec: wait (lockstep), async (--sync async: a round mixes the "
+        "pushed mass that has arrived instead of waiting for it)",
     )
     ap.add_argument("--hivemind-compression", default="fp16", help="none or fp16; empty to skip hivemind")
     ap.add_argument("--model", default="vit_digits_s")
@@ -231,12 +231,10 @@ def main() -> None:
     for rate in args.rates.split(","):
         runs: list[tuple[str, dict]] = []
         for codec in [c for c in args.codecs.split(",") if c]:
-            for pace in args.paces.split(","):
-                sync, overlap = ("async" if "async" in pace else "wait"), "overlap" in pace
-                changes = {"codec": codec, "sync": sync, "overlap": overlap}
-                settings = TestnetSettings(**{**base.__dict__, **changes}).validate()
-                workdir = Path(args.workdir) / f"{rate}-p2pft-{codec.replace(':', '')}-{pace.replace('+', '-')}"
-                name = f"P2P-FT {codec}" + (f" {pace}" if pace != "wait" else "")
+            for sync in args.syncs.split(","):
+                settings = TestnetSettings(**{**base.__dict__, "codec": codec, "sync": sync}).validate()
+                workdir = Path(args.workdir) / f"{rate}-p2pft-{codec.replace(':', '')}-{sync}"
+                name = f"P2P-FT {codec}" + (f" {sync}" if sync != "wait" else "")
                 runs.append((name, run_p2pft(settings, rate, workdir, args.timeout, stop)))
                 _print(rate, *runs[-1], target)
         if args.hivemind_compression:

@@ -38,7 +38,7 @@ from .driver import RoundDriver
 from .errors import BadInput
 from .membership import MembershipAgent
 from .metrics import NodeMetrics
-from .pace import BackgroundGradients, SlowedGradients, never
+from .pace import BackgroundGradients, SlowedGradients
 from .rounds import Inbox
 from .settings import NodeSettings
 from .simulator import iterations_per_epoch, objective_seed, step_schedule
@@ -341,9 +341,8 @@ class Node:
         )
         if s.slowdown > 1:
             objective = SlowedGradients(objective, s.slowdown)
-        if s.sync == "async" or s.overlap:  # the gradient computes in its own thread (node/pace.py)
-            behind = self.driver.behind if s.sync == "async" else never
-            objective = BackgroundGradients(objective, behind)
+        if s.sync == "async":  # rounds go on at the run's pace; the gradient comes when it is ready
+            objective = BackgroundGradients(objective, self.driver.behind)
         codec = None if s.codec == "none" else get_codec(s.codec)
         step = StepRule(step_schedule(s, self.rounds), s.momentum, s.optimizer)
 

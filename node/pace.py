@@ -14,10 +14,6 @@ take local steps (D-SGD, SGP, DIMAT, Local-FT) whether the gradient they got is 
   a round waits for it unless `behind()` (an in-neighbour is ahead, and this machine's gradients take
   1.5x the other members' or longer): then it goes on with the latest gradient while the
   computation carries on.
-
-`BackgroundGradients.start(params)` begins a gradient before the round asks for it: P2P-FT's
-`--overlap` computes its gradient at the value it sends while the pull exchange runs
-(algorithms/p2pft.py).
 """
 
 from __future__ import annotations
@@ -88,12 +84,8 @@ class SlowedGradients(_Wrapper):
         return result
 
 
-def never() -> bool:
-    return False
-
-
 class BackgroundGradients(_Wrapper):
-    def __init__(self, objective: Objective, behind: Callable[[], bool] = never) -> None:
+    def __init__(self, objective: Objective, behind: Callable[[], bool]) -> None:
         super().__init__(objective)
         self.behind = behind
         self.lock = threading.Lock()  # the model is shared with evaluation and DIMAT's alignment
@@ -110,14 +102,9 @@ class BackgroundGradients(_Wrapper):
             self.seconds = took if self.seconds is None else 0.8 * self.seconds + 0.2 * took
             return result
 
-    def start(self, params: torch.Tensor) -> None:
-        """Begin the next gradient at `params` now; `gradient` then returns it (or, for a slow node that is
-        behind, the latest while this one carries on)."""
+    def gradient(self, params: torch.Tensor) -> tuple[torch.Tensor, float]:
         if self.running is None:
             self.running = self.worker.submit(self._compute, params.clone())
-
-    def gradient(self, params: torch.Tensor) -> tuple[torch.Tensor, float]:
-        self.start(params)
         while not wait([self.running], timeout=POLL_S).done:
             if self.latest is not None and self.behind():
                 self.fresh = False

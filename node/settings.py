@@ -78,11 +78,6 @@ class RunSettings:
     max_staleness: int = opt(
         50, "with --sync async: a neighbour's value over N rounds old is left out of the mix (its mass is kept)"
     )
-    overlap: bool = opt(
-        False,
-        "P2P-FT: compute the gradient while the pull exchange runs, at the value this node sends "
-        "(theta - lr tau) instead of after mixing; stays exact (README: fewer bytes per accuracy)",
-    )
 
     def validate(self) -> RunSettings:
         from ..protocol.codecs import CodecError, get_codec

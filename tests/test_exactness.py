@@ -50,7 +50,6 @@ def run(
     check=None,
     codec: str = "none",
     wrap=None,
-    overlap: bool = False,
 ):
     objectives, x_star = problem()
     if wrap is not None:
@@ -62,8 +61,6 @@ def run(
         ALGORITHMS[name](topo.neighbourhood(i), o, x0, StepRule(lambda k: lr), codec=compress)
         for i, o in enumerate(objectives)
     ]
-    for node in nodes:
-        node.overlap = overlap
     net = InMemoryNetwork(nodes, deliver)
     for k in range(iterations):
         net.iteration(k)
@@ -111,21 +108,10 @@ def test_fp16_p2pft_stops_at_half_precisions_smallest_step():
     assert max(gaps) <= 1e-10, max(gaps)
 
 
-def test_p2pft_with_overlap_still_reaches_the_global_solution():
-    """--overlap: each gradient is taken at the value the node sends (theta - lr tau), not after mixing.
-    At a fixed point v = theta and the gradients sum to zero, so it is still the exact optimum."""
-    gaps: list[float] = []
-    _, errors = run("p2pft", 4000, overlap=True, check=lambda nodes: gaps.append(tracking_gap(nodes)))
-    assert max(errors) <= 1e-8, errors
-    assert max(gaps) <= 1e-10, max(gaps)
-    early_overlap, _ = run("p2pft", 3, overlap=True)
-    early_plain, _ = run("p2pft", 3)  # the test can fail: overlap takes its gradients elsewhere
-    assert max(float((a.params - b.params).abs().max()) for a, b in zip(early_overlap, early_plain, strict=True)) > 1e-6
-
-
 def test_p2pft_with_gradients_one_round_stale_still_reaches_the_global_solution():
-    """What `--sync async` gives a node whose gradient is always one round late (StaleGradients(o, 1)):
-    the tracker still sums every node's latest gradient, so the fixed point is the exact optimum."""
+    """Every node's gradient one round late (StaleGradients(o, 1)), as a pipeline that computes the
+    next gradient while a round exchanges would give: the tracker still sums every node's latest
+    gradient, so the fixed point is the exact optimum, at the same step size."""
     gaps: list[float] = []
     _, errors = run(
         "p2pft", 4000, wrap=lambda o: StaleGradients(o, 1), check=lambda nodes: gaps.append(tracking_gap(nodes))

@@ -8,18 +8,11 @@ with tau^0 = g^0 and g^k the stored previous gradient. The push phase moves mass
 running sums of `running_sums.py`, so a lost message delays mass instead of destroying it.
 With momentum beta > 0 the pulled value is theta - alpha m, m = beta m + tau (heavy ball on the tracker).
 With `--robust clip` both phases clip what neighbours send and the tracker is leaky (robust.py).
-
-`--overlap` takes g_i^{k+1} at v_i (this node's own term of the mix) instead of at theta_i^{k+1}, so
-the gradient can compute while the pull exchange runs (`objective.start`, node/pace.py). At a fixed
-point the nodes agree and tau = 0, so v_i = theta_i and sum_i grad L_i(theta) = 0: the fixed point is
-still the exact optimum (tests/test_exactness.py). v_i differs from theta_i^{k+1} only by the
-consensus error, far less than the one-round-old parameters a pipelined gradient would use.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,9 +20,6 @@ from .base import Algorithm, Message, register
 from .pull import PullChannel
 from .robust import TRACKER_LEAK, MassClipper
 from .running_sums import PushReceiver, PushSender
-
-if TYPE_CHECKING:
-    from ..settings import RunSettings
 
 
 @register
@@ -39,7 +29,6 @@ class P2PFT(Algorithm):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.overlap = False
         self.grad, self.last_loss = self.objective.gradient(self.params)
         self.v = self.params.clone()
         self.reset_links()
@@ -54,16 +43,9 @@ class P2PFT(Algorithm):
         self.receiver = PushReceiver(self.hood, self.params.numel(), self.params.device)
         self.clipper = MassClipper(self.hood.in_neighbours, self.params)
 
-    def configure(self, *, iterations_per_epoch: int, settings: RunSettings | None = None) -> None:
-        super().configure(iterations_per_epoch=iterations_per_epoch, settings=settings)
-        self.overlap = settings is not None and settings.overlap
-
     def outgoing(self, phase: str, k: int) -> list[Message]:
         if phase == "pull":
             self.v = self.params - self.step.lr(k) * self.step.direction(self.tau)
-            start = getattr(self.objective, "start", None)
-            if self.overlap and start is not None:  # computes while the values travel
-                start(self.v)
             return self.pull.send(self.v, k, phase)
         return self.sender.send(self.z, k, phase)
 
@@ -71,7 +53,7 @@ class P2PFT(Algorithm):
         if phase == "pull":
             self.pull.receive(messages)
             self.params = self.pull.mix(self.v, self.clipping, self.oldest_mixed(k))
-            grad, self.last_loss = self.objective.gradient(self.v if self.overlap else self.params)
+            grad, self.last_loss = self.objective.gradient(self.params)
             if self.clipping:  # leaky tracker: clipped mass must not pile up (robust.py)
                 self.z = grad + (1 - TRACKER_LEAK) * (self.tau - self.grad)
             else:
