@@ -52,7 +52,9 @@ class RunSettings:
     topology: str = opt("directed-ring", "directed-ring, exponential, complete, ring, random:K, or an edge-list file")
     algorithm: str = opt("p2pft", "p2pft, sgp, dsgd, cdsgd, dimat, wa, wm, local or central (see README)")
     codec: str = opt(
-        "int8", "compression of exchanged tensors: int8 (blockwise, the default), none, fp16, bf16, topk:FRACTION"
+        "int8",
+        "compression of exchanged tensors: int8 (blockwise, the default), int4 (blockwise), none, fp16, bf16, "
+        "topk:FRACTION",
     )
     gamma: float = opt(1.0, "consensus step for compressed exchange (<= 1; lower for aggressive top-k)")
     robust: str = opt("none", "mixing that survives a bad neighbour: none, or clip (self-centred clipping; not exact)")

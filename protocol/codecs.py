@@ -1,4 +1,5 @@
-"""Tensor codecs for parameter messages: exact bytes, half precision, blockwise int8 and top-k sparsification.
+"""Tensor codecs for parameter messages: exact bytes, half precision, blockwise int8 and int4, and top-k
+sparsification.
 
 `Codec.encode` turns a float tensor into an `Encoded` (codec name, original dtype, shape, payload bytes, codec
 parameters); `Codec.decode` checks every field of an `Encoded` against what its codec implies and rebuilds the
@@ -25,7 +26,7 @@ from ..node.errors import BadInput
 MAX_ELEMENTS = 2**28
 MAX_NDIM = 32
 DEFAULT_BLOCK = 256
-CODEC_NAMES = ("none", "fp16", "bf16", "int8", "int8:BLOCK", "topk:FRACTION")
+CODEC_NAMES = ("none", "fp16", "bf16", "int8", "int8:BLOCK", "int4", "int4:BLOCK", "topk:FRACTION")
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -37,10 +38,9 @@ _DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 _ITEMSIZE = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
 _LITTLE_ENDIAN = {torch.float32: "<f4", torch.float64: "<f8", torch.float16: "<f2"}
 _F32_MAX = float(np.finfo(np.float32).max)
-# The largest int8 scale whose 127 * scale stays finite in float32: float32(max / 127) may round up.
-_MAX_SCALE = np.nextafter(np.float32(_F32_MAX / 127), np.float32(0))
 _SPEC_HELP = (
-    "none, fp16, bf16, int8, int8:BLOCK (1 <= BLOCK <= 2**28), topk:FRACTION (0 < FRACTION <= 1, e.g. topk:0.1)"
+    "none, fp16, bf16, int8, int8:BLOCK, int4, int4:BLOCK (1 <= BLOCK <= 2**28), "
+    "topk:FRACTION (0 < FRACTION <= 1, e.g. topk:0.1)"
 )
 
 
@@ -276,15 +276,29 @@ class Int8Codec(Codec):
     """Blockwise absmax int8: per block one float32 scale = max|x| / 127, then round(x / scale) as int8."""
 
     name = "int8"
+    levels: ClassVar[int] = 127  # values are round(x / scale) in -levels .. levels
 
     def __init__(self, block: int = DEFAULT_BLOCK) -> None:
         if not _is_int(block) or not 1 <= block <= MAX_ELEMENTS:
-            raise CodecError(f"int8 block must be an int in 1 .. {MAX_ELEMENTS}, got {block!r}")
+            raise CodecError(f"{self.name} block must be an int in 1 .. {MAX_ELEMENTS}, got {block!r}")
         self.block = block
 
     @property
     def spec(self) -> str:
         return self.name if self.block == DEFAULT_BLOCK else f"{self.name}:{self.block}"
+
+    def max_scale(self) -> np.float32:
+        """The largest scale whose levels * scale stays finite in float32 (float32(max / levels) may round up)."""
+        return np.nextafter(np.float32(_F32_MAX / self.levels), np.float32(0))
+
+    def value_bytes(self, numel: int) -> int:
+        return numel
+
+    def _pack(self, q: np.ndarray) -> bytes:
+        return q.astype(np.int8).tobytes()
+
+    def _unpack(self, payload: bytes, numel: int, offset: int) -> np.ndarray:
+        return np.frombuffer(payload, dtype=np.int8, count=numel, offset=offset)
 
     def _encode(self, flat: torch.Tensor) -> tuple[bytes, dict[str, int]]:
         values = _float_array(flat)
@@ -294,37 +308,60 @@ class Int8Codec(Codec):
         rows = rows.reshape(nblocks, row)
         amax = np.abs(rows).max(axis=1)
         if amax.size and amax.max() > _F32_MAX:
-            raise CodecError(f"int8 cannot encode values beyond the float32 range (max |x| = {amax.max():.3g})")
-        scales = np.minimum((amax / 127).astype(np.float32), _MAX_SCALE)
+            raise CodecError(f"{self.name} cannot encode values beyond the float32 range (max |x| = {amax.max():.3g})")
+        scales = np.minimum((amax / self.levels).astype(np.float32), self.max_scale())
         # An all-zero block has scale 0; dividing by 1 there keeps q = 0 (also for float64 values so tiny that
         # their float32 scale underflows to 0).
         q = rows / np.where(scales > 0, scales, 1).astype(values.dtype)[:, None]
-        np.clip(np.rint(q, out=q), -127, 127, out=q)
-        q_bytes = q.astype(np.int8).reshape(-1)[: values.size].tobytes()
-        return scales.astype("<f4").tobytes() + q_bytes, {"block": self.block}
+        np.clip(np.rint(q, out=q), -self.levels, self.levels, out=q)
+        return scales.astype("<f4").tobytes() + self._pack(q.reshape(-1)[: values.size]), {"block": self.block}
 
     def _check(self, e: Encoded, numel: int) -> None:
         _check_meta(e.meta, ("block",))
         block = e.meta["block"]
         if not 1 <= block <= MAX_ELEMENTS:
-            raise CodecError(f"int8 block must be in 1 .. {MAX_ELEMENTS}, got {block}")
+            raise CodecError(f"{self.name} block must be in 1 .. {MAX_ELEMENTS}, got {block}")
         nblocks, _ = _blocks(numel, block)
-        _check_length(e, 4 * nblocks + numel)
+        _check_length(e, 4 * nblocks + self.value_bytes(numel))
         scales = np.frombuffer(e.payload, dtype="<f4", count=nblocks)
         if not (np.isfinite(scales).all() and (scales >= 0).all()):
-            raise CodecError("int8 scales must be finite and non-negative")
-        if (np.frombuffer(e.payload, dtype=np.int8, count=numel, offset=4 * nblocks) == -128).any():
-            raise CodecError("int8 values must be in -127 .. 127")
+            raise CodecError(f"{self.name} scales must be finite and non-negative")
+        if (self._unpack(e.payload, numel, 4 * nblocks) < -self.levels).any():
+            raise CodecError(f"{self.name} values must be in -{self.levels} .. {self.levels}")
 
     def _decode(self, e: Encoded, numel: int) -> torch.Tensor:
         nblocks, row = _blocks(numel, e.meta["block"])
         # float64 keeps q * scale exact (8-bit times 24-bit mantissas) for float64 tensors.
         work = np.float64 if e.dtype == "float64" else np.float32
         rows = np.zeros(nblocks * row, dtype=work)
-        rows[:numel] = np.frombuffer(e.payload, dtype=np.int8, count=numel, offset=4 * nblocks)
+        rows[:numel] = self._unpack(e.payload, numel, 4 * nblocks)
         rows = rows.reshape(nblocks, row)
         rows *= np.frombuffer(e.payload, dtype="<f4", count=nblocks).astype(work)[:, None]
         return torch.from_numpy(rows.reshape(-1)[:numel])
+
+
+class Int4Codec(Int8Codec):
+    """Blockwise absmax int4: per block one float32 scale = max|x| / 7, then round(x / scale) in -7 .. 7 as
+    4-bit two's complement, two values a byte (the first in the low nibble; an odd count pads a zero nibble)."""
+
+    name = "int4"
+    levels: ClassVar[int] = 7
+
+    def value_bytes(self, numel: int) -> int:
+        return (numel + 1) // 2
+
+    def _pack(self, q: np.ndarray) -> bytes:
+        nibbles = np.zeros(2 * self.value_bytes(q.size), dtype=np.uint8)
+        nibbles[: q.size] = q.astype(np.int8).view(np.uint8) & 0x0F
+        return (nibbles[0::2] | (nibbles[1::2] << 4)).tobytes()
+
+    def _unpack(self, payload: bytes, numel: int, offset: int) -> np.ndarray:
+        packed = np.frombuffer(payload, dtype=np.uint8, count=self.value_bytes(numel), offset=offset)
+        nibbles = np.empty(2 * packed.size, dtype=np.int8)
+        nibbles[0::2], nibbles[1::2] = packed & 0x0F, packed >> 4
+        if numel % 2 and nibbles[-1] != 0:
+            raise CodecError("int4 padding nibble after an odd count must be 0")
+        return np.where(nibbles > 7, nibbles - 16, nibbles)[:numel].astype(np.int8)
 
 
 def _exact_fraction(fraction: float | str | Fraction) -> Fraction:
@@ -381,13 +418,13 @@ class TopKCodec(Codec):
         return torch.from_numpy(out)
 
 
-CODECS: dict[str, type[Codec]] = {c.name: c for c in (NoneCodec, Fp16Codec, Bf16Codec, Int8Codec, TopKCodec)}
+CODECS: dict[str, type[Codec]] = {c.name: c for c in (NoneCodec, Fp16Codec, Bf16Codec, Int8Codec, Int4Codec, TopKCodec)}
 _DECODERS: dict[str, Codec] = {name: cls() for name, cls in CODECS.items()}
 _DECIMAL = re.compile(r"(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
 
 def get_codec(spec: str) -> Codec:
-    """Parse `none`, `fp16`, `bf16`, `int8`, `int8:BLOCK` or `topk:FRACTION` into a codec."""
+    """Parse `none`, `fp16`, `bf16`, `int8`, `int8:BLOCK`, `int4`, `int4:BLOCK` or `topk:FRACTION` into a codec."""
     bad = CodecSpecError(f"bad codec spec {str(spec)[:40]!r}: use one of {_SPEC_HELP}")
     if not isinstance(spec, str):
         raise bad
@@ -395,10 +432,10 @@ def get_codec(spec: str) -> Codec:
     try:
         if name in ("none", "fp16", "bf16") and not sep:
             return CODECS[name]()
-        if name == "int8" and not sep:
-            return Int8Codec()
-        if name == "int8" and arg.isascii() and arg.isdigit():
-            return Int8Codec(int(arg))
+        if name in ("int8", "int4") and not sep:
+            return CODECS[name]()
+        if name in ("int8", "int4") and arg.isascii() and arg.isdigit():
+            return CODECS[name](int(arg))
         if name == "topk" and _DECIMAL.fullmatch(arg):
             return TopKCodec(arg)
     except CodecError:

@@ -308,8 +308,8 @@ def decode_tensors(env: Envelope) -> dict[str, torch.Tensor]:
 
 def _payload_bound(codec: Codec, numel: int, itemsize: int) -> int:
     """The most payload bytes `codec` makes of `numel` elements of at most `itemsize` bytes each."""
-    if isinstance(codec, Int8Codec):
-        return 4 * -(-numel // max(1, min(codec.block, numel))) + numel
+    if isinstance(codec, Int8Codec):  # and Int4Codec
+        return 4 * -(-numel // max(1, min(codec.block, numel))) + codec.value_bytes(numel)
     if isinstance(codec, TopKCodec):
         return codec.k_for(numel) * (4 + itemsize)
     return (2 if codec.name in ("fp16", "bf16") else itemsize) * numel

@@ -22,6 +22,7 @@ from p2pnode.protocol.codecs import (
     MAX_ELEMENTS,
     CodecError,
     Encoded,
+    Int4Codec,
     Int8Codec,
     NoneCodec,
     TopKCodec,
@@ -30,7 +31,7 @@ from p2pnode.protocol.codecs import (
     validate,
 )
 
-SPECS = ("none", "fp16", "bf16", "int8", "int8:3", "topk:0.1")
+SPECS = ("none", "fp16", "bf16", "int8", "int8:3", "int4", "int4:3", "topk:0.1")
 PROPERTY = settings(max_examples=60, deadline=None)
 
 shapes = st.one_of(
@@ -82,12 +83,12 @@ def test_bf16_roundtrip_error_is_within_bfloat16_precision(x: torch.Tensor) -> N
     assert (np.abs(as_f64(y) - as_f64(x)) <= 2**-7 * np.abs(as_f64(x)) + 2.0**-133).all()
 
 
-def int8_error_bound(x: torch.Tensor, block: int) -> np.ndarray:
-    """Per element: half its block's scale max|x|/127, plus float32 rounding of q * scale and of tiny scales."""
+def int8_error_bound(x: torch.Tensor, block: int, levels: int = 127) -> np.ndarray:
+    """Per element: half its block's scale max|x|/levels, plus float32 rounding of q * scale and of tiny scales."""
     flat = as_f64(x).reshape(-1)
     scales = np.zeros(flat.size)
     for start in range(0, flat.size, block):  # a plain reference loop, independent of the codec's vectorised one
-        scales[start : start + block] = np.abs(flat[start : start + block]).max() / 127
+        scales[start : start + block] = np.abs(flat[start : start + block]).max() / levels
     return scales / 2 * (1 + 2**-20) + 2**-23 * np.abs(flat) + 1e-42
 
 
@@ -104,6 +105,36 @@ def test_int8_roundtrip_error_is_within_half_a_block_scale(x: torch.Tensor, bloc
     assert e.meta == {"block": block}
     err = np.abs(as_f64(y) - as_f64(x)).reshape(-1)
     assert (err <= int8_error_bound(x, block)).all()
+
+
+@PROPERTY
+@given(
+    x=st.one_of(tensors("float32"), tensors("float64", 1e30)),
+    block=st.sampled_from([1, 3, 16, 256]),
+)
+def test_int4_roundtrip_error_is_within_half_a_block_scale(x: torch.Tensor, block: int) -> None:
+    codec = Int4Codec(block)
+    e = codec.encode(x)
+    y = codec.decode(e)
+    check_shape_and_dtype(x, y)
+    assert e.meta == {"block": block}
+    assert len(e.payload) == 4 * math.ceil(x.numel() / block) + (x.numel() + 1) // 2
+    err = np.abs(as_f64(y) - as_f64(x)).reshape(-1)
+    assert (err <= int8_error_bound(x, block, levels=7)).all()
+
+
+def test_int4_payload_is_scales_then_two_values_a_byte_low_nibble_first() -> None:
+    e = Int4Codec(3).encode(torch.tensor([0.9, -2.0, 0.5, 0.0, 0.0, 0.0, 7.0]))
+    scales = np.frombuffer(e.payload, dtype="<f4", count=3)
+    assert np.array_equal(scales, np.array([2 / 7, 0, 1], dtype=np.float32))
+    # values 3, -7, 2, 0, 0, 0, 7; -7 is 0x9 in 4-bit two's complement; then a zero pad nibble
+    assert e.payload[12:] == bytes([0x93, 0x02, 0x00, 0x07])
+
+
+def test_int4_value_minus_8_and_a_non_zero_pad_nibble_are_rejected() -> None:
+    e = Int4Codec(3).encode(torch.tensor([1.0, -2.0, 0.5, 0.0, 0.0, 0.0, 7.0]))
+    assert_rejected(with_bytes(e, 12, bytes([0x84])), "-7 .. 7")
+    assert_rejected(with_bytes(e, 15, bytes([0x17])), "padding nibble")
 
 
 @pytest.mark.parametrize("block", [1, 256])
@@ -393,6 +424,8 @@ def test_arbitrary_encodings_raise_only_codec_error(
         ("bf16", None, None),
         ("int8", Int8Codec, 256),
         ("int8:64", Int8Codec, 64),
+        ("int4", Int4Codec, 256),
+        ("int4:64", Int4Codec, 64),
         ("int8:1", Int8Codec, 1),
         ("topk:0.1", TopKCodec, Fraction(1, 10)),
         ("topk:1", TopKCodec, Fraction(1)),
@@ -403,7 +436,7 @@ def test_arbitrary_encodings_raise_only_codec_error(
 def test_get_codec_parses_valid_specs(spec: str, cls: type | None, param: object) -> None:
     codec = get_codec(spec)
     assert codec.name == spec.strip().split(":")[0]
-    if cls is Int8Codec:
+    if cls in (Int8Codec, Int4Codec):
         assert codec.block == param
     if cls is TopKCodec:
         assert codec.fraction == param
@@ -424,6 +457,9 @@ def test_get_codec_parses_valid_specs(spec: str, cls: type | None, param: object
         "int8:1_0",
         "int8:x",
         f"int8:{MAX_ELEMENTS + 1}",
+        "int4:",
+        "int4:0",
+        "int16",
         "topk",
         "topk:",
         "topk:0",
@@ -441,10 +477,10 @@ def test_get_codec_rejects_bad_specs_naming_the_valid_forms(spec: object) -> Non
         get_codec(spec)  # type: ignore[arg-type]
     message = str(info.value)
     assert "\n" not in message
-    for form in ("none", "fp16", "bf16", "int8:BLOCK", "topk:FRACTION"):
+    for form in ("none", "fp16", "bf16", "int8:BLOCK", "int4:BLOCK", "topk:FRACTION"):
         assert form in message
     assert isinstance(info.value, BadInput)  # so the CLI prints it without a traceback
 
 
 def test_codec_names_list_every_spec_form() -> None:
-    assert set(CODEC_NAMES) == {"none", "fp16", "bf16", "int8", "int8:BLOCK", "topk:FRACTION"}
+    assert set(CODEC_NAMES) == {"none", "fp16", "bf16", "int8", "int8:BLOCK", "int4", "int4:BLOCK", "topk:FRACTION"}

@@ -88,10 +88,10 @@ def test_p2pft_reaches_global_least_squares_solution_on_directed_graph():
     assert max(gaps) <= 1e-10, max(gaps)
 
 
-@pytest.mark.parametrize(("codec", "iterations"), [("int8", 4000), ("bf16", 4000), ("topk:0.3", 6000)])
+@pytest.mark.parametrize(("codec", "iterations"), [("int8", 4000), ("int4", 4000), ("bf16", 4000), ("topk:0.3", 6000)])
 def test_compressed_p2pft_still_reaches_the_global_least_squares_solution(codec, iterations):
     """DESIGN §4: increments against replicated copies (pull) and error feedback (push). int8 (the
-    default codec) scales each block by its own maximum, so its rounding shrinks with the increments."""
+    default codec) and int4 scale each block by its own maximum, so their rounding shrinks with the increments."""
     gaps: list[float] = []
     _, errors = run("p2pft", iterations, codec=codec, check=lambda nodes: gaps.append(tracking_gap(nodes)))
     assert max(errors) <= 1e-8, errors
