@@ -83,7 +83,7 @@ def test_bf16_roundtrip_error_is_within_bfloat16_precision(x: torch.Tensor) -> N
     assert (np.abs(as_f64(y) - as_f64(x)) <= 2**-7 * np.abs(as_f64(x)) + 2.0**-133).all()
 
 
-def int8_error_bound(x: torch.Tensor, block: int, levels: int = 127) -> np.ndarray:
+def blockwise_error_bound(x: torch.Tensor, block: int, levels: int = 127) -> np.ndarray:
     """Per element: half its block's scale max|x|/levels, plus float32 rounding of q * scale and of tiny scales."""
     flat = as_f64(x).reshape(-1)
     scales = np.zeros(flat.size)
@@ -92,35 +92,22 @@ def int8_error_bound(x: torch.Tensor, block: int, levels: int = 127) -> np.ndarr
     return scales / 2 * (1 + 2**-20) + 2**-23 * np.abs(flat) + 1e-42
 
 
+@pytest.mark.parametrize("codec_class", [Int8Codec, Int4Codec])
 @PROPERTY
 @given(
     x=st.one_of(tensors("float32"), tensors("float64", 1e30)),
     block=st.sampled_from([1, 3, 16, 256]),
 )
-def test_int8_roundtrip_error_is_within_half_a_block_scale(x: torch.Tensor, block: int) -> None:
-    codec = Int8Codec(block)
+def test_blockwise_roundtrip_error_is_within_half_a_block_scale(codec_class, x: torch.Tensor, block: int) -> None:
+    codec = codec_class(block)
     e = codec.encode(x)
     y = codec.decode(e)
     check_shape_and_dtype(x, y)
     assert e.meta == {"block": block}
+    per_value = 1 if codec_class is Int8Codec else 0.5  # int4: two values a byte
+    assert len(e.payload) == 4 * math.ceil(x.numel() / block) + math.ceil(per_value * x.numel())
     err = np.abs(as_f64(y) - as_f64(x)).reshape(-1)
-    assert (err <= int8_error_bound(x, block)).all()
-
-
-@PROPERTY
-@given(
-    x=st.one_of(tensors("float32"), tensors("float64", 1e30)),
-    block=st.sampled_from([1, 3, 16, 256]),
-)
-def test_int4_roundtrip_error_is_within_half_a_block_scale(x: torch.Tensor, block: int) -> None:
-    codec = Int4Codec(block)
-    e = codec.encode(x)
-    y = codec.decode(e)
-    check_shape_and_dtype(x, y)
-    assert e.meta == {"block": block}
-    assert len(e.payload) == 4 * math.ceil(x.numel() / block) + (x.numel() + 1) // 2
-    err = np.abs(as_f64(y) - as_f64(x)).reshape(-1)
-    assert (err <= int8_error_bound(x, block, levels=7)).all()
+    assert (err <= blockwise_error_bound(x, block, levels=codec.levels)).all()
 
 
 def test_int4_payload_is_scales_then_two_values_a_byte_low_nibble_first() -> None:
@@ -142,7 +129,7 @@ def test_int8_roundtrips_the_float32_extremes(block: int) -> None:
     top = float(np.finfo(np.float32).max)
     x = torch.tensor([top, -top, 1.0, -(2.0**-149)], dtype=torch.float32)
     y = Int8Codec(block).roundtrip(x)  # float32(max / 127) rounds up; 127 times it must not overflow
-    assert (np.abs(as_f64(y) - as_f64(x)) <= int8_error_bound(x, block)).all()
+    assert (np.abs(as_f64(y) - as_f64(x)) <= blockwise_error_bound(x, block)).all()
 
 
 def test_int8_refuses_float64_values_beyond_the_float32_range() -> None:
