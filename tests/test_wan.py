@@ -29,8 +29,18 @@ needs_netns = pytest.mark.skipif(not AVAILABLE, reason=f"no network namespaces h
 
 
 def short_run(tmp_path: Path, **network) -> TestnetSettings:
+    # uncompressed: with int8 these 230 rounds take about 10 s, and a node whose first dials are lost to the
+    # 2% loss (libp2p's dial backoff) is dropped at once and re-admitted only at the epoch scheduled a few
+    # seconds ahead, most of the run (seen once in CI: 66% against 80%)
     return TestnetSettings(
-        epochs=10, round_timeout=5.0, timeout=400.0, hosts="netns", rate="50mbit", workdir=str(tmp_path), **network
+        epochs=10,
+        round_timeout=5.0,
+        timeout=400.0,
+        hosts="netns",
+        rate="50mbit",
+        workdir=str(tmp_path),
+        codec="none",
+        **network,
     ).validate()
 
 
