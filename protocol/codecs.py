@@ -300,6 +300,9 @@ class Int8Codec(Codec):
     def _unpack(self, payload: bytes, numel: int, offset: int) -> np.ndarray:
         return np.frombuffer(payload, dtype=np.int8, count=numel, offset=offset)
 
+    def _values_in_range(self, payload: bytes, numel: int, offset: int) -> bool:
+        return not (self._unpack(payload, numel, offset) == -128).any()
+
     def _encode(self, flat: torch.Tensor) -> tuple[bytes, dict[str, int]]:
         values = _float_array(flat)
         nblocks, row = _blocks(values.size, self.block)
@@ -326,7 +329,7 @@ class Int8Codec(Codec):
         scales = np.frombuffer(e.payload, dtype="<f4", count=nblocks)
         if not (np.isfinite(scales).all() and (scales >= 0).all()):
             raise CodecError(f"{self.name} scales must be finite and non-negative")
-        if (self._unpack(e.payload, numel, 4 * nblocks) < -self.levels).any():
+        if not self._values_in_range(e.payload, numel, 4 * nblocks):
             raise CodecError(f"{self.name} values must be in -{self.levels} .. {self.levels}")
 
     def _decode(self, e: Encoded, numel: int) -> torch.Tensor:
@@ -359,9 +362,15 @@ class Int4Codec(Int8Codec):
         packed = np.frombuffer(payload, dtype=np.uint8, count=self.value_bytes(numel), offset=offset)
         nibbles = np.empty(2 * packed.size, dtype=np.int8)
         nibbles[0::2], nibbles[1::2] = packed & 0x0F, packed >> 4
-        if numel % 2 and nibbles[-1] != 0:
+        nibbles ^= 8  # 4-bit two's complement to int8: flip the sign bit, then subtract it
+        nibbles -= 8
+        return nibbles[:numel]
+
+    def _values_in_range(self, payload: bytes, numel: int, offset: int) -> bool:
+        packed = np.frombuffer(payload, dtype=np.uint8, count=self.value_bytes(numel), offset=offset)
+        if numel % 2 and packed[-1] >> 4:
             raise CodecError("int4 padding nibble after an odd count must be 0")
-        return np.where(nibbles > 7, nibbles - 16, nibbles)[:numel].astype(np.int8)
+        return not ((packed & 0x0F) == 8).any() and not ((packed >> 4) == 8).any()  # nibble 8 is -8
 
 
 def _exact_fraction(fraction: float | str | Fraction) -> Fraction:
