@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -309,6 +310,7 @@ class Node:
                 f"its checkpoint of round {checkpoint.round}",
             )
             self.history = checkpoint.meta.get("history", self.history)
+            self.round = self.info.round = checkpoint.round
             self.epoch_log = checkpoint.meta.get("epochs", [])
         elif record.start_round > 0 or record.donors:
             donors = [p for p in record.donors if p != self.peer_id]
@@ -477,9 +479,11 @@ class Node:
         self.info.train_epoch, self.info.accuracy = epoch, acc
         self.info.loss = float(self.algorithm.last_loss)
         self.info.bytes_sent = self.links.bytes_sent
+        # no training step since the node (re)started (it jumped to an epoch's start round): no loss to report
+        loss = self.info.loss if math.isfinite(self.info.loss) else None
         self.history["epoch"].append(epoch)
         self.history["accuracy"].append(acc)
-        self.history["loss"].append(self.info.loss)
+        self.history["loss"].append(loss)
         logger.info(
             "round %d/%d epoch %s: loss %.4f, test accuracy %.1f%%, sent %.1f MB",
             round_,
@@ -495,7 +499,7 @@ class Node:
             "epoch": epoch,
             "membership_epoch": self.record.number,
             "accuracy": acc,
-            "loss": self.info.loss,
+            "loss": loss,
             "bytes_sent": self.links.bytes_sent,
         }
         self.store.write_json("progress.json", progress)

@@ -144,7 +144,7 @@ class RoundDriver:
         s = node.settings
         k = max(record.start_round, node.round if node.record is not None else 0)
         self.enter_epoch(record, k)
-        node.round = node.info.round = k
+        await self.jump(node.round, k)
         while k < node.rounds:
             if node.stop_requested.is_set():
                 return "stopped"
@@ -162,8 +162,9 @@ class RoundDriver:
                 elif self.far_behind(latest, k):
                     logger.warning("epoch %d starts at round %d, far ahead of this node's round %d: jumping to it",
                                    latest.number, latest.start_round, k)  # fmt: skip
-                    k = node.round = node.info.round = latest.start_round
-                    self.enter_epoch(latest, k)
+                    self.enter_epoch(latest, latest.start_round)
+                    await self.jump(k, latest.start_round)
+                    k = latest.start_round
             started = time.perf_counter()
             await self.run_round(k)
             node.info.step_seconds = getattr(node.algorithm.objective, "seconds", None) or 0.0
@@ -182,6 +183,15 @@ class RoundDriver:
             if k % s.checkpoint_every == 0:
                 await loop.run_in_executor(node.compute, node.checkpoint)
         return "done"
+
+    async def jump(self, k: int, to: int) -> None:
+        """Move this node from round k to round `to` without training the rounds between (it enters an
+        epoch that starts there). A pass over the data that ends in the skipped rounds still gets its
+        evaluation, of the parameters the node has now: the history stays one entry per pass it reached."""
+        node = self.node
+        node.round = node.info.round = to
+        if k // node.per_epoch < to // node.per_epoch:
+            await node.end_of_epoch(to // node.per_epoch)
 
     async def run_round(self, k: int) -> None:
         node = self.node

@@ -127,15 +127,21 @@ def first_epoch(
     schedule: Schedule,
     previous: EpochRecord | None = None,
     now: float | None = None,
+    settled: bool = True,
 ) -> EpochRecord | None:
     """Epoch 0 of a new run, or the first epoch of a run whose members are all gone (everyone
     restarted): proposed by the first of the peers it takes, once `nodes` compatible peers are
-    waiting. It starts at the furthest round they checkpointed; a run that went on keeps its schedule."""
+    waiting. It starts at the furthest round they checkpointed; a run that went on keeps its schedule.
+
+    A restarted run may go on with fewer (as many as its last epoch had), but only once `settled`:
+    this node has waited a while for the others. Its last epoch can be smaller than the run (one
+    formed while everyone was leaving), and its members come back seconds apart: the first one back
+    must not train the rest of the run alone and leave the others a finished run."""
     waiting = sorted(
         (m for m in infos if m.status == "joining" and compatible(m, me.fingerprint, me.settings_hash)),
         key=lambda m: m.sort_key,
     )
-    needed = nodes if previous is None else min(nodes, len(previous.members))
+    needed = nodes if previous is None or not settled else min(nodes, len(previous.members))
     if len(waiting) < needed:
         return None
     chosen = waiting if previous is not None else waiting[:nodes]

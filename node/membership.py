@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 EPOCH_TTL = 3600.0  # epoch records live this long unless the coordinator refreshes them
 LEAD_CAP_ROUNDS = 500  # an epoch is never scheduled further ahead than this
+RESTART_GRACE_BEATS = 2  # a restarted run waits this many heartbeats for all its nodes before going on with fewer
 
 
 class MembershipAgent:
@@ -199,6 +200,7 @@ class MembershipAgent:
         waiting. None if `stopped()` first; BadInput after `timeout` s or if the run has finished."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        settle_at = loop.time() + RESTART_GRACE_BEATS * self.heartbeat
         refused: set[str] = set()
         last_count = -1
         me = self.info
@@ -213,7 +215,8 @@ class MembershipAgent:
             if stale and after is None and any(m.status == "done" and m.peer_id in record.members for m in infos):
                 raise BadInput(f"run {run_id!r} has finished (its members are done): there is nothing to join")
             if record is None or stale:
-                proposal = epochs.first_epoch(infos, me, nodes, schedule, record if stale else None)
+                settled = loop.time() >= settle_at
+                proposal = epochs.first_epoch(infos, me, nodes, schedule, record if stale else None, settled=settled)
                 if proposal is not None:
                     await self.propose(proposal)
                     continue

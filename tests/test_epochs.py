@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+from types import SimpleNamespace
+
 from p2pnode.node import epochs
+from p2pnode.node.driver import RoundDriver
 from p2pnode.protocol.membership import EpochRecord, MemberInfo
 
 FP, SH = "trunk", "settings"
@@ -130,6 +134,16 @@ def test_a_whole_run_restarted_from_checkpoints_starts_at_the_furthest_round_wit
     assert again.number == 5 and again.start_round == 130 and again.rounds == 800
 
 
+def test_the_first_member_back_of_a_restarted_run_waits_for_the_others_before_going_on_alone():
+    old = record("A", number=1, rounds=800)  # formed while B was leaving: smaller than the run
+    back = [info("A", "joining", 21)]
+    assert epochs.first_epoch(back, back[0], 2, schedule, previous=old, settled=False) is None
+    both = [*back, info("B", "joining", 20)]
+    assert epochs.first_epoch(both, back[0], 2, schedule, previous=old, settled=False).members == ("A", "B")
+    alone = epochs.first_epoch(back, back[0], 2, schedule, previous=old, settled=True)
+    assert alone.members == ("A",) and alone.start_round == 21 and alone.rounds == 800
+
+
 def test_epoch_records_round_trip_and_their_hash_changes_with_the_members():
     r = record("AB", 2)
     assert EpochRecord.from_dict(r.to_dict()) == r
@@ -165,3 +179,17 @@ def test_testnet_membership_history_merges_the_epochs_every_finishing_node_saw()
     # the node that came back finished first: its view must not hide the crash or its own return
     merged = epoch_changes({3: {"epochs": returner}, 0: {"epochs": full}, 4: {"epochs": full[2:]}})
     assert merged == full
+
+
+def test_a_node_that_jumps_to_an_epochs_start_round_keeps_one_evaluation_per_pass_it_reached():
+    evaluated = []
+
+    async def end_of_epoch(epoch):
+        evaluated.append((epoch, node.round))
+
+    node = SimpleNamespace(per_epoch=10, round=19, info=SimpleNamespace(round=19), end_of_epoch=end_of_epoch)
+    driver = RoundDriver(node)
+    asyncio.run(driver.jump(19, 20))  # a restart at round 19 into an epoch from round 20: pass 2 ended there
+    asyncio.run(driver.jump(20, 25))  # within pass 3: nothing to evaluate yet
+    asyncio.run(driver.jump(25, 57))  # passes 3 to 5 skipped: one evaluation, of the parameters of now
+    assert evaluated == [(2, 20), (5, 57)] and node.round == node.info.round == 57
