@@ -87,11 +87,14 @@ class RoundDriver:
         return node.stop_requested.is_set() or node.leave_by is not None
 
     def others_stay(self) -> bool:
-        """Whether another live member of this epoch goes on training (else a leaver need not wait)."""
+        """Whether another live member of this epoch goes on training (else a leaver need not wait). A
+        member still `joining` in the last heartbeat read counts: the epoch names it, so it is entering it
+        (read right after the epoch formed, every other member still says `joining`)."""
         node = self.node
         alive = epochs.live(node.record, node.agent.infos)
         gone = epochs.gone(node.record, node.agent.infos)
-        return any(m.status == "training" and p != node.peer_id and p not in gone for p, m in alive.items())
+        staying = ("joining", "training")
+        return any(m.status in staying and p != node.peer_id and p not in gone for p, m in alive.items())
 
     def excluded(self) -> set[int]:
         """Positions of in-neighbours not to wait for: those the epoch the run follows leaves out (a

@@ -193,3 +193,14 @@ def test_a_node_that_jumps_to_an_epochs_start_round_keeps_one_evaluation_per_pas
     asyncio.run(driver.jump(20, 25))  # within pass 3: nothing to evaluate yet
     asyncio.run(driver.jump(25, 57))  # passes 3 to 5 skipped: one evaluation, of the parameters of now
     assert evaluated == [(2, 20), (5, 57)] and node.round == node.info.round == 57
+
+
+def test_a_leaver_waits_for_an_epoch_while_another_member_still_entering_the_run_stays():
+    r = record("AB")
+    node = SimpleNamespace(record=r, peer_id="A", agent=SimpleNamespace(infos=[]))
+    driver = RoundDriver(node)
+    for status, stays in (("joining", True), ("training", True), ("leaving", False), ("left", False)):
+        node.agent.infos = [info("A", "leaving", record=r), info("B", status, record=r)]
+        assert driver.others_stay() is stays, status
+    node.agent.infos = [info("A", "leaving", record=r)]  # B's heartbeat expired: gone
+    assert not driver.others_stay()
