@@ -35,7 +35,7 @@ from .algorithms import ALGORITHMS, Algorithm, StepRule
 from .contributions import Contributions
 from .data import parse_class_set, parse_split, partition
 from .dht_process import start_dht, stop_dht
-from .driver import RoundDriver
+from .driver import SLOW_RATIO, RoundDriver
 from .errors import BadInput
 from .membership import MembershipAgent
 from .metrics import NodeMetrics
@@ -344,7 +344,8 @@ class Node:
         if s.slowdown > 1:
             objective = SlowedGradients(objective, s.slowdown)
         if s.sync == "async":  # rounds go on at the run's pace; the gradient comes when it is ready
-            objective = BackgroundGradients(objective, self.driver.behind)
+            pace = self.driver.pace if s.pace_batch else None
+            objective = BackgroundGradients(objective, self.driver.behind, pace, SLOW_RATIO)
         codec = None if s.codec == "none" else get_codec(s.codec)
         step = StepRule(step_schedule(s, self.rounds), s.momentum, s.optimizer)
 

@@ -127,8 +127,18 @@ class RoundDriver:
         others = [m for m in node.agent.infos if m.peer_id in members]
         # messages say where in-neighbours are; DHT records say it too for algorithms that seldom send (DIMAT)
         ahead = max([node.inbox.newest_round, *(m.round for m in others)]) > node.round
-        pace = [m.step_seconds for m in others if m.step_seconds > 0]
-        return ahead and bool(pace) and seconds >= SLOW_RATIO * statistics.median(pace)
+        pace = self.pace()
+        return ahead and pace is not None and seconds >= SLOW_RATIO * pace
+
+    def pace(self) -> float | None:
+        """The seconds the other members' gradients take (the median of their DHT records; None while
+        none has said). Read from the gradient thread too (`--pace-batch`): it only reads."""
+        node = self.node
+        if node.record is None:
+            return None
+        members = set(node.record.members) - {node.peer_id}
+        pace = [m.step_seconds for m in node.agent.infos if m.peer_id in members and m.step_seconds > 0]
+        return statistics.median(pace) if pace else None
 
     def far_behind(self, latest: EpochRecord, k: int) -> bool:
         """Whether `latest`, which names this node, starts further ahead than any lead a coordinator

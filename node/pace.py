@@ -14,6 +14,14 @@ take local steps (D-SGD, SGP, DIMAT, Local-FT) whether the gradient they got is 
   a round waits for it unless `behind()` (an in-neighbour is ahead, and this machine's gradients take
   1.5x the other members' or longer): then it goes on with the latest gradient while the
   computation carries on.
+
+Paced batches (`--pace-batch`, on by default with `--sync async`): a slow node first shrinks its
+mini-batch until a gradient takes no longer than the other members' (`paced_batch`), and only what
+that cannot absorb (a batch of one is still too slow) is left to late gradients. A smaller batch is
+an unbiased estimate of the same local gradient, so the objective and the tracker's sum are
+unchanged; its noise per sample seen is the same, while a gradient FACTOR rounds late pulls every
+node towards where the run was FACTOR rounds ago. In the simulator a node 5x slower ended 3.6
+points below the clean run with late gradients and 1.0 below with a paced batch (README).
 """
 
 from __future__ import annotations
@@ -28,6 +36,24 @@ import torch
 from .algorithms.base import Objective
 
 POLL_S = 0.002  # how often a round waiting for its gradient looks whether a neighbour got ahead
+
+
+def paced_batch(batch: int, full: int, seconds: float, target: float) -> int:
+    """The mini-batch whose gradient takes at most about `target` seconds, if `batch` samples took
+    `seconds` (time proportional to the batch): between 1 and `full`, the configured --batch-size."""
+    if not (seconds > 0 and target > 0):
+        return batch
+    return max(1, min(full, int(batch * target / seconds)))
+
+
+def slow_objective(objective: Objective, factor: float, pace_batch: bool) -> Objective:
+    """The simulator's node whose gradient of a full batch takes `factor` rounds: with `pace_batch` its
+    batch shrinks to fit one round, and only the rest of `factor` (if any) makes its gradients late."""
+    if pace_batch:
+        full = objective.batch_size
+        objective.batch_size = paced_batch(full, full, factor, 1.0)
+        factor = factor * objective.batch_size / full
+    return StaleGradients(objective, factor) if factor > 1 else objective
 
 
 def unwrapped(objective: Objective) -> Objective:
@@ -85,9 +111,20 @@ class SlowedGradients(_Wrapper):
 
 
 class BackgroundGradients(_Wrapper):
-    def __init__(self, objective: Objective, behind: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        objective: Objective,
+        behind: Callable[[], bool],
+        pace: Callable[[], float | None] | None = None,
+        slow_ratio: float = 1.5,
+    ) -> None:
+        """`pace()`: the seconds the other members' gradients take (None while unknown); given, a
+        gradient that takes `slow_ratio` times that or longer shrinks the batch (`paced_batch`)."""
         super().__init__(objective)
         self.behind = behind
+        self.pace = pace
+        self.slow_ratio = slow_ratio
+        self.full_batch = unwrapped(objective).batch_size
         self.lock = threading.Lock()  # the model is shared with evaluation and DIMAT's alignment
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="gradient")
         self.running: Future | None = None
@@ -100,7 +137,14 @@ class BackgroundGradients(_Wrapper):
             result = self.objective.gradient(params)
             took = time.perf_counter() - started
             self.seconds = took if self.seconds is None else 0.8 * self.seconds + 0.2 * took
+            self._pace_batch(took)
             return result
+
+    def _pace_batch(self, took: float) -> None:
+        target = self.pace() if self.pace is not None else None
+        base = unwrapped(self.objective)
+        if target and (took >= self.slow_ratio * target or base.batch_size < self.full_batch):
+            base.batch_size = paced_batch(base.batch_size, self.full_batch, took, target)
 
     def gradient(self, params: torch.Tensor) -> tuple[torch.Tensor, float]:
         if self.running is None:

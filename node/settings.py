@@ -80,6 +80,11 @@ class RunSettings:
     max_staleness: int = opt(
         50, "with --sync async: a neighbour's value over N rounds old is left out of the mix (its mass is kept)"
     )
+    pace_batch: bool = opt(
+        True,
+        "with --sync async: a node whose gradients take longer than the others' shrinks its mini-batch (down to "
+        "1 sample) to keep their pace, so its gradients stay fresh; off: it keeps --batch-size and they come late",
+    )
 
     def validate(self) -> RunSettings:
         from ..protocol.codecs import CodecError, get_codec

@@ -26,7 +26,7 @@ from .churn import ChurnEvent, initial_members, parse_churn
 from .data import parse_split, partition
 from .engine import InMemoryNetwork
 from .errors import BadInput
-from .pace import StaleGradients
+from .pace import slow_objective, unwrapped
 from .settings import RunSettings, SimulateSettings, parse_slow
 from .topology import Topology, make_topology
 from .training import FeatureBank, VisionObjective, accuracy, prepare_model_and_data
@@ -64,6 +64,7 @@ class AlgorithmResult:
     attackers: list[int] = field(default_factory=list)  # Byzantine node ids (`--attack`): not in honest_mean
     honest_mean: float | None = None  # mean accuracy of the other nodes
     steps: list[int] = field(default_factory=list)  # gradients each node computed (fewer for a --slow one, async)
+    samples: list[int] = field(default_factory=list)  # training samples each node drew (fewer for a paced batch)
     # the run's length in a normal node's step times: in lockstep every round waits for the slowest node
     duration_steps: float = 0.0
 
@@ -288,8 +289,8 @@ class Simulation:
                 seed=objective_seed(s, i),
                 weight_decay=s.weight_decay,
             )
-            if s.sync == "async" and i in slow:  # its gradients come late and seldom; it exchanges every round
-                objective = StaleGradients(objective, slow[i])
+            if s.sync == "async" and i in slow:  # a smaller batch, or late gradients; it exchanges every round
+                objective = slow_objective(objective, slow[i], s.pace_batch)
             codec = None if s.codec == "none" else get_codec(s.codec)
             step = StepRule(lr, s.momentum, s.optimizer)
             node = cls(topology.neighbourhood(position), objective, params, step, codec, s.gamma)
@@ -343,6 +344,7 @@ class Simulation:
             messages_per_epoch=[m / s.epochs for m in net.messages_sent],
             attackers=attackers,
             steps=[getattr(n.objective, "gradients", total) if n is not None else 0 for n in net.nodes],
+            samples=[getattr(unwrapped(n.objective), "samples_seen", 0) if n is not None else 0 for n in net.nodes],
             duration_steps=float(total if s.sync == "async" else total * max(slow.values(), default=1.0)),
         )
 

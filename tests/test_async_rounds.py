@@ -41,7 +41,7 @@ def test_the_testnet_makes_only_the_named_node_slower(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_an_asynchronous_simulation_gives_the_slow_node_one_gradient_per_factor_rounds_and_keeps_consensus():
-    settings = SimulateSettings(epochs=2, sync="async", slow=["3:5"]).validate()
+    settings = SimulateSettings(epochs=2, sync="async", slow=["3:5"], pace_batch=False).validate()
     result = Simulation(settings).run("p2pft")
     rounds = result.iterations
     assert result.steps[:3] == [rounds] * 3
@@ -50,6 +50,61 @@ def test_an_asynchronous_simulation_gives_the_slow_node_one_gradient_per_factor_
     assert max(result.accuracy) - min(result.accuracy) <= 0.02
     lockstep = Simulation(SimulateSettings(epochs=2, slow=["3:5"]).validate()).run("p2pft")
     assert lockstep.steps == [rounds] * 4 and lockstep.duration_steps == 5 * rounds
+
+
+@pytest.mark.timeout(300)
+def test_a_paced_slow_node_takes_a_fresh_gradient_every_round_on_a_batch_that_fits_the_round():
+    settings = SimulateSettings(epochs=2, sync="async", slow=["3:5"], batch_size=16).validate()
+    assert settings.pace_batch  # the default with --sync async
+    result = Simulation(settings).run("p2pft")
+    rounds = result.iterations
+    assert result.steps == [rounds] * 4 and result.duration_steps == rounds
+    draws = rounds + 1  # and tau^0 = g^0
+    assert result.samples[:3] == [16 * draws] * 3 and result.samples[3] == 3 * draws  # 16 // 5 samples a round
+    assert max(result.accuracy) - min(result.accuracy) <= 0.02
+
+
+def test_only_what_a_batch_of_one_cannot_absorb_is_left_to_late_gradients():
+    from p2pnode.node.pace import StaleGradients, paced_batch, slow_objective
+
+    assert [paced_batch(16, 16, f, 1.0) for f in (1.0, 2.0, 5.0, 10.0, 40.0)] == [16, 8, 3, 1, 1]
+    assert paced_batch(4, 16, 0.1, 1.0) == 16  # a node that got faster grows back, never past --batch-size
+    assert paced_batch(8, 16, 0.0, 1.0) == 8  # nothing measured yet: unchanged
+
+    class Objective:
+        batch_size = 16
+
+    paced = slow_objective(Objective(), 5.0, pace_batch=True)
+    assert not isinstance(paced, StaleGradients) and paced.batch_size == 3
+    late = slow_objective(Objective(), 40.0, pace_batch=True)  # one sample takes 40/16 rounds
+    assert isinstance(late, StaleGradients) and late.factor == 2.5 and late.batch_size == 1
+    unpaced = slow_objective(Objective(), 5.0, pace_batch=False)
+    assert isinstance(unpaced, StaleGradients) and unpaced.factor == 5.0 and unpaced.batch_size == 16
+
+
+def test_a_daemons_gradient_thread_shrinks_the_batch_only_when_it_is_slower_than_the_others():
+    from p2pnode.node.pace import BackgroundGradients
+
+    class Objective:
+        batch_size = 64
+
+    others = {"pace": None}
+    fast = BackgroundGradients(Objective(), lambda: False, lambda: others["pace"], slow_ratio=1.5)
+    fast._pace_batch(0.30)  # nobody else has said how long theirs take: nothing to pace against
+    assert fast.objective.batch_size == 64
+    others["pace"] = 0.25
+    fast._pace_batch(0.30)  # 1.2x the others': noise between machines, not a slow one
+    assert fast.objective.batch_size == 64
+    slow = BackgroundGradients(Objective(), lambda: False, lambda: 0.25, slow_ratio=1.5)
+    slow._pace_batch(1.0)  # 4x the others'
+    assert slow.objective.batch_size == 16
+    slow._pace_batch(0.2)  # then faster than them: grows back towards --batch-size
+    assert slow.objective.batch_size == 20
+    unpaced = BackgroundGradients(Objective(), lambda: False, None)
+    unpaced._pace_batch(1.0)
+    assert unpaced.objective.batch_size == 64
+    for g in (fast, slow, unpaced):
+        g.shutdown()
 
 
 @pytest.mark.timeout(400)
@@ -92,7 +147,7 @@ def test_a_slow_local_learner_steps_only_on_a_new_gradient():
 @pytest.mark.timeout(300)
 def test_asynchronous_dimat_with_a_slow_node_still_merges_every_epoch():
     common = dict(algorithm="dimat", nodes=3, split="iid", topology="ring", epochs=2, batch_size=64, lr=0.05)
-    sim = Simulation(SimulateSettings(sync="async", slow=["2:4"], **common).validate())
+    sim = Simulation(SimulateSettings(sync="async", slow=["2:4"], pace_batch=False, **common).validate())
     result = sim.run("dimat")
     assert [n.merges for n in sim.nodes] == [2, 2, 2]
     assert result.steps[2] < result.steps[0] / 3
