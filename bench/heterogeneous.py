@@ -1,14 +1,16 @@
 """One slow volunteer: `--sync wait` against `--sync async`, in the daemon testnet and the simulator.
 
     .venv/bin/python bench/heterogeneous.py [--factors 2,5,10] [--repeats 3] [--epochs 10] [--hosts loopback]
-        [--base-slowdown 1] [--sim-epochs 40] [--json PATH]
+        [--base-slowdown 1] [--sim-epochs 40] [--sim-seeds 0] [--syncs wait,async,async-paced] [--json PATH]
 
 Testnet (4 daemons, the paper's split, node 3 made FACTOR times slower with `--slow 3:FACTOR`: its
 gradients sleep FACTOR - 1 times their own duration): the fast nodes' seconds per round (median
 over nodes 0-2 and over repeats) against the run without a slow node, and every node's final
 accuracy (of the median repeat by time). Simulator (`simulate --sync async --slow 3:FACTOR`,
-deterministic, `--sim-epochs` passes): each node's accuracy, where the slow node gets one gradient
-per FACTOR rounds, each computed at the parameters of FACTOR rounds before. `--hosts netns` puts
+deterministic, `--sim-epochs` passes, mean over `--sim-seeds`): each node's accuracy. With `async`
+the slow node keeps its batch and gets one gradient per FACTOR rounds, each computed at the
+parameters of FACTOR rounds before; `async-paced` adds `--pace-batch` (its batch shrinks to fit a
+round: 16 // FACTOR samples in the simulator). `--hosts netns` puts
 every daemon on its own namespaced host (root). `--base-slowdown B` makes every node's gradient B
 times as long (node 3's B x FACTOR): a heavier model's step, where the default one is a few ms of a
 round that the exchange dominates.
@@ -29,12 +31,17 @@ from p2pnode.node.testnet import run_testnet
 SLOW = 3
 
 
+def pace(sync: str) -> dict:
+    """`async-paced` is `--sync async --pace-batch`."""
+    return {"sync": "async", "pace_batch": True} if sync == "async-paced" else {"sync": sync}
+
+
 def testnet_run(sync: str, factor: float | None, epochs: int, hosts: str, base: float, extra: dict) -> dict:
     with tempfile.TemporaryDirectory(prefix="p2pnode-hetero-") as workdir:
         slowdown = {i: base for i in range(4) if base > 1} | ({SLOW: base * factor} if factor else {})
         slow = [f"{i}:{f}" for i, f in sorted(slowdown.items())]
         settings = TestnetSettings(
-            workdir=workdir, run_id="hetero", epochs=epochs, sync=sync, slow=slow, hosts=hosts, timeout=900, **extra
+            workdir=workdir, run_id="hetero", epochs=epochs, slow=slow, hosts=hosts, timeout=900, **pace(sync), **extra
         ).validate()
         run_testnet(settings)
         nodes = [json.loads(p.read_text()) for p in sorted(Path(workdir).glob("node*/result.json"))]
@@ -54,9 +61,14 @@ def median_run(runs: list[dict]) -> dict:
     return chosen
 
 
-def simulated(sync: str, factor: float | None, epochs: int) -> list[float]:
+def simulated(sync: str, factor: float | None, epochs: int, seeds: list[int]) -> list[float]:
+    """Each node's accuracy, mean over `seeds`."""
     slow = [f"{SLOW}:{factor}"] if factor else []
-    return Simulation(SimulateSettings(epochs=epochs, sync=sync, slow=slow).validate()).run("p2pft").accuracy
+    runs = [
+        Simulation(SimulateSettings(epochs=epochs, slow=slow, seed=seed, **pace(sync)).validate()).run("p2pft")
+        for seed in seeds
+    ]
+    return [statistics.mean(r.accuracy[i] for r in runs) for i in range(len(runs[0].accuracy))]
 
 
 def main() -> None:
@@ -68,25 +80,29 @@ def main() -> None:
     parser.add_argument("--hosts", default="loopback")
     parser.add_argument("--rate", default=None, help="with --hosts netns: every host's upload rate")
     parser.add_argument("--base-slowdown", type=float, default=1.0)
+    parser.add_argument("--sim-seeds", default="0")
+    parser.add_argument("--syncs", default="wait,async,async-paced")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     extra = {"rate": args.rate} if args.rate else {}
     factors = [float(f) for f in args.factors.split(",")]
-    cases = [("wait", None)] + [(sync, f) for f in factors for sync in ("wait", "async")]
+    seeds = [int(x) for x in args.sim_seeds.split(",")]
+    cases = [("wait", None)] + [(sync, f) for f in factors for sync in args.syncs.split(",")]
     rows: list[dict] = []
     for sync, factor in cases:
         runs = [
             testnet_run(sync, factor, args.epochs, args.hosts, args.base_slowdown, extra) for _ in range(args.repeats)
         ]
         row = {"sync": sync, "factor": factor, **median_run(runs)}
-        if args.sim_epochs and (sync == "async" or not rows):
-            row["simulated_accuracy"] = simulated(sync, factor, args.sim_epochs)
+        if args.sim_epochs and (sync != "wait" or not rows):
+            row["simulated_accuracy"] = simulated(sync, factor, args.sim_epochs, seeds)
         elif args.sim_epochs:  # in lockstep a slow node changes the time, not the arithmetic
             row["simulated_accuracy"] = rows[0]["simulated_accuracy"]
         rows.append(row)
         print(json.dumps(row), flush=True)
     base = rows[0]["fast_seconds_per_round"]
-    print(f"\n{args.hosts}, {args.epochs} epochs, base slowdown {args.base_slowdown:g}, medians of {args.repeats}")
+    print(f"\n{args.hosts}, {args.epochs} epochs, base slowdown {args.base_slowdown:g}, medians of {args.repeats};")
+    print(f"simulator: {args.sim_epochs} epochs, mean over seeds {args.sim_seeds}")
     print("| slow node | sync | fast nodes' s/round | vs no slow node | testnet accuracy (nodes 0-3) | simulator |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -15,7 +15,7 @@ take local steps (D-SGD, SGP, DIMAT, Local-FT) whether the gradient they got is 
   1.5x the other members' or longer): then it goes on with the latest gradient while the
   computation carries on.
 
-Paced batches (`--pace-batch`, on by default with `--sync async`): a slow node first shrinks its
+Paced batches (`--pace-batch`, with `--sync async`; off by default): a slow node first shrinks its
 mini-batch until a gradient takes no longer than the other members' (`paced_batch`), and only what
 that cannot absorb (a batch of one is still too slow) is left to late gradients. A smaller batch is
 an unbiased estimate of the same local gradient, so the objective and the tracker's sum are
@@ -26,6 +26,8 @@ points below the clean run with late gradients and 1.0 below with a paced batch 
 
 from __future__ import annotations
 
+import logging
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -35,15 +37,29 @@ import torch
 
 from .algorithms.base import Objective
 
+logger = logging.getLogger(__name__)
+
 POLL_S = 0.002  # how often a round waiting for its gradient looks whether a neighbour got ahead
 
 
+PACE_BAND = (0.8, 1.2)  # a gradient within these multiples of the others' time keeps its batch
+WARMUP_GRADIENTS = 3  # a daemon's first gradients carry one-off costs: they never pace the batch
+PACE_WINDOW = 5  # gradients timed at one batch size before the next pacing decision (their median counts)
+
+
 def paced_batch(batch: int, full: int, seconds: float, target: float) -> int:
-    """The mini-batch whose gradient takes at most about `target` seconds, if `batch` samples took
-    `seconds` (time proportional to the batch): between 1 and `full`, the configured --batch-size."""
+    """The next mini-batch for a gradient of `batch` samples that took `seconds`, aiming at `target`
+    seconds: between 1 and `full` (--batch-size). Time is taken as proportional to the batch to
+    shrink; to grow, the batch also gains at least one sample, because a fixed overhead per gradient
+    makes the proportional estimate too timid (it would stay at one sample for good)."""
     if not (seconds > 0 and target > 0):
         return batch
-    return max(1, min(full, int(batch * target / seconds)))
+    ratio = target / seconds
+    if ratio < 1 / PACE_BAND[1]:
+        return max(1, min(batch - 1, int(batch * ratio)))
+    if ratio > 1 / PACE_BAND[0]:
+        return min(full, max(batch + 1, int(batch * ratio)))
+    return batch
 
 
 def slow_objective(objective: Objective, factor: float, pace_batch: bool) -> Objective:
@@ -125,6 +141,9 @@ class BackgroundGradients(_Wrapper):
         self.pace = pace
         self.slow_ratio = slow_ratio
         self.full_batch = unwrapped(objective).batch_size
+        self.timed = 0  # gradients computed so far
+        self.window: list[float] = []  # seconds of the gradients since the last pacing decision
+        self.gave_up = False  # one sample was still too slow: pacing is off for good
         self.lock = threading.Lock()  # the model is shared with evaluation and DIMAT's alignment
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="gradient")
         self.running: Future | None = None
@@ -141,10 +160,37 @@ class BackgroundGradients(_Wrapper):
             return result
 
     def _pace_batch(self, took: float) -> None:
+        """Every PACE_WINDOW gradients (past the first few, which carry warm-up costs), compare their
+        median time with the others': a machine `slow_ratio` times slower or more shrinks its batch,
+        and a paced one moves it towards their time. If one sample still takes that long (fixed costs
+        dominate), pacing cannot help: back to --batch-size for good, and the gradients come late."""
         target = self.pace() if self.pace is not None else None
         base = unwrapped(self.objective)
-        if target and (took >= self.slow_ratio * target or base.batch_size < self.full_batch):
-            base.batch_size = paced_batch(base.batch_size, self.full_batch, took, target)
+        self.timed += 1
+        if self.timed <= WARMUP_GRADIENTS or self.gave_up or not target:
+            return
+        self.window.append(took)
+        if len(self.window) < PACE_WINDOW:
+            return
+        typical = statistics.median(self.window)
+        self.window.clear()
+        slow = typical >= self.slow_ratio * target
+        if base.batch_size == self.full_batch and not slow:
+            return
+        if base.batch_size == 1 and slow:
+            self.gave_up, base.batch_size = True, self.full_batch
+            logger.warning(
+                "a gradient of one sample still takes %.3f s, the others' of a full batch %.3f s: pacing cannot "
+                "keep up; back to --batch-size %d, this node's gradients come late",
+                typical,
+                target,
+                self.full_batch,
+            )
+            return
+        batch = paced_batch(base.batch_size, self.full_batch, typical, target)
+        if batch != base.batch_size:
+            logger.info("gradients take %.3f s, the others' %.3f s: mini-batch %d", typical, target, batch)
+        base.batch_size = batch
 
     def gradient(self, params: torch.Tensor) -> tuple[torch.Tensor, float]:
         if self.running is None:

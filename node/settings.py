@@ -81,9 +81,9 @@ class RunSettings:
         50, "with --sync async: a neighbour's value over N rounds old is left out of the mix (its mass is kept)"
     )
     pace_batch: bool = opt(
-        True,
-        "with --sync async: a node whose gradients take longer than the others' shrinks its mini-batch (down to "
-        "1 sample) to keep their pace, so its gradients stay fresh; off: it keeps --batch-size and they come late",
+        False,
+        "with --sync async: a node whose gradients take 1.5x the others' or longer shrinks its mini-batch (down "
+        "to 1 sample) to keep their pace, so its gradients stay fresh; off: it keeps --batch-size and they come late",
     )
 
     def validate(self) -> RunSettings:
@@ -158,7 +158,8 @@ class RunSettings:
 
     def run_fields(self) -> dict:
         """The settings every member of a run must share (checked through the DHT)."""
-        shared = {f.name for f in fields(RunSettings)} - {"device", "data_root", "download", "checkpoint", "split"}
+        local = {"device", "data_root", "download", "checkpoint", "split", "pace_batch"}  # each node's own choice
+        shared = {f.name for f in fields(RunSettings)} - local
         return {k: v for k, v in asdict(self).items() if k in shared}
 
     def settings_hash(self) -> str:

@@ -41,7 +41,7 @@ def test_the_testnet_makes_only_the_named_node_slower(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_an_asynchronous_simulation_gives_the_slow_node_one_gradient_per_factor_rounds_and_keeps_consensus():
-    settings = SimulateSettings(epochs=2, sync="async", slow=["3:5"], pace_batch=False).validate()
+    settings = SimulateSettings(epochs=2, sync="async", slow=["3:5"]).validate()
     result = Simulation(settings).run("p2pft")
     rounds = result.iterations
     assert result.steps[:3] == [rounds] * 3
@@ -54,8 +54,7 @@ def test_an_asynchronous_simulation_gives_the_slow_node_one_gradient_per_factor_
 
 @pytest.mark.timeout(300)
 def test_a_paced_slow_node_takes_a_fresh_gradient_every_round_on_a_batch_that_fits_the_round():
-    settings = SimulateSettings(epochs=2, sync="async", slow=["3:5"], batch_size=16).validate()
-    assert settings.pace_batch  # the default with --sync async
+    settings = SimulateSettings(epochs=2, sync="async", slow=["3:5"], batch_size=16, pace_batch=True).validate()
     result = Simulation(settings).run("p2pft")
     rounds = result.iterations
     assert result.steps == [rounds] * 4 and result.duration_steps == rounds
@@ -69,6 +68,8 @@ def test_only_what_a_batch_of_one_cannot_absorb_is_left_to_late_gradients():
 
     assert [paced_batch(16, 16, f, 1.0) for f in (1.0, 2.0, 5.0, 10.0, 40.0)] == [16, 8, 3, 1, 1]
     assert paced_batch(4, 16, 0.1, 1.0) == 16  # a node that got faster grows back, never past --batch-size
+    assert paced_batch(8, 16, 1.1, 1.0) == 8  # close enough to the others: no jitter
+    assert paced_batch(1, 16, 0.7, 1.0) == 2  # fixed overheads: it still grows when under the others' time
     assert paced_batch(8, 16, 0.0, 1.0) == 8  # nothing measured yet: unchanged
 
     class Objective:
@@ -83,27 +84,45 @@ def test_only_what_a_batch_of_one_cannot_absorb_is_left_to_late_gradients():
 
 
 def test_a_daemons_gradient_thread_shrinks_the_batch_only_when_it_is_slower_than_the_others():
-    from p2pnode.node.pace import BackgroundGradients
+    from p2pnode.node.pace import PACE_WINDOW, WARMUP_GRADIENTS, BackgroundGradients
 
     class Objective:
         batch_size = 64
 
-    others = {"pace": None}
-    fast = BackgroundGradients(Objective(), lambda: False, lambda: others["pace"], slow_ratio=1.5)
-    fast._pace_batch(0.30)  # nobody else has said how long theirs take: nothing to pace against
-    assert fast.objective.batch_size == 64
-    others["pace"] = 0.25
-    fast._pace_batch(0.30)  # 1.2x the others': noise between machines, not a slow one
-    assert fast.objective.batch_size == 64
-    slow = BackgroundGradients(Objective(), lambda: False, lambda: 0.25, slow_ratio=1.5)
-    slow._pace_batch(1.0)  # 4x the others'
-    assert slow.objective.batch_size == 16
-    slow._pace_batch(0.2)  # then faster than them: grows back towards --batch-size
-    assert slow.objective.batch_size == 20
+    def timed(gradients, *took: float) -> int:
+        """The batch after gradients that took `took` seconds (a window of them each)."""
+        for t in took:
+            for _ in range(PACE_WINDOW):
+                gradients._pace_batch(t)
+        return gradients.objective.batch_size
+
+    def warmed_up() -> BackgroundGradients:
+        gradients = BackgroundGradients(Objective(), lambda: False, lambda: 0.25, slow_ratio=1.5)
+        for _ in range(WARMUP_GRADIENTS):
+            gradients._pace_batch(9.0)  # warm-up costs never count
+        assert gradients.objective.batch_size == 64
+        return gradients
+
+    slow = warmed_up()
+    assert timed(slow, 1.0) == 16  # 4x the others'
+    assert timed(slow, 0.27) == 16  # close to their time: kept
+    assert timed(slow, 0.15) == 26  # then faster than them: grows back towards --batch-size
+    for _ in range(PACE_WINDOW - 1):
+        slow._pace_batch(0.25)
+    slow._pace_batch(50.0)  # one pause in a window does not move it
+    assert slow.objective.batch_size == 26
+
+    fast = warmed_up()
+    assert timed(fast, 0.25, 0.30, 0.36) == 64  # up to 1.44x the others': noise between machines
+
+    stuck = warmed_up()
+    assert timed(stuck, 10.0) == 1 and not stuck.gave_up  # 40x slower: one sample
+    assert timed(stuck, 1.0) == 64 and stuck.gave_up  # one sample still 4x the others': fixed costs dominate
+    assert timed(stuck, 1.0) == 64  # and it stays so
+
     unpaced = BackgroundGradients(Objective(), lambda: False, None)
-    unpaced._pace_batch(1.0)
-    assert unpaced.objective.batch_size == 64
-    for g in (fast, slow, unpaced):
+    assert timed(unpaced, 1.0, 1.0) == 64
+    for g in (fast, slow, stuck, unpaced):
         g.shutdown()
 
 
@@ -147,7 +166,7 @@ def test_a_slow_local_learner_steps_only_on_a_new_gradient():
 @pytest.mark.timeout(300)
 def test_asynchronous_dimat_with_a_slow_node_still_merges_every_epoch():
     common = dict(algorithm="dimat", nodes=3, split="iid", topology="ring", epochs=2, batch_size=64, lr=0.05)
-    sim = Simulation(SimulateSettings(sync="async", slow=["2:4"], pace_batch=False, **common).validate())
+    sim = Simulation(SimulateSettings(sync="async", slow=["2:4"], **common).validate())
     result = sim.run("dimat")
     assert [n.merges for n in sim.nodes] == [2, 2, 2]
     assert result.steps[2] < result.steps[0] / 3
