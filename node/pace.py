@@ -144,6 +144,7 @@ class BackgroundGradients(_Wrapper):
         self.timed = 0  # gradients computed so far
         self.window: list[float] = []  # seconds of the gradients since the last pacing decision
         self.gave_up = False  # one sample was still too slow: pacing is off for good
+        self.last: tuple[int, float] | None = None  # (batch, median seconds) of the previous window
         self.lock = threading.Lock()  # the model is shared with evaluation and DIMAT's alignment
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="gradient")
         self.running: Future | None = None
@@ -162,8 +163,9 @@ class BackgroundGradients(_Wrapper):
     def _pace_batch(self, took: float) -> None:
         """Every PACE_WINDOW gradients (past the first few, which carry warm-up costs), compare their
         median time with the others': a machine `slow_ratio` times slower or more shrinks its batch,
-        and a paced one moves it towards their time. If one sample still takes that long (fixed costs
-        dominate), pacing cannot help: back to --batch-size for good, and the gradients come late."""
+        and a paced one moves it towards their time. If one sample still takes that long, or a batch
+        a quarter smaller took as long (fixed costs dominate), pacing cannot help: back to
+        --batch-size for good, and the gradients come late."""
         target = self.pace() if self.pace is not None else None
         base = unwrapped(self.objective)
         self.timed += 1
@@ -177,11 +179,14 @@ class BackgroundGradients(_Wrapper):
         slow = typical >= self.slow_ratio * target
         if base.batch_size == self.full_batch and not slow:
             return
-        if base.batch_size == 1 and slow:
+        last, self.last = self.last, (base.batch_size, typical)
+        shrunk_in_vain = last is not None and base.batch_size <= 0.75 * last[0] and typical >= 0.9 * last[1]
+        if slow and (base.batch_size == 1 or shrunk_in_vain):
             self.gave_up, base.batch_size = True, self.full_batch
             logger.warning(
-                "a gradient of one sample still takes %.3f s, the others' of a full batch %.3f s: pacing cannot "
-                "keep up; back to --batch-size %d, this node's gradients come late",
+                "gradients of %d sample(s) still take %.3f s (the others' %.3f s): fixed costs, not samples, make "
+                "this machine slow, so pacing cannot keep up; back to --batch-size %d, its gradients come late",
+                base.batch_size,
                 typical,
                 target,
                 self.full_batch,

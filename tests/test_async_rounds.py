@@ -119,6 +119,9 @@ def test_a_daemons_gradient_thread_shrinks_the_batch_only_when_it_is_slower_than
     assert timed(stuck, 10.0) == 1 and not stuck.gave_up  # 40x slower: one sample
     assert timed(stuck, 1.0) == 64 and stuck.gave_up  # one sample still 4x the others': fixed costs dominate
     assert timed(stuck, 1.0) == 64  # and it stays so
+    in_vain = warmed_up()
+    assert timed(in_vain, 1.0) == 16  # 4x the others': a quarter of the batch
+    assert timed(in_vain, 0.95) == 64 and in_vain.gave_up  # a quarter of the batch took as long: not samples
 
     unpaced = BackgroundGradients(Objective(), lambda: False, None)
     assert timed(unpaced, 1.0, 1.0) == 64
