@@ -35,7 +35,7 @@ from .algorithms import ALGORITHMS, Algorithm, StepRule
 from .contributions import Contributions
 from .data import parse_class_set, parse_split, partition
 from .dht_process import start_dht, stop_dht
-from .driver import SLOW_RATIO, RoundDriver
+from .driver import RoundDriver
 from .errors import BadInput
 from .membership import MembershipAgent
 from .metrics import NodeMetrics
@@ -345,7 +345,7 @@ class Node:
             objective = SlowedGradients(objective, s.slowdown)
         if s.sync == "async":  # rounds go on at the run's pace; the gradient comes when it is ready
             pace = self.driver.pace if s.pace_batch else None
-            objective = BackgroundGradients(objective, self.driver.behind, pace, SLOW_RATIO)
+            objective = BackgroundGradients(objective, self.driver.behind, pace)
         codec = None if s.codec == "none" else get_codec(s.codec)
         step = StepRule(step_schedule(s, self.rounds), s.momentum, s.optimizer)
 

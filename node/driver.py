@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from ..protocol.membership import EpochRecord
 from . import epochs
 from .algorithms.base import on_device
+from .pace import SLOW_RATIO
 from .topology import make_topology
 
 if TYPE_CHECKING:
@@ -26,10 +27,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # --sync async: a round waits for its in-neighbours' first-phase messages of rounds k - MAX_LAG or later; a
-# node whose gradients take SLOW_RATIO times as long as the other members' (the median) goes on without
-# waiting for them once an in-neighbour is ahead, so the others wait for its messages, never its gradients
+# node whose gradients take SLOW_RATIO (node/pace.py) times as long as the other members' (the median) goes on
+# without waiting for them once an in-neighbour is ahead, so the others wait for its messages, never its gradients
 MAX_LAG = 0
-SLOW_RATIO = 1.5
 
 
 class RoundDriver:
