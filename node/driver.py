@@ -231,9 +231,10 @@ class RoundDriver:
                     wait,
                 )
             node.wait_seconds += time.perf_counter() - waiting_since
-            silent = node.inbox.silent()
-            for j in silent:
+            for j in node.inbox.silent():
                 node.agent.report_silent(node.record.members[j])
-            node.transport.reach(silent)
+            # open a connection to every in-neighbour that missed a deadline, long before it counts as
+            # silent: it can then send over it even if its own dials fail (lossy link, NAT, dial backoff)
+            node.transport.reach(node.inbox.late())
             arrived = on_device(arrived, algo.params.device)
             await loop.run_in_executor(node.compute, algo.receive, phase, k, arrived)

@@ -89,6 +89,10 @@ class Inbox:
         self.held = keep
         return taken
 
+    def late(self) -> set[int]:
+        """In-neighbours that missed the last deadline."""
+        return {j for j, n in self.misses.items() if n > 0}
+
     def silent(self) -> set[int]:
         """In-neighbours that missed SILENT_ROUNDS deadlines in a row and sent nothing for silent_seconds
         (counted from this node's entry into the epoch at the earliest)."""

@@ -36,7 +36,11 @@ from .rounds import Inbox
 logger = logging.getLogger(__name__)
 
 INLINE_BYTES = 1 << 20  # messages below this are encoded and decoded on the event loop
-RETRY_UNREACHABLE_S = 10.0  # after a failed send, skip that peer this long (then try again)
+# After a failed send a peer is skipped for RETRY_FIRST_S, doubling with each failure in a row up to
+# RETRY_MAX_S. The first retry must come well before the receiver reports this node silent (its
+# SILENT_SECONDS, 10 s): one dial lost to a lossy link must not cost a member its place in the run.
+RETRY_FIRST_S = 1.0
+RETRY_MAX_S = 8.0
 # A frame of this node's epoch for a round further ahead than this is refused: each accepted one waits in the
 # inbox until its round, so this bounds a sender's share of it to about phases x AHEAD_ROUNDS frames. Honest
 # senders do run ahead: in a directed ring a node does not wait for its out-neighbours, and on a busy 2-core
@@ -120,7 +124,7 @@ class Transport:
         self.index_of: dict[str, int] = {}
         self.peer_of: dict[int, PeerID] = {}
         self.pending: dict[asyncio.Task, PeerID] = {}  # background sends and their destination
-        self.unreachable: dict[int, float] = {}
+        self.unreachable: dict[int, tuple[float, int]] = {}  # out-neighbour -> (skipped until, failures in a row)
         self.reaching: set[PeerID] = set()  # in-neighbours being reached now (`reach`)
         self.seen = SeenRounds()
         self._decode = ThreadPoolExecutor(2, thread_name_prefix="p2pnode-decode")
@@ -228,13 +232,16 @@ class Transport:
 
     async def _send_one(self, dst: int, peer: PeerID, frame: bytes) -> None:
         loop = asyncio.get_running_loop()
-        if loop.time() < self.unreachable.get(dst, 0.0):
+        if loop.time() < self.unreachable.get(dst, (0.0, 0))[0]:
             self.algorithm.request_keyframe(dst)
             return
         if await self.links.send(peer, frame):
             self.unreachable.pop(dst, None)
         elif self.peer_of.get(dst) == peer:  # still the same link (no epoch change since)
-            self.unreachable[dst] = loop.time() + RETRY_UNREACHABLE_S
+            until, failures = self.unreachable.get(dst, (0.0, 0))
+            if loop.time() >= until:  # sends queued behind this one that fail with it are one failure, not several
+                skip = min(RETRY_MAX_S, RETRY_FIRST_S * 2**failures)
+                self.unreachable[dst] = (loop.time() + skip, failures + 1)
             self.algorithm.request_keyframe(dst)
 
     def reach(self, in_neighbours: Iterable[int]) -> None:

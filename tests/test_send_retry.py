@@ -1,0 +1,114 @@
+"""A send that fails (a dial lost to a lossy link, libp2p's dial backoff) must not cost a member its
+place: the sender tries that peer again long before the receiver would report it silent, and the
+receiver opens a connection to an in-neighbour as soon as it misses a deadline, so the sender can
+reach it over that connection even while its own dials fail."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+from p2pnode.node.rounds import SILENT_SECONDS, Inbox
+from p2pnode.node.transport import RETRY_FIRST_S, RETRY_MAX_S, Transport
+from p2pnode.protocol.message import Message
+
+
+class ScriptedLinks:
+    """Links whose sends succeed or fail as scripted; counts the sends that were tried."""
+
+    def __init__(self, outcomes: list[bool]) -> None:
+        self.outcomes = outcomes
+        self.tried = 0
+
+    async def send(self, peer, data: bytes) -> bool:
+        self.tried += 1
+        await asyncio.sleep(0.01)  # a dial takes a while: sends to the same peer queue up meanwhile
+        return self.outcomes.pop(0)
+
+
+def make_transport(links: ScriptedLinks, keyframes: list[int]) -> Transport:
+    transport = Transport(
+        "run",
+        "me",
+        Inbox(),
+        known_peers=lambda: None,
+        on_refused=lambda sender, reason: None,
+        on_heard=lambda *heard: None,
+        on_newer_epoch=lambda epoch: None,
+    )
+    transport.links = links
+    transport.peer_of = {1: "out-neighbour"}
+    transport.algorithm = SimpleNamespace(request_keyframe=keyframes.append)
+    return transport
+
+
+def test_a_peer_whose_send_failed_is_tried_again_well_before_the_receiver_would_report_it_silent():
+    async def scenario():
+        links, keyframes = ScriptedLinks([False, False, False, False, False, True]), []
+        transport = make_transport(links, keyframes)
+        loop = asyncio.get_running_loop()
+        skips = []
+        for _ in range(5):
+            transport.unreachable[1] = (0.0, transport.unreachable.get(1, (0.0, 0))[1])  # the skip has run out
+            await transport._send_one(1, "out-neighbour", b"frame")
+            until, _ = transport.unreachable[1]
+            skips.append(round(until - loop.time(), 1))
+        tried = links.tried
+        await transport._send_one(1, "out-neighbour", b"frame")  # still within the last skip: not tried
+        skipped_without_trying = links.tried == tried
+        transport.unreachable[1] = (0.0, transport.unreachable[1][1])
+        await transport._send_one(1, "out-neighbour", b"frame")  # succeeds: the peer is reachable again
+        transport.shutdown()
+        return skips, skipped_without_trying, transport.unreachable, keyframes
+
+    skips, skipped_without_trying, unreachable, keyframes = asyncio.run(scenario())
+    assert skips == [1.0, 2.0, 4.0, 8.0, 8.0]
+    assert RETRY_FIRST_S <= SILENT_SECONDS / 4 and RETRY_MAX_S < SILENT_SECONDS
+    assert skipped_without_trying
+    assert unreachable == {}
+    assert keyframes == [1] * 6, "every failed or skipped send must make the next one carry full state"
+
+
+def test_sends_queued_behind_a_failed_one_that_fail_with_it_count_as_one_failure():
+    async def scenario():
+        links = ScriptedLinks([False, False, False])
+        transport = make_transport(links, [])
+        await asyncio.gather(*(transport._send_one(1, "out-neighbour", b"frame") for _ in range(3)))
+        until, failures = transport.unreachable[1]
+        skip = until - asyncio.get_running_loop().time()
+        transport.shutdown()
+        return links.tried, failures, skip
+
+    tried, failures, skip = asyncio.run(scenario())
+    assert tried == 3 and failures == 1 and 0.9 < skip <= RETRY_FIRST_S
+
+
+def test_a_send_that_fails_after_an_epoch_change_does_not_mark_the_new_peer_unreachable():
+    async def scenario():
+        links = ScriptedLinks([False])
+        transport = make_transport(links, [])
+        send = asyncio.create_task(transport._send_one(1, "old peer", b"frame"))
+        await send
+        transport.shutdown()
+        return transport.unreachable
+
+    assert asyncio.run(scenario()) == {}
+
+
+def message(src: int, k: int) -> Message:
+    return Message(src=src, dst=0, round=k, phase="mix", kind="values", tensors={})
+
+
+def test_an_in_neighbour_is_late_from_its_first_missed_deadline_until_it_is_heard_again():
+    async def scenario():
+        inbox = Inbox()
+        inbox.put(message(1, 0))
+        await inbox.collect("mix", 0, (1, 2), 0.05, lambda: False, set)
+        after_first_miss = inbox.late(), inbox.silent()
+        inbox.put(message(2, 1))
+        await inbox.collect("mix", 1, (1, 2), 0.05, lambda: False, set)
+        return after_first_miss, inbox.late()
+
+    (late, silent), late_after = asyncio.run(scenario())
+    assert late == {2} and silent == set(), "one missed deadline makes a neighbour late, not silent"
+    assert late_after == {1}
