@@ -42,7 +42,7 @@ from .metrics import NodeMetrics
 from .pace import BackgroundGradients, SlowedGradients
 from .rounds import Inbox
 from .settings import NodeSettings
-from .simulator import iterations_per_epoch, objective_seed, step_schedule
+from .simulator import iterations_per_epoch, local_steps, objective_seed, step_schedule
 from .state_store import StateStore
 from .topology import make_topology
 from .training import FeatureBank, VisionObjective, accuracy, prepare_model_and_data
@@ -281,7 +281,8 @@ class Node:
     def _schedule(self, members: list[MemberInfo]) -> tuple[int, int]:
         """The run's length, fixed at epoch 0 from the first members' data (shared by all nodes)."""
         s = self.settings
-        per_epoch = iterations_per_epoch(sum(m.samples for m in members), len(members), s.batch_size)
+        samples = sum(m.samples for m in members)
+        per_epoch = iterations_per_epoch(samples, len(members), s.batch_size, local_steps(s, s.algorithm))
         return per_epoch * s.epochs, per_epoch
 
     async def _wait_for_epoch(self, after: EpochRecord | None = None) -> EpochRecord | None:

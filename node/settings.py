@@ -65,6 +65,11 @@ class RunSettings:
     schedule: str = opt("cosine", "cosine or constant step size")
     momentum: float = opt(0.9, "heavy-ball momentum, 0 for plain SGD")
     optimizer: str = opt("sgd", "local optimizer: sgd (with --momentum) or adam")
+    local_steps: int = opt(
+        1,
+        "p2pft: gradient steps per exchange, each corrected by the tracker (K-GT); a pass over the data then "
+        "takes K times fewer rounds and bytes (1: one step per exchange)",
+    )
     merge_every: int = opt(1, "dimat, wa, wm: merge with neighbours every N epochs")
     warmup_epochs: int = opt(0, "dimat, wa, wm: local training epochs before the first merge")
     weight_decay: float = opt(0.0, "L2 penalty on the trainable parameters")
@@ -108,6 +113,12 @@ class RunSettings:
             raise BadInput(f"--gamma must be in (0, 1] (got {self.gamma})")
         if self.optimizer not in ("sgd", "adam"):
             raise BadInput(f"unknown --optimizer {self.optimizer!r}: use sgd or adam")
+        if self.local_steps < 1:
+            raise BadInput(f"--local-steps must be at least 1 (got {self.local_steps})")
+        if self.local_steps > 1 and not getattr(ALGORITHMS.get(self.algorithm), "local_steps_supported", False):
+            raise BadInput(f"--local-steps is for p2pft (got --algorithm {self.algorithm}); use --local-steps 1")
+        if self.local_steps > 1 and self.sync != "wait":
+            raise BadInput("--local-steps needs --sync wait (an asynchronous node's gradients come late)")
         if self.merge_every < 1:
             raise BadInput(f"--merge-every must be at least 1 epoch (got {self.merge_every})")
         if self.warmup_epochs < 0:

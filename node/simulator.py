@@ -106,9 +106,15 @@ def objective_seed(settings: RunSettings, node: int) -> int:
     return settings.seed * 1000 + node
 
 
-def iterations_per_epoch(total_samples: int, nodes: int, batch_size: int) -> int:
-    """One epoch = one pass over all training data, summed over the nodes that train."""
-    return max(1, math.ceil(total_samples / (nodes * batch_size)))
+def iterations_per_epoch(total_samples: int, nodes: int, batch_size: int, local_steps: int = 1) -> int:
+    """One epoch = one pass over all training data, summed over the nodes that train (each round takes
+    `local_steps` mini-batches per node)."""
+    return max(1, math.ceil(total_samples / (nodes * batch_size * local_steps)))
+
+
+def local_steps(settings: RunSettings, algorithm: str) -> int:
+    """Gradient steps per round of `algorithm` in this run: --local-steps for an algorithm that takes them."""
+    return settings.local_steps if ALGORITHMS[algorithm].local_steps_supported else 1
 
 
 def _clone_state(state: dict) -> dict:
@@ -250,7 +256,8 @@ class Simulation:
         self.parts = partition(
             self.data.train_labels, parse_split(s.split), s.nodes, s.seed, self.data.num_classes, self.data.name
         )
-        rounds = iterations_per_epoch(sum(len(p) for p in self.parts), s.nodes, s.batch_size) * s.epochs
+        samples = sum(len(p) for p in self.parts)
+        rounds = iterations_per_epoch(samples, s.nodes, s.batch_size, local_steps(s, s.algorithm)) * s.epochs
         check_churn(self.churn, s, rounds)
         self.topology: Topology = make_topology(s.topology, s.nodes, s.seed)
         self.train_bank = FeatureBank(
@@ -276,7 +283,7 @@ class Simulation:
         else:
             topo, shards, churn, attacks = self.topology, self.parts, self.churn, self.attacks
             slow = parse_slow(getattr(s, "slow", []), s.nodes)
-        per_epoch = iterations_per_epoch(sum(len(p) for p in shards), len(shards), s.batch_size)
+        per_epoch = iterations_per_epoch(sum(len(p) for p in shards), len(shards), s.batch_size, local_steps(s, name))
         total = per_epoch * s.epochs
         lr = step_schedule(s, total)
 

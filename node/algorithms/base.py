@@ -111,6 +111,7 @@ class Algorithm(ABC):
     phases: ClassVar[tuple[str, ...]]
     communicates: ClassVar[bool] = True
     needs_undirected: ClassVar[bool] = False
+    local_steps_supported: ClassVar[bool] = False  # takes --local-steps gradient steps per round
 
     def __init__(
         self,
