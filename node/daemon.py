@@ -41,6 +41,7 @@ from .membership import MembershipAgent
 from .metrics import NodeMetrics
 from .pace import BackgroundGradients, SlowedGradients
 from .rounds import Inbox
+from .run_log import RunLog
 from .settings import NodeSettings
 from .simulator import iterations_per_epoch, local_steps, objective_seed, step_schedule
 from .state_store import StateStore
@@ -65,6 +66,7 @@ class Node:
         self.transport: Transport | None = None
         self.agent: MembershipAgent | None = None
         self.store: StateStore | None = None
+        self.log: RunLog | None = None  # evaluations, epochs entered, round times, result.json
         self.metrics: NodeMetrics | None = None
         self.algorithm: Algorithm | None = None
         self.record: EpochRecord | None = None  # the epoch this node runs in
@@ -72,11 +74,6 @@ class Node:
         self.round = 0
         self.rounds = 0
         self.per_epoch = 1
-        self._started = time.perf_counter()
-        self.history: dict[str, list] = {"epoch": [], "accuracy": [], "loss": []}
-        self.epoch_log: list[dict] = []  # every epoch change this node saw
-        self.round_seconds = 0.0  # wall time in rounds, and the part of it spent waiting for in-neighbours
-        self.wait_seconds = 0.0
         self.inbox = Inbox(silent_seconds=max(10.0, 2 * settings.heartbeat))
         self.driver = RoundDriver(self)
         self.stop_requested = asyncio.Event()
@@ -159,6 +156,7 @@ class Node:
                 "settings_hash": s.settings_hash(),
             },
         )
+        self.log = RunLog(self.store)
         logger.info(
             "model %s (trunk %s, %d trainable), %d local samples of %s",
             s.model,
@@ -310,9 +308,8 @@ class Node:
                 checkpoint.state["params"],
                 f"its checkpoint of round {checkpoint.round}",
             )
-            self.history = checkpoint.meta.get("history", self.history)
+            self.log.restore(checkpoint.meta)
             self.round = self.info.round = checkpoint.round
-            self.epoch_log = checkpoint.meta.get("epochs", [])
         elif record.start_round > 0 or record.donors:
             donors = [p for p in record.donors if p != self.peer_id]
             try:
@@ -414,8 +411,6 @@ class Node:
         if self.agent is not None and (self.agent.record is None or self.agent.record.number < epoch):
             self.agent.wake()  # a newer epoch exists that this node has not read yet: read now
 
-    # --- epochs ----------------------------------------------------------------------------------
-
     # --- the run ---------------------------------------------------------------------------------
 
     async def run(self) -> dict | None:
@@ -424,7 +419,7 @@ class Node:
         if record is None:
             return None
         await self._start_training(record)
-        self._started = time.perf_counter()
+        self.log.started = time.perf_counter()
         while True:
             outcome = await self.driver.train(record)
             if outcome != "left out":
@@ -483,9 +478,6 @@ class Node:
         self.info.bytes_sent = self.links.bytes_sent
         # no training step since the node (re)started (it jumped to an epoch's start round): no loss to report
         loss = self.info.loss if math.isfinite(self.info.loss) else None
-        self.history["epoch"].append(epoch)
-        self.history["accuracy"].append(acc)
-        self.history["loss"].append(loss)
         logger.info(
             "round %d/%d epoch %s: loss %.4f, test accuracy %.1f%%, sent %.1f MB",
             round_,
@@ -504,8 +496,7 @@ class Node:
             "loss": loss,
             "bytes_sent": self.links.bytes_sent,
         }
-        self.store.write_json("progress.json", progress)
-        self.store.events.write("eval", **progress)
+        self.log.evaluation(progress)
         if self.metrics is not None:
             self.metrics.observe_eval(self.info.loss, acc)
         await self.agent.announce()
@@ -529,8 +520,7 @@ class Node:
 
     def _write_result(self) -> dict:
         s = self.settings
-        result = {
-            "accuracy": self.history["accuracy"][-1] if self.history["accuracy"] else None,
+        summary = {
             "rounds": self.round,
             "bytes_sent": self.links.bytes_sent,
             "messages_sent": self.links.frames_sent,
@@ -541,18 +531,12 @@ class Node:
             "contributions": self.contributions.summary(),
             "refused_by_link_limits": dict(self.links.refused),
             "banned": {str(p): reason for p, reason in self.links.banned.items()},
-            "seconds": time.perf_counter() - self._started,
-            "round_seconds": self.round_seconds,
-            "wait_seconds": self.wait_seconds,  # of round_seconds: waiting for in-neighbours' messages
             "index": self.index,
             "peer_id": self.peer_id,
             "fingerprint": self.model.fingerprint,
             "settings": s.to_dict(),
-            "history": self.history,
-            "epochs": self.epoch_log,
         }
-        self.store.write_json("result.json", result)
-        return result
+        return self.log.write_result(summary)
 
     def checkpoint(self) -> None:
         if self.algorithm is None:
@@ -565,8 +549,7 @@ class Node:
             "index": self.index,
             "epoch": self.record.number if self.record is not None else -1,
             "members": list(self.record.members) if self.record is not None else [],
-            "history": self.history,
-            "epochs": self.epoch_log,
+            **self.log.meta(),
         }
         self.store.save(self.algorithm, meta)
 

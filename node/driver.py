@@ -59,7 +59,7 @@ class RoundDriver:
             "joined": [p for p, i in sorted(after - before)] if previous else [],
             "left": [p for p, i in sorted(before - after)],
         }
-        node.epoch_log.append(change)
+        node.log.epochs.append(change)
         node.store.events.write(
             "epoch_change",
             start_round=k,
@@ -184,7 +184,7 @@ class RoundDriver:
             k += 1
             node.round = node.info.round = k
             seconds = time.perf_counter() - started
-            node.round_seconds += seconds
+            node.log.round_seconds += seconds
             node.agent.round_times.append(seconds)
             if node.metrics is not None:
                 node.metrics.observe_round(k, seconds)
@@ -230,7 +230,7 @@ class RoundDriver:
                     self.excluded,
                     wait,
                 )
-            node.wait_seconds += time.perf_counter() - waiting_since
+            node.log.wait_seconds += time.perf_counter() - waiting_since
             for j in node.inbox.silent():
                 node.agent.report_silent(node.record.members[j])
             # open a connection to every in-neighbour that missed a deadline, long before it counts as
