@@ -41,7 +41,13 @@ def attention(
     from p2pnode.node.attention import LABELS, attention_report
 
     report = attention_report(directory, out, json_path, images=images, classes=classes, node=node)
-    console.print(f"wrote {out} ({len(report['images'])} images, {report['grid'][0]}x{report['grid'][1]} maps)")
+    rows, cols = report["grid"]
+    console.print(f"wrote {out} ({len(report['images'])} images, {rows}x{cols} maps)")
+    if rows * cols < 16:
+        console.print(
+            f"note: {rows}x{cols} maps have too few patches to show much; a model with smaller patches gives finer "
+            "ones (digits: train with --model vit_digits_p2 --optimizer adam --lr 0.001, README 'Attention maps')"
+        )
     similarity = report["similarity_to_central"]
     if similarity:
         shown = ", ".join(f"{LABELS.get(a, a)} {v:.4f}" for a, v in similarity.items() if a != "central")

@@ -290,6 +290,7 @@ def test_attention_command_writes_the_png(saved_dir, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert out.is_file() and json.loads((tmp_path / "j.json").read_text())["columns"][0] == "original"
+    assert "2x2 maps" in result.output and "--model vit_digits_p2" in result.output  # the default model: a hint
 
 
 def test_state_dirs_and_save_folders_mix_in_one_report(saved_dir, tmp_path, digits_model):
@@ -313,3 +314,20 @@ def test_vit_digits_p2_gives_a_4x4_map_with_a_fixed_sincos_position_embedding():
     again = build_model("vit_digits_p2", num_classes=10, seed=1)  # another seed, the same position embedding
     assert torch.equal(model.model.pos_embed, again.model.pos_embed)
     assert not torch.equal(model.model.blocks[0].attn.qkv.weight, again.model.blocks[0].attn.qkv.weight)
+
+
+def test_the_attention_command_suggests_finer_maps_only_where_the_grid_is_coarse(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from p2pnode.cli.attention_command import attention
+
+    model = build_model("vit_digits_p2", num_classes=10)
+    settings = SimulateSettings(model="vit_digits_p2")
+    save_models(tmp_path / "p2", "p2pft", perturbed(model, 4, 0.05, 2), model, settings, SPLIT)
+    save_models(tmp_path / "p2", "central", perturbed(model, 1, 0.05, 3), model, settings, [list(range(10))])
+    app = typer.Typer()
+    app.command()(attention)
+    result = CliRunner().invoke(app, [str(tmp_path / "p2"), "--out", str(tmp_path / "p2.png"), "--images", "2"])
+    assert result.exit_code == 0, result.output
+    assert "4x4 maps" in result.output and "note:" not in result.output
