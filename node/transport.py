@@ -41,6 +41,7 @@ INLINE_BYTES = 1 << 20  # messages below this are encoded and decoded on the eve
 # SILENT_SECONDS, 10 s): one dial lost to a lossy link must not cost a member its place in the run.
 RETRY_FIRST_S = 1.0
 RETRY_MAX_S = 8.0
+
 # A frame of this node's epoch for a round further ahead than this is refused: each accepted one waits in the
 # inbox until its round, so this bounds a sender's share of it to about phases x AHEAD_ROUNDS frames. Honest
 # senders do run ahead: in a directed ring a node does not wait for its out-neighbours, and on a busy 2-core
@@ -50,6 +51,11 @@ BEHIND_ROUNDS = 256  # frames further behind are refused: no memory is kept of w
 SEEN_PER_SENDER = 2048  # (epoch, phase, round) keys remembered per sender, oldest forgotten first
 
 Key = tuple[int, str, int]  # (epoch, phase, round)
+
+
+def retry_after(failures: int) -> float:
+    """Seconds before trying a peer again after `failures` earlier failures in a row."""
+    return min(RETRY_MAX_S, RETRY_FIRST_S * 2**failures)
 
 
 class SeenRounds:
@@ -126,6 +132,7 @@ class Transport:
         self.pending: dict[asyncio.Task, PeerID] = {}  # background sends and their destination
         self.unreachable: dict[int, tuple[float, int]] = {}  # out-neighbour -> (skipped until, failures in a row)
         self.reaching: set[PeerID] = set()  # in-neighbours being reached now (`reach`)
+        self.unreached: dict[PeerID, tuple[float, int]] = {}  # in-neighbour -> (not tried again until, failures)
         self.seen = SeenRounds()
         self._decode = ThreadPoolExecutor(2, thread_name_prefix="p2pnode-decode")
 
@@ -240,19 +247,29 @@ class Transport:
         elif self.peer_of.get(dst) == peer:  # still the same link (no epoch change since)
             until, failures = self.unreachable.get(dst, (0.0, 0))
             if loop.time() >= until:  # sends queued behind this one that fail with it are one failure, not several
-                skip = min(RETRY_MAX_S, RETRY_FIRST_S * 2**failures)
-                self.unreachable[dst] = (loop.time() + skip, failures + 1)
+                self.unreachable[dst] = (loop.time() + retry_after(failures), failures + 1)
             self.algorithm.request_keyframe(dst)
 
     def reach(self, in_neighbours: Iterable[int]) -> None:
         """Open a connection to each in-neighbour that has no link open to this node (`Links.reach`), in
-        the background, so it can send here even if nobody can dial this node (behind a NAT)."""
+        the background, so it can send here even if nobody can dial this node (behind a NAT). One that
+        could not be reached is tried again on the schedule of a failed send (1, 2, 4, then every 8 s),
+        not every round: while libp2p's dial backoff refuses it, each try fails at once."""
+        now = asyncio.get_running_loop().time()
         for j in in_neighbours:
             peer = self.peer_of.get(j)
-            if peer is not None and peer not in self.reaching:
-                self.reaching.add(peer)
-                task = asyncio.create_task(self.links.reach(peer))
-                task.add_done_callback(lambda t, peer=peer: self.reaching.discard(peer))
+            if peer is None or peer in self.reaching or now < self.unreached.get(peer, (0.0, 0))[0]:
+                continue
+            self.reaching.add(peer)
+            task = asyncio.create_task(self._reach_one(peer))
+            task.add_done_callback(lambda t, peer=peer: self.reaching.discard(peer))
+
+    async def _reach_one(self, peer: PeerID) -> None:
+        if await self.links.reach(peer):
+            self.unreached.pop(peer, None)
+            return
+        failures = self.unreached.get(peer, (0.0, 0))[1]
+        self.unreached[peer] = (asyncio.get_running_loop().time() + retry_after(failures), failures + 1)
 
     async def drain(self, limit: float = 30.0) -> None:
         """Wait (at most `limit` seconds) for the background sends to finish."""

@@ -120,10 +120,19 @@ def heal(host) -> None:
 
 @pytest.mark.timeout(900)  # its own deadlines allow 720 s; on a slow day the 150 epochs take ~600 s
 def test_a_partition_that_heals_ends_as_one_run(tmp_path):
-    # uncompressed, as this test's deadlines were tuned: with int8 (4x fewer bytes) the run's 3,450 rounds
-    # went by so fast that the healed sides' joint epoch, scheduled a few seconds ahead, came after the end
+    # Every gradient 10x as long (--slowdown 10, ~15 ms): after the heal libp2p's dial backoff, grown while
+    # the sides could not reach each other, keeps some links shut for tens of seconds, and the run must last
+    # longer than that. At full speed two-node sides ran ~4 ms a round, so the 3,450 rounds ended seconds
+    # after the heal, with a member dropped for its shut link (seen in CI). Uncompressed, as its deadlines
+    # were tuned.
     settings = TestnetSettings(
-        nodes=4, epochs=150, batch_size=16, round_timeout=3.0, run_id="split", codec="none"
+        nodes=4,
+        epochs=150,
+        batch_size=16,
+        round_timeout=3.0,
+        run_id="split",
+        codec="none",
+        slow=[f"{i}:10" for i in range(4)],
     ).validate()
     with NetLab(prefix="pt") as lab:
         boot_host, hosts, _ = start_run(lab, settings, tmp_path)

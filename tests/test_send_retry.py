@@ -14,11 +14,17 @@ from p2pnode.protocol.message import Message
 
 
 class ScriptedLinks:
-    """Links whose sends succeed or fail as scripted; counts the sends that were tried."""
+    """Links whose sends and reaches succeed or fail as scripted; counts those that were tried."""
 
-    def __init__(self, outcomes: list[bool]) -> None:
+    def __init__(self, outcomes: list[bool], reaches: list[bool] | None = None) -> None:
         self.outcomes = outcomes
+        self.reaches = reaches or []
         self.tried = 0
+        self.reached = 0
+
+    async def reach(self, peer) -> bool:
+        self.reached += 1
+        return self.reaches.pop(0)  # fails at once, as while libp2p's dial backoff refuses the peer
 
     async def send(self, peer, data: bytes) -> bool:
         self.tried += 1
@@ -81,6 +87,36 @@ def test_sends_queued_behind_a_failed_one_that_fail_with_it_count_as_one_failure
 
     tried, failures, skip = asyncio.run(scenario())
     assert tried == 3 and failures == 1 and 0.9 < skip <= RETRY_FIRST_S
+
+
+def test_an_in_neighbour_that_cannot_be_reached_is_tried_again_on_the_retry_schedule_not_every_round():
+    """Seen in CI: a node catching up after a healed partition ran hundreds of rounds a second, and tried
+    a hello to its in-neighbour in every one of them (each refused at once by the dial backoff)."""
+
+    async def scenario():
+        links = ScriptedLinks([], reaches=[False, False, True])
+        transport = make_transport(links, [])
+        transport.peer_of = {1: "in-neighbour"}
+        for _ in range(50):  # 50 rounds in quick succession, the in-neighbour late in each
+            transport.reach([1])
+            await asyncio.sleep(0.001)  # a round: the reach attempt of the last one has finished
+        first = links.reached
+        until, failures = transport.unreached["in-neighbour"]
+        skip = until - asyncio.get_running_loop().time()
+        transport.unreached["in-neighbour"] = (0.0, failures)  # the wait has run out
+        transport.reach([1])
+        await asyncio.sleep(0.01)
+        second = transport.unreached["in-neighbour"][1]
+        transport.unreached["in-neighbour"] = (0.0, second)
+        transport.reach([1])
+        await asyncio.sleep(0.01)
+        transport.shutdown()
+        return first, skip, second, links.reached, transport.unreached
+
+    first, skip, failures, reached, unreached = asyncio.run(scenario())
+    assert first == 1 and 0.9 < skip <= RETRY_FIRST_S
+    assert failures == 2 and reached == 3
+    assert unreached == {}, "a reach that worked clears the wait"
 
 
 def test_a_send_that_fails_after_an_epoch_change_does_not_mark_the_new_peer_unreachable():
