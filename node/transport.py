@@ -36,7 +36,7 @@ from .rounds import Inbox
 logger = logging.getLogger(__name__)
 
 INLINE_BYTES = 1 << 20  # messages below this are encoded and decoded on the event loop
-# After a failed send a peer is skipped for RETRY_FIRST_S, doubling with each failure in a row up to
+# After a failed send (or hello) a peer is skipped for RETRY_FIRST_S, doubling with each failure in a row up to
 # RETRY_MAX_S. The first retry must come well before the receiver reports this node silent (its
 # SILENT_SECONDS, 10 s): one dial lost to a lossy link must not cost a member its place in the run.
 RETRY_FIRST_S = 1.0
@@ -53,9 +53,18 @@ SEEN_PER_SENDER = 2048  # (epoch, phase, round) keys remembered per sender, olde
 Key = tuple[int, str, int]  # (epoch, phase, round)
 
 
-def retry_after(failures: int) -> float:
-    """Seconds before trying a peer again after `failures` earlier failures in a row."""
-    return min(RETRY_MAX_S, RETRY_FIRST_S * 2**failures)
+def waiting(waits: dict, key, now: float) -> bool:
+    """Whether `key` (a peer) failed lately and is not to be tried again yet. `waits` maps a key to
+    (not tried again until, failures in a row)."""
+    return now < waits.get(key, (0.0, 0))[0]
+
+
+def note_failure(waits: dict, key, now: float) -> None:
+    """`key` failed: wait RETRY_FIRST_S, doubling with each failure in a row up to RETRY_MAX_S. A failure
+    while it already waits (a send queued behind the one that failed, failing with it) counts once."""
+    until, failures = waits.get(key, (0.0, 0))
+    if now >= until:
+        waits[key] = (now + min(RETRY_MAX_S, RETRY_FIRST_S * 2**failures), failures + 1)
 
 
 class SeenRounds:
@@ -239,15 +248,13 @@ class Transport:
 
     async def _send_one(self, dst: int, peer: PeerID, frame: bytes) -> None:
         loop = asyncio.get_running_loop()
-        if loop.time() < self.unreachable.get(dst, (0.0, 0))[0]:
+        if waiting(self.unreachable, dst, loop.time()):
             self.algorithm.request_keyframe(dst)
             return
         if await self.links.send(peer, frame):
             self.unreachable.pop(dst, None)
         elif self.peer_of.get(dst) == peer:  # still the same link (no epoch change since)
-            until, failures = self.unreachable.get(dst, (0.0, 0))
-            if loop.time() >= until:  # sends queued behind this one that fail with it are one failure, not several
-                self.unreachable[dst] = (loop.time() + retry_after(failures), failures + 1)
+            note_failure(self.unreachable, dst, loop.time())
             self.algorithm.request_keyframe(dst)
 
     def reach(self, in_neighbours: Iterable[int]) -> None:
@@ -258,7 +265,7 @@ class Transport:
         now = asyncio.get_running_loop().time()
         for j in in_neighbours:
             peer = self.peer_of.get(j)
-            if peer is None or peer in self.reaching or now < self.unreached.get(peer, (0.0, 0))[0]:
+            if peer is None or peer in self.reaching or waiting(self.unreached, peer, now):
                 continue
             self.reaching.add(peer)
             task = asyncio.create_task(self._reach_one(peer))
@@ -267,9 +274,8 @@ class Transport:
     async def _reach_one(self, peer: PeerID) -> None:
         if await self.links.reach(peer):
             self.unreached.pop(peer, None)
-            return
-        failures = self.unreached.get(peer, (0.0, 0))[1]
-        self.unreached[peer] = (asyncio.get_running_loop().time() + retry_after(failures), failures + 1)
+        else:
+            note_failure(self.unreached, peer, asyncio.get_running_loop().time())
 
     async def drain(self, limit: float = 30.0) -> None:
         """Wait (at most `limit` seconds) for the background sends to finish."""
