@@ -140,8 +140,9 @@ def start(settings: NodeSettings) -> None:
         pass
     result = asyncio.run(run_node(settings))
     if result is not None:
+        ending = "done" if result["outcome"] == "done" else f"{result['outcome']} (left out)"
         console.print(
-            f"done: test accuracy {100 * result['accuracy']:.1f}% after {result['rounds']} rounds, "
+            f"{ending}: test accuracy {100 * result['accuracy']:.1f}% after {result['rounds']} rounds, "
             f"sent {result['bytes_sent'] / 1e6:.1f} MB; wrote {settings.state_dir}/result.json"
         )
 

@@ -36,7 +36,7 @@ from .contributions import Contributions
 from .data import parse_class_set, parse_split, partition
 from .dht_process import start_dht, stop_dht
 from .driver import RoundDriver
-from .errors import BadInput
+from .errors import BadInput, RunFinished
 from .membership import MembershipAgent
 from .metrics import NodeMetrics
 from .pace import BackgroundGradients, SlowedGradients
@@ -51,6 +51,7 @@ from .transport import Transport
 
 logger = logging.getLogger(__name__)
 
+FINISHED_WITHOUT_THIS_NODE = "finished without this node"  # left out of the run's last epoch
 ADMIT_WAIT_S = 5.0  # how long a stream from a peer not known yet waits, unread, for the membership reads
 
 
@@ -428,7 +429,13 @@ class Node:
             logger.warning("the run went on without this node: rejoining as a joiner")
             self.info.status = "joining"
             await self.agent.announce()
-            record = await self._wait_for_epoch(after=self.agent.record)
+            try:
+                record = await self._wait_for_epoch(after=self.agent.record)
+            except RunFinished as e:
+                logger.warning("%s: this node was left out at round %d of %d; its result is its own parameters",
+                               e, self.round, self.rounds)  # fmt: skip
+                outcome = FINISHED_WITHOUT_THIS_NODE
+                break
             if record is None:
                 outcome = "stopped"
                 break
@@ -440,7 +447,7 @@ class Node:
         await asyncio.gather(*self.evaluations)
         await self.transport.drain(limit=5.0 if outcome != "done" else 15.0)
         await loop.run_in_executor(self.compute, self.checkpoint)
-        if outcome != "done":
+        if outcome not in ("done", FINISHED_WITHOUT_THIS_NODE):
             self.info.status = "left"
             self.store.events.write("leave", round=self.round, reason=outcome)
             await self.agent.announce()
@@ -451,7 +458,10 @@ class Node:
                 self.state_dir,
             )
             return None
-        result = self._write_result()
+        fresh = None  # left out: its last pass's evaluation is older than its parameters
+        if outcome == FINISHED_WITHOUT_THIS_NODE:
+            fresh = await loop.run_in_executor(self.compute, self._evaluate, self.algorithm.params)
+        result = self._write_result(outcome, fresh)
         self.store.events.write("done", accuracy=result["accuracy"], rounds=self.round)
         self.info.status = "done"
         await self.agent.announce()
@@ -518,9 +528,10 @@ class Node:
 
     # --- state -----------------------------------------------------------------------------------
 
-    def _write_result(self) -> dict:
+    def _write_result(self, outcome: str, accuracy: float | None = None) -> dict:
         s = self.settings
         summary = {
+            "outcome": outcome,
             "rounds": self.round,
             "bytes_sent": self.links.bytes_sent,
             "messages_sent": self.links.frames_sent,
@@ -536,6 +547,8 @@ class Node:
             "fingerprint": self.model.fingerprint,
             "settings": s.to_dict(),
         }
+        if accuracy is not None:
+            summary["accuracy"] = accuracy
         return self.log.write_result(summary)
 
     def checkpoint(self) -> None:

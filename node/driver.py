@@ -141,13 +141,11 @@ class RoundDriver:
         return statistics.median(pace) if pace else None
 
     def far_behind(self, latest: EpochRecord, k: int) -> bool:
-        """Whether `latest`, which names this node, starts further ahead than any lead a coordinator
-        schedules at this node's pace: this node fell behind the run (its side of a partition was slower,
-        or its old epoch's other members moved on), and its old epoch would crawl there on timeouts.
-        It enters at once at the start round; tracking restarts exactly there, whatever it skipped."""
-        node = self.node
-        lead = node.agent.lead_rounds()
-        return node.in_record(latest) and latest.start_round - k > max(2 * lead, lead + 10)
+        """Whether `latest` starts further ahead than any lead a coordinator schedules at this node's
+        pace: this node fell behind the run (its side of a partition was slower, its machine slept, or
+        its old epoch's other members moved on), and its old epoch would crawl there on timeouts."""
+        lead = self.node.agent.lead_rounds()
+        return latest.start_round - k > max(2 * lead, lead + 10)
 
     async def train(self, record: EpochRecord) -> str:
         """Rounds until the end ('done'), a stop ('stopped'), a graceful leave ('left') or an epoch that
@@ -172,7 +170,11 @@ class RoundDriver:
                     if not node.in_record(latest):
                         return "left" if node.leave_by is not None else "left out"
                     self.enter_epoch(latest, k)  # at its start round, or at once if this node read it late
+                elif self.far_behind(latest, k) and not node.in_record(latest):
+                    # the others moved on without it: waiting out the old epoch's rounds helps nobody
+                    return "left" if node.leave_by is not None else "left out"
                 elif self.far_behind(latest, k):
+                    # it enters at once at the start round; tracking restarts exactly there, whatever it skipped
                     logger.warning("epoch %d starts at round %d, far ahead of this node's round %d: jumping to it",
                                    latest.number, latest.start_round, k)  # fmt: skip
                     self.enter_epoch(latest, latest.start_round)

@@ -18,14 +18,17 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from hivemind.utils import get_dht_time
+
 from ..protocol.membership import EpochRecord, MemberInfo, Membership
 from . import epochs
-from .errors import BadInput
+from .errors import BadInput, RunFinished
 
 logger = logging.getLogger(__name__)
 
 EPOCH_TTL = 3600.0  # epoch records live this long unless the coordinator refreshes them
 LEAD_CAP_ROUNDS = 500  # an epoch is never scheduled further ahead than this
+BEATS_IN_FLIGHT = 3  # heartbeats stored at once at most (each waits out unresponsive DHT peers)
 RESTART_GRACE_BEATS = 2  # a restarted run waits this many heartbeats for all its nodes before going on with fewer
 
 
@@ -38,6 +41,7 @@ class MembershipAgent:
         self.heartbeat = heartbeat
         self.poll = min(1.0, heartbeat)
         self.infos: list[MemberInfo] = []
+        self._seen: dict[str, tuple[MemberInfo, float]] = {}  # every member read, with its record's expiration
         self.records: list[EpochRecord] = []
         self.record: EpochRecord | None = None  # the epoch record the run follows
         self.round_times: deque[float] = deque(maxlen=20)  # recent seconds per round, to schedule epochs ahead
@@ -97,9 +101,13 @@ class MembershipAgent:
         self.announce_soon()
 
     async def _beat(self) -> None:
+        """A heartbeat every `heartbeat` s, on that schedule whatever a store takes: a DHT peer that stops
+        answering (a laptop asleep) makes stores take seconds, and waiting for one before the next let
+        this node's record expire between them (its coordinator then dropped a live member)."""
         while True:
             await asyncio.sleep(self.heartbeat)
-            await self.announce()
+            if len(self._pending) < BEATS_IN_FLIGHT:
+                self.announce_soon()
 
     # --- reading and coordinating ----------------------------------------------------------------
 
@@ -107,11 +115,12 @@ class MembershipAgent:
         """Read heartbeats and epoch records now; propose the next epoch if this node coordinates."""
         loop = asyncio.get_running_loop()
         try:
-            self.infos = await loop.run_in_executor(None, self.membership.members)
+            read = await loop.run_in_executor(None, self.membership.read_members)
             self.records = await loop.run_in_executor(None, self.membership.epochs)
         except Exception as e:
             logger.warning("reading the run's membership failed: %s", e)
             return
+        self.infos = self._remember(read, get_dht_time())
         found = epochs.current_record(self.records, self.info.fingerprint, self.info.settings_hash)
         if found is not None and (self.record is None or found.rank > self.record.rank):
             self.record = found
@@ -128,6 +137,16 @@ class MembershipAgent:
             await self._keep_alive(self.record)
         if self.record is not None and self.info.epoch_hash:
             await self._coordinate(self.record)
+
+    def _remember(self, read: list[tuple[MemberInfo, float]], now: float) -> list[MemberInfo]:
+        """The members `read` names, and those an earlier read saw whose records have not expired yet:
+        a read that missed a heartbeat (slow, partial DHT answers) must not make a member look gone."""
+        seen = {info.peer_id: (info, expires) for info, expires in read}
+        for peer, (info, expires) in self._seen.items():
+            if expires > now and (peer not in seen or seen[peer][0].updated < info.updated):
+                seen[peer] = (info, expires)
+        self._seen = seen
+        return sorted((info for info, _ in seen.values()), key=lambda m: m.sort_key)
 
     def lead_rounds(self) -> int:
         """How many rounds ahead to schedule an epoch: three polls' worth at the current pace (the
@@ -197,7 +216,7 @@ class MembershipAgent:
     ) -> EpochRecord | None:
         """Wait for an epoch record that names this node's process (newer than `after`); propose epoch 0
         when the run has none (or only one whose members are all gone) and `nodes` compatible peers are
-        waiting. None if `stopped()` first; BadInput after `timeout` s or if the run has finished."""
+        waiting. None if `stopped()` first; BadInput after `timeout` s, RunFinished if the run has finished."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         settle_at = loop.time() + RESTART_GRACE_BEATS * self.heartbeat
@@ -212,8 +231,11 @@ class MembershipAgent:
             if named and (after is None or record.rank > after.rank):
                 return record
             stale = record is not None and not epochs.live(record, infos)
-            if stale and after is None and any(m.status == "done" and m.peer_id in record.members for m in infos):
-                raise BadInput(f"run {run_id!r} has finished (its members are done): there is nothing to join")
+            if stale and any(m.status == "done" and m.peer_id in record.members for m in infos):
+                raise RunFinished(
+                    f"run {run_id!r} has finished (its members are done): there is nothing to join; "
+                    "start a new run with another --run-id"
+                )
             if record is None or stale:
                 settled = loop.time() >= settle_at
                 proposal = epochs.first_epoch(infos, me, nodes, schedule, record if stale else None, settled=settled)

@@ -29,6 +29,8 @@ from .admission import Admission, AdmissionValidator, Revocation
 
 logger = logging.getLogger(__name__)
 
+DONE_TTL = 3600.0  # how long a finished member's last record stays in the DHT
+
 
 class _MemberRecord(pydantic.BaseModel):
     peer_id: pydantic.StrictStr
@@ -197,8 +199,11 @@ class Membership:
         validator: RSASignatureValidator,
         ttl: float = 20.0,
         admission: Admission | None = None,
+        done_ttl: float = DONE_TTL,
     ):
         self.dht, self.run_id, self.ttl, self.admission = dht, run_id, ttl, admission
+        self.done_ttl = done_ttl
+        self.store_seconds = 0.0  # how long the last announcement took
         self.subkey = validator.local_public_key
         self._refused: set[tuple[str, str]] = set()  # (peer, reason) already logged
 
@@ -210,10 +215,20 @@ class Membership:
         return self.dht.get(key, latest=True, return_future=True).result(timeout=DHT_CALL_TIMEOUT)
 
     def announce(self, info: MemberInfo) -> bool:
+        """Publish `info` for `ttl` s (a heartbeat), or `done_ttl` s once the node is done: a finished
+        run's members stay readable after their daemons exit, so a node that comes back later (its
+        machine slept through the end) learns the run has finished instead of waiting to join it."""
         info.updated = time.time()
         record = asdict(info)
         record["loss"] = float(record["loss"]) if record["loss"] == record["loss"] else -1.0
-        return bool(self._store(run_key(self.run_id), record, get_dht_time() + self.ttl, subkey=self.subkey))
+        # a store can take seconds (a DHT peer that stopped answering): the record must outlive the
+        # time to the next one, so it lives `ttl` plus twice what the last store took
+        ttl = self.done_ttl if info.status == "done" else self.ttl + min(2 * self.store_seconds, 3 * self.ttl)
+        started = time.monotonic()
+        try:
+            return bool(self._store(run_key(self.run_id), record, get_dht_time() + ttl, subkey=self.subkey))
+        finally:
+            self.store_seconds = time.monotonic() - started
 
     def propose(self, record: EpochRecord, ttl: float) -> bool:
         """Write (or refresh) this peer's epoch record."""
@@ -270,24 +285,30 @@ class Membership:
 
     def members(self) -> list[MemberInfo]:
         """Live members, one per peer id (the newest record), in the run's order."""
+        return [info for info, _ in self.read_members()]
+
+    def read_members(self) -> list[tuple[MemberInfo, float]]:
+        """`members()` with the DHT expiration time of each record. A read can miss records that are
+        there (a DHT peer that stopped answering makes it slow and partial): a reader that keeps what
+        it saw until it expires does not take a missed heartbeat for a member gone."""
         found = self._get(run_key(self.run_id))
         if found is None or not isinstance(found.value, dict):
             return []
-        newest: dict[str, MemberInfo] = {}
+        newest: dict[str, tuple[MemberInfo, float]] = {}
         for item in found.value.values():
             try:
                 info = MemberInfo(**item.value)
             except TypeError:
                 logger.warning("ignoring a malformed member record")
                 continue
-            if info.peer_id not in newest or info.updated > newest[info.peer_id].updated:
-                newest[info.peer_id] = info
+            if info.peer_id not in newest or info.updated > newest[info.peer_id][0].updated:
+                newest[info.peer_id] = (info, item.expiration_time)
         if self.admission is not None:
             for rev in self.revocations():
                 if self.admission.revoke(rev):
                     logger.warning("the owner revoked invitation %s", rev.serial)
-            newest = {p: m for p, m in newest.items() if self._admits(m)}
-        return sorted(newest.values(), key=lambda m: m.sort_key)
+            newest = {p: m for p, m in newest.items() if self._admits(m[0])}
+        return sorted(newest.values(), key=lambda m: m[0].sort_key)
 
     def _admits(self, info: MemberInfo) -> bool:
         reason = self.admission.refusal(info.peer_id, info.invitation)

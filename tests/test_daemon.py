@@ -119,6 +119,55 @@ def test_a_killed_node_is_dropped_by_a_new_epoch_and_status_lists_the_run(tmp_pa
         stop_processes(procs)
 
 
+@pytest.mark.timeout(300)
+def test_a_node_that_slept_through_the_end_of_the_run_writes_its_result_and_exits(tmp_path):
+    """A laptop that sleeps (its whole process group stopped) is dropped; the others finish the run
+    without it. When it wakes it must not wait --join-timeout (600 s) to join a finished run: it ends
+    with result.json for its own parameters and exit code 0."""
+    settings = TestnetSettings(
+        nodes=3, split="0-2,3-5,6-9", epochs=20, batch_size=72, round_timeout=3.0, run_id="sleep"
+    ).validate()  # 7 rounds per epoch, 140 in all
+    boot, addrs = start_bootstrap("sleep", tmp_path / "boot.log")
+    procs = [boot]
+    try:
+        for i in range(3):
+            (tmp_path / f"n{i}").mkdir()
+            log = (tmp_path / f"n{i}.log").open("w")
+            procs.append(
+                subprocess.Popen(
+                    node_command(settings, i, addrs, tmp_path / f"n{i}"),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+        wait_for(lambda: (tmp_path / "n2" / "progress.json").exists(), 150, "node 2 to finish an epoch")
+        os.killpg(procs[3].pid, signal.SIGSTOP)
+        try:
+            for i in (0, 1):
+                wait_for(lambda i=i: (tmp_path / f"n{i}" / "result.json").exists(), 150, f"node {i} to finish")
+                assert procs[1 + i].wait(60) == 0
+        finally:
+            os.killpg(procs[3].pid, signal.SIGCONT)
+        woke = time.monotonic()
+        assert procs[3].wait(120) == 0, (tmp_path / "n2.log").read_text()[-3000:]
+        assert time.monotonic() - woke < 120
+        result = json.loads((tmp_path / "n2" / "result.json").read_text())
+        log = (tmp_path / "n2.log").read_text()
+        assert result["outcome"] == "finished without this node", result["outcome"]
+        assert result["rounds"] < 140 and 0.0 <= result["accuracy"] <= 1.0
+        assert "has finished" in log and "finished without this node (left out)" in log, log[-3000:]
+        others = [json.loads((tmp_path / f"n{i}" / "result.json").read_text()) for i in (0, 1)]
+        assert [r["outcome"] for r in others] == ["done", "done"] and all(r["rounds"] == 140 for r in others)
+        # the sleeper's frozen DHT peer made the others' DHT reads slow and partial: neither of them may
+        # take the other for gone (before, one read without a heartbeat left a coordinator alone)
+        for r in others:
+            assert all(len(e["members"]) >= 2 for e in r["epochs"]), r["epochs"]
+        assert others[0]["accuracy"] == pytest.approx(others[1]["accuracy"], abs=0.01)
+    finally:
+        stop_processes(procs)
+
+
 def outside_of(processes: set[int], root: int) -> set[int]:
     """The processes in `processes` that are not `root` or one of its descendants."""
 

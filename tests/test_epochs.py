@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import time
 from types import SimpleNamespace
+
+import pytest
 
 from p2pnode.node import epochs
 from p2pnode.node.driver import RoundDriver
+from p2pnode.node.errors import BadInput, RunFinished
+from p2pnode.node.membership import MembershipAgent
 from p2pnode.protocol.membership import EpochRecord, MemberInfo
 
 FP, SH = "trunk", "settings"
@@ -204,3 +210,94 @@ def test_a_leaver_waits_for_an_epoch_while_another_member_still_entering_the_run
         assert driver.others_stay() is stays, status
     node.agent.infos = [info("A", "leaving", record=r)]  # B's heartbeat expired: gone
     assert not driver.others_stay()
+
+
+class RecordedMembership:
+    """What a node reads from the DHT, fixed: heartbeats and epoch records."""
+
+    def __init__(self, infos: list[MemberInfo], records: list[EpochRecord]) -> None:
+        self.infos, self.records = infos, records
+
+    def announce(self, info: MemberInfo) -> bool:
+        return True
+
+    def read_members(self) -> list[tuple[MemberInfo, float]]:
+        return [(m, float("inf")) for m in self.infos]
+
+    def epochs(self) -> list[EpochRecord]:
+        return self.records
+
+
+def wait_as_left_out_node(others_status: str, timeout: float):
+    """Node C was in epoch 0 (ABC), epoch 1 (AB) left it out; A and B have `others_status`."""
+    old, last = record("ABC"), record("AB", 1, start=50)
+    me = info("C", status="joining", round_=40, record=old)
+    membership = RecordedMembership([info(p, status=others_status, record=last) for p in "AB"] + [me], [old, last])
+    agent = MembershipAgent(membership, me, heartbeat=0.05)
+    return asyncio.run(agent.wait_for_epoch("run", 3, schedule, timeout, lambda: False, after=old))
+
+
+def test_a_left_out_node_learns_at_once_that_the_run_finished_without_it():
+    started = time.monotonic()
+    with pytest.raises(RunFinished, match="has finished"):
+        wait_as_left_out_node("done", timeout=30.0)  # before: it waited the whole --join-timeout
+    assert time.monotonic() - started < 5.0
+
+
+def test_a_left_out_node_waits_to_rejoin_a_run_still_in_progress():
+    with pytest.raises(BadInput, match="members joined") as caught:
+        wait_as_left_out_node("training", timeout=0.3)
+    assert not isinstance(caught.value, RunFinished)
+
+
+def test_a_node_far_behind_an_epoch_that_leaves_it_out_stops_its_old_epochs_rounds():
+    """Its machine slept: the others formed an epoch without it, far ahead. Crawling through the old
+    epoch's rounds on timeouts would help nobody: train() returns 'left out' before any round."""
+    old, last = record("ABC"), record("AB", 1, start=400)
+    ran = []
+
+    async def refuse(*args):
+        ran.append(args)
+
+    node = SimpleNamespace(
+        record=old,
+        round=40,
+        rounds=1000,
+        per_epoch=10,
+        peer_id="C",
+        info=SimpleNamespace(incarnation="iC", round=40),
+        stop_requested=asyncio.Event(),
+        leave_by=None,
+        agent=SimpleNamespace(record=last, lead_rounds=lambda: 20, round_times=[]),
+        in_record=lambda r: r.includes("C", "iC"),
+        settings=SimpleNamespace(checkpoint_every=1000),
+        algorithm=SimpleNamespace(objective=None, asynchronous=False),
+        log=SimpleNamespace(round_seconds=0.0),
+        metrics=None,
+    )
+    driver = RoundDriver(node)
+    driver.enter_epoch = lambda r, k: setattr(node, "record", r)
+    driver.run_round = refuse
+    assert asyncio.run(driver.train(old)) == "left out"
+    assert ran == []
+    near = record("AB", 1, start=45)  # within the lead: it runs its old epoch's rounds up to the start
+    node.agent.record, node.rounds = near, 45
+    assert asyncio.run(driver.train(old)) == "done" and len(ran) == 5
+
+
+def test_a_member_missing_from_one_read_stays_until_its_record_expires():
+    """With a DHT peer frozen (a laptop asleep), reads of the run's key come back slow and partial:
+    one read without B's heartbeat must not make B gone (the coordinator dropped a live member so)."""
+    r = record("ABC")
+    a, b, c = (info(p, record=r) for p in "ABC")
+    agent = MembershipAgent(RecordedMembership([], []), a, heartbeat=2.0)
+    assert [m.peer_id for m in agent._remember([(a, 110.0), (b, 108.0), (c, 108.0)], now=100.0)] == ["A", "B", "C"]
+    missed = agent._remember([(a, 112.0)], now=102.0)  # B's and C's records still live at 108
+    assert [m.peer_id for m in missed] == ["A", "B", "C"] and epochs.gone(r, missed) == set()
+    later = dataclasses.replace(b, round=120, updated=b.updated + 5)
+    agent._remember([(a, 112.0), (later, 115.0)], now=103.0)
+    kept = agent._remember([(a, 112.0), (b, 108.0)], now=104.0)  # an older copy of B's record: the newest wins
+    assert [m.round for m in kept] == [100, 120, 100]
+    gone_c = agent._remember([(a, 114.0)], now=109.0)  # C's record expired at 108: now it is gone
+    assert [m.peer_id for m in gone_c] == ["A", "B"] and epochs.gone(r, gone_c) == {"C"}
+    assert epochs.gone(r, agent._remember([], now=116.0)) == {"A", "B", "C"}
