@@ -74,27 +74,36 @@ def test_four_daemons_match_the_simulator_after_five_rounds_and_leave_nothing_be
     assert not set(glob.glob("/tmp/hivemind-*")) - sockets_before, "p2pd sockets outlived the testnet"
 
 
-@pytest.mark.timeout(300)
-def test_a_killed_node_is_dropped_by_a_new_epoch_and_status_lists_the_run(tmp_path, capsys):
+def start_three_nodes(tmp_path, run_id: str) -> tuple[list[subprocess.Popen], list[str]]:
+    """A bootstrap peer and 3 daemons (each in its own process group, state in tmp_path/nI, log
+    tmp_path/nI.log) of a 140-round run, once node 2 has finished an epoch: [bootstrap, nodes 0-2]."""
     settings = TestnetSettings(
-        nodes=3, split="0-2,3-5,6-9", epochs=20, batch_size=72, round_timeout=3.0, run_id="kill"
+        nodes=3, split="0-2,3-5,6-9", epochs=20, batch_size=72, round_timeout=3.0, run_id=run_id
     ).validate()  # 7 rounds per epoch, 140 in all
-    boot, addrs = start_bootstrap("kill", tmp_path / "boot.log")
+    boot, addrs = start_bootstrap(run_id, tmp_path / "boot.log")
     procs = [boot]
     try:
         for i in range(3):
             (tmp_path / f"n{i}").mkdir()
-            log = (tmp_path / f"n{i}.log").open("w")
             procs.append(
                 subprocess.Popen(
                     node_command(settings, i, addrs, tmp_path / f"n{i}"),
-                    stdout=log,
+                    stdout=(tmp_path / f"n{i}.log").open("w"),
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
                 )
             )
         wait_for(lambda: (tmp_path / "n2" / "progress.json").exists(), 150, "node 2 to finish an epoch")
+    except BaseException:
+        stop_processes(procs)
+        raise
+    return procs, addrs
 
+
+@pytest.mark.timeout(300)
+def test_a_killed_node_is_dropped_by_a_new_epoch_and_status_lists_the_run(tmp_path, capsys):
+    procs, addrs = start_three_nodes(tmp_path, "kill")
+    try:
         assert cli_main(["status", "--peers", addrs[0], "--run-id", "kill"]) == 0
         listed = capsys.readouterr().out
         assert "3 member(s)" in listed and "training" in listed, listed
@@ -124,24 +133,8 @@ def test_a_node_that_slept_through_the_end_of_the_run_writes_its_result_and_exit
     """A laptop that sleeps (its whole process group stopped) is dropped; the others finish the run
     without it. When it wakes it must not wait --join-timeout (600 s) to join a finished run: it ends
     with result.json for its own parameters and exit code 0."""
-    settings = TestnetSettings(
-        nodes=3, split="0-2,3-5,6-9", epochs=20, batch_size=72, round_timeout=3.0, run_id="sleep"
-    ).validate()  # 7 rounds per epoch, 140 in all
-    boot, addrs = start_bootstrap("sleep", tmp_path / "boot.log")
-    procs = [boot]
+    procs, _ = start_three_nodes(tmp_path, "sleep")
     try:
-        for i in range(3):
-            (tmp_path / f"n{i}").mkdir()
-            log = (tmp_path / f"n{i}.log").open("w")
-            procs.append(
-                subprocess.Popen(
-                    node_command(settings, i, addrs, tmp_path / f"n{i}"),
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
-        wait_for(lambda: (tmp_path / "n2" / "progress.json").exists(), 150, "node 2 to finish an epoch")
         os.killpg(procs[3].pid, signal.SIGSTOP)
         try:
             for i in (0, 1):
