@@ -416,7 +416,13 @@ class Node:
 
     async def run(self) -> dict | None:
         """Join, train until the run's last round, write result.json. None if this node left first."""
-        record = await self._wait_for_epoch()
+        try:
+            record = await self._wait_for_epoch()
+        except RunFinished:
+            result = await self._result_of_checkpoint()
+            if result is None:
+                raise
+            return result
         if record is None:
             return None
         await self._start_training(record)
@@ -440,6 +446,25 @@ class Node:
                 outcome = "stopped"
                 break
         return await self._finish(outcome)
+
+    async def _result_of_checkpoint(self) -> dict | None:
+        """The run finished while this node was away (stopped, crashed, asleep): with a checkpoint,
+        its result is the checkpoint's parameters, evaluated now (None without one)."""
+        loop = asyncio.get_running_loop()
+        checkpoint = await loop.run_in_executor(self.compute, self.store.load, self.device)
+        if checkpoint is None:
+            return None
+        self.log.restore(checkpoint.meta)
+        self.round = self.info.round = checkpoint.round
+        params = checkpoint.state["params"]
+        fresh = await loop.run_in_executor(self.compute, accuracy, self.model, params, self.test_bank)
+        logger.warning("run %r finished while this node was away: its result is its checkpoint of round %d",
+                       self.settings.run_id, self.round)  # fmt: skip
+        result = self._write_result(FINISHED_WITHOUT_THIS_NODE, fresh)
+        self.store.events.write("done", accuracy=fresh, rounds=self.round)
+        self.info.status = "done"
+        await self.agent.announce()
+        return result
 
     async def _finish(self, outcome: str) -> dict | None:
         loop = asyncio.get_running_loop()

@@ -74,12 +74,16 @@ def test_four_daemons_match_the_simulator_after_five_rounds_and_leave_nothing_be
     assert not set(glob.glob("/tmp/hivemind-*")) - sockets_before, "p2pd sockets outlived the testnet"
 
 
+def three_nodes(run_id: str) -> TestnetSettings:
+    return TestnetSettings(
+        nodes=3, split="0-2,3-5,6-9", epochs=20, batch_size=72, round_timeout=3.0, run_id=run_id
+    ).validate()  # 7 rounds per epoch, 140 in all
+
+
 def start_three_nodes(tmp_path, run_id: str) -> tuple[list[subprocess.Popen], list[str]]:
     """A bootstrap peer and 3 daemons (each in its own process group, state in tmp_path/nI, log
     tmp_path/nI.log) of a 140-round run, once node 2 has finished an epoch: [bootstrap, nodes 0-2]."""
-    settings = TestnetSettings(
-        nodes=3, split="0-2,3-5,6-9", epochs=20, batch_size=72, round_timeout=3.0, run_id=run_id
-    ).validate()  # 7 rounds per epoch, 140 in all
+    settings = three_nodes(run_id)
     boot, addrs = start_bootstrap(run_id, tmp_path / "boot.log")
     procs = [boot]
     try:
@@ -124,6 +128,18 @@ def test_a_killed_node_is_dropped_by_a_new_epoch_and_status_lists_the_run(tmp_pa
             assert killed in last["left"]
         assert results[0]["accuracy"] == pytest.approx(results[1]["accuracy"], abs=0.01)
         assert "going on without node(s) [2]" in (tmp_path / "n0.log").read_text()
+
+        # the killed node's machine comes back after the run's end: its own `start`, with its state
+        # dir, ends at once with its checkpoint's result (before: "has finished", exit 2; and before done
+        # members' records lasted an hour, a 600 s wait to join)
+        checkpoint = json.loads((tmp_path / "n2" / "state.json").read_text())["round"]
+        back = subprocess.run(
+            node_command(three_nodes("kill"), 2, addrs, tmp_path / "n2"), capture_output=True, text=True, timeout=120
+        )
+        assert back.returncode == 0, back.stderr[-3000:]
+        result = json.loads((tmp_path / "n2" / "result.json").read_text())
+        assert result["outcome"] == "finished without this node" and result["rounds"] == checkpoint < 140
+        assert 0.0 <= result["accuracy"] <= 1.0 and "finished while this node was away" in back.stderr
     finally:
         stop_processes(procs)
 
