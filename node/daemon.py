@@ -460,8 +460,13 @@ class Node:
         fresh = await loop.run_in_executor(self.compute, accuracy, self.model, params, self.test_bank)
         logger.warning("run %r finished while this node was away: its result is its checkpoint of round %d",
                        self.settings.run_id, self.round)  # fmt: skip
-        result = self._write_result(FINISHED_WITHOUT_THIS_NODE, fresh)
-        self.store.events.write("done", accuracy=fresh, rounds=self.round)
+        return await self._done(FINISHED_WITHOUT_THIS_NODE, fresh)
+
+    async def _done(self, outcome: str, fresh: float | None = None) -> dict:
+        """Write result.json (with `fresh`, an evaluation of the parameters of now, if given) and tell
+        the run this node is done."""
+        result = self._write_result(outcome, fresh)
+        self.store.events.write("done", accuracy=result["accuracy"], rounds=self.round)
         self.info.status = "done"
         await self.agent.announce()
         return result
@@ -486,10 +491,7 @@ class Node:
         fresh = None  # left out: its last pass's evaluation is older than its parameters
         if outcome == FINISHED_WITHOUT_THIS_NODE:
             fresh = await loop.run_in_executor(self.compute, self._evaluate, self.algorithm.params)
-        result = self._write_result(outcome, fresh)
-        self.store.events.write("done", accuracy=result["accuracy"], rounds=self.round)
-        self.info.status = "done"
-        await self.agent.announce()
+        result = await self._done(outcome, fresh)
         await self._linger()
         return result
 

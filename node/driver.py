@@ -166,14 +166,14 @@ class RoundDriver:
                 return "left"  # nobody stays to form an epoch without this node
             latest = node.agent.record
             if latest is not None and latest.rank > node.record.rank:
-                if k >= latest.start_round:
-                    if not node.in_record(latest):
-                        return "left" if node.leave_by is not None else "left out"
-                    self.enter_epoch(latest, k)  # at its start round, or at once if this node read it late
-                elif self.far_behind(latest, k) and not node.in_record(latest):
-                    # the others moved on without it: waiting out the old epoch's rounds helps nobody
+                due = k >= latest.start_round
+                behind = not due and self.far_behind(latest, k)
+                if (due or behind) and not node.in_record(latest):
+                    # left out; one far behind stops now: waiting out the old epoch's rounds helps nobody
                     return "left" if node.leave_by is not None else "left out"
-                elif self.far_behind(latest, k):
+                if due:
+                    self.enter_epoch(latest, k)  # at its start round, or at once if this node read it late
+                elif behind:
                     # it enters at once at the start round; tracking restarts exactly there, whatever it skipped
                     logger.warning("epoch %d starts at round %d, far ahead of this node's round %d: jumping to it",
                                    latest.number, latest.start_round, k)  # fmt: skip
