@@ -147,6 +147,18 @@ class RoundDriver:
         lead = self.node.agent.lead_rounds()
         return latest.start_round - k > max(2 * lead, lead + 10)
 
+    def finished_without_this_node(self) -> bool:
+        """Whether a member of this node's epoch finished the run in another epoch: the run went on without
+        this node (its machine slept) and ended before this node read the epochs that left it out. Training
+        on alone to the end would give a model nobody shares. (Members that finish in this node's own epoch
+        are a run ending as usual.)"""
+        node = self.node
+        return any(
+            m.status == "done" and m.epoch_hash != node.record.hash
+            for m in node.agent.infos
+            if node.record.includes(m.peer_id, m.incarnation)
+        )
+
     async def train(self, record: EpochRecord) -> str:
         """Rounds until the end ('done'), a stop ('stopped'), a graceful leave ('left') or an epoch that
         leaves this node out ('left out')."""
@@ -180,6 +192,9 @@ class RoundDriver:
                     self.enter_epoch(latest, latest.start_round)
                     await self.jump(k, latest.start_round)
                     k = latest.start_round
+            if self.finished_without_this_node():  # it rejoins, learns that the run finished, writes its result
+                logger.warning("members of this node's epoch finished the run in an epoch it has not read: left out")
+                return "left out"
             started = time.perf_counter()
             await self.run_round(k)
             node.info.step_seconds = getattr(node.algorithm.objective, "seconds", None) or 0.0

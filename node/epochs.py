@@ -52,6 +52,12 @@ def gone(record: EpochRecord, infos: list[MemberInfo]) -> set[str]:
     return (set(record.members) - set(alive)) | (silent & set(record.members))
 
 
+def finished(record: EpochRecord, infos: Iterable[MemberInfo]) -> set[str]:
+    """Members of `record` (the same processes) that reached the run's last round. They are not gone:
+    the run has ended for this epoch, and no epoch follows it."""
+    return {m.peer_id for m in infos if m.status == "done" and record.includes(m.peer_id, m.incarnation)}
+
+
 def coordinator(record: EpochRecord, infos: list[MemberInfo]) -> str | None:
     """The live member of `record` with the lowest peer id."""
     out = gone(record, infos)
@@ -78,7 +84,9 @@ def next_epoch(
 
     Members run within a few rounds of each other (each waits for its in-neighbours), so the
     furthest round reported, the coordinator's own included, plus `lead` is still ahead of everyone."""
-    if coordinator(record, infos) != me:
+    if coordinator(record, infos) != me or finished(record, infos):
+        # a member that is done ended the run: one that reads this later (its machine slept) must not
+        # take it for gone and go on in an epoch of its own
         return None
     now = time.time() if now is None else now
     alive = live(record, infos)

@@ -231,7 +231,9 @@ class MembershipAgent:
             if named and (after is None or record.rank > after.rank):
                 return record
             stale = record is not None and not epochs.live(record, infos)
-            if stale and any(m.status == "done" and m.peer_id in record.members for m in infos):
+            # a left-out node may still hold the epoch it was in (it missed the later ones): it is live there itself
+            others = record is not None and set(epochs.live(record, infos)) - {me.peer_id}
+            if record is not None and not others and epochs.finished(record, infos):
                 raise RunFinished(
                     f"run {run_id!r} has finished (its members are done): there is nothing to join; "
                     "start a new run with another --run-id"

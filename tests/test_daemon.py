@@ -170,11 +170,6 @@ def test_a_node_that_slept_through_the_end_of_the_run_writes_its_result_and_exit
         assert others[0]["accuracy"] == pytest.approx(others[1]["accuracy"], abs=0.01)
         result = json.loads((tmp_path / "n2" / "result.json").read_text())
         log = (tmp_path / "n2.log").read_text()
-        if result["outcome"] == "done" and len(result["epochs"][-1]["members"]) == 1:
-            pytest.xfail(
-                "known race, not fixed yet: the woken node's first DHT reads missed the survivors' epoch "
-                "record, so it took the done members for gone and trained the rest alone in an epoch of its own"
-            )
         assert result["outcome"] == "finished without this node", result["outcome"]
         assert result["rounds"] < 140 and 0.0 <= result["accuracy"] <= 1.0
         assert "has finished" in log and "finished without this node (left out)" in log, log[-3000:]

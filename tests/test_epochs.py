@@ -244,6 +244,31 @@ def test_a_left_out_node_learns_at_once_that_the_run_finished_without_it():
     assert time.monotonic() - started < 5.0
 
 
+def test_a_left_out_node_that_never_read_the_epoch_without_it_learns_that_the_run_finished():
+    """Its machine slept through epoch 1 (AB) and the end: its reads still show only epoch 0 (ABC),
+    where it is live itself. A and B being done there means the run finished, not that it goes on."""
+    old, last = record("ABC"), record("AB", 1, start=50)
+    me = info("C", status="joining", round_=40, record=old)
+    membership = RecordedMembership([info(p, status="done", record=last) for p in "AB"] + [me], [old])
+    agent = MembershipAgent(membership, me, heartbeat=0.05)
+    started = time.monotonic()
+    with pytest.raises(RunFinished, match="has finished"):  # before: it waited the whole --join-timeout
+        asyncio.run(agent.wait_for_epoch("run", 3, schedule, 30.0, lambda: False, after=old))
+    assert time.monotonic() - started < 5.0
+
+
+def test_members_that_are_done_are_not_gone_and_no_epoch_follows_them():
+    """The woken sleeper's race: it read A and B done but not the epoch they finished in. As the only
+    live member of its old epoch it coordinates it; it must not propose an epoch of its own (that epoch
+    outranked theirs, and it trained the rest of the run alone)."""
+    r = record("ABC")
+    infos = [info("A", "done", record=r), info("B", "done", record=r), info("C", round_=40, record=r)]
+    assert epochs.coordinator(r, infos) == "C" and epochs.finished(r, infos) == {"A", "B"}
+    assert epochs.next_epoch(r, infos, "C", lead=5) is None
+    infos[1] = info("B", round_=40, record=r)  # B is gone, not done: without A's being done C would propose
+    assert epochs.next_epoch(r, [infos[1], infos[2]], "B", lead=5).members == ("B", "C")
+
+
 def test_a_left_out_node_waits_to_rejoin_a_run_still_in_progress():
     with pytest.raises(BadInput, match="members joined") as caught:
         wait_as_left_out_node("training", timeout=0.3)
@@ -268,7 +293,7 @@ def test_a_node_far_behind_an_epoch_that_leaves_it_out_stops_its_old_epochs_roun
         info=SimpleNamespace(incarnation="iC", round=40),
         stop_requested=asyncio.Event(),
         leave_by=None,
-        agent=SimpleNamespace(record=last, lead_rounds=lambda: 20, round_times=[]),
+        agent=SimpleNamespace(record=last, lead_rounds=lambda: 20, round_times=[], infos=[]),
         in_record=lambda r: r.includes("C", "iC"),
         settings=SimpleNamespace(checkpoint_every=1000),
         algorithm=SimpleNamespace(objective=None, asynchronous=False),
@@ -282,6 +307,39 @@ def test_a_node_far_behind_an_epoch_that_leaves_it_out_stops_its_old_epochs_roun
     assert ran == []
     near = record("AB", 1, start=45)  # within the lead: it runs its old epoch's rounds up to the start
     node.agent.record, node.rounds = near, 45
+    assert asyncio.run(driver.train(old)) == "done" and len(ran) == 5
+
+
+def test_a_node_whose_epoch_members_finished_in_another_epoch_stops_and_one_at_the_usual_end_goes_on():
+    """A node that slept holds epoch 0 (ABC) and has not read epoch 1 (AB), which A and B finished in:
+    train() returns 'left out' before any round (it then learns the run finished). A and B done in its
+    own epoch are a run ending as usual: it runs its last rounds."""
+    old, last = record("ABC"), record("AB", 1, start=60)
+    ran = []
+
+    async def count(*args):
+        ran.append(args)
+
+    node = SimpleNamespace(
+        record=old,
+        round=40,
+        rounds=45,
+        per_epoch=100,
+        peer_id="C",
+        info=SimpleNamespace(incarnation="iC", round=40),
+        stop_requested=asyncio.Event(),
+        leave_by=None,
+        agent=SimpleNamespace(record=old, round_times=[], infos=[info(p, "done", record=last) for p in "AB"]),
+        settings=SimpleNamespace(checkpoint_every=1000),
+        algorithm=SimpleNamespace(objective=None, asynchronous=False),
+        log=SimpleNamespace(round_seconds=0.0),
+        metrics=None,
+    )
+    driver = RoundDriver(node)
+    driver.enter_epoch = lambda r, k: setattr(node, "record", r)
+    driver.run_round = count
+    assert asyncio.run(driver.train(old)) == "left out" and ran == []
+    node.agent.infos = [info(p, "done", record=old) for p in "AB"]
     assert asyncio.run(driver.train(old)) == "done" and len(ran) == 5
 
 
