@@ -17,7 +17,7 @@ import hashlib
 import logging
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import hivemind
 import pydantic.v1 as pydantic
@@ -32,7 +32,15 @@ logger = logging.getLogger(__name__)
 DONE_TTL = 3600.0  # how long a finished member's last record stays in the DHT
 
 
-class _MemberRecord(pydantic.BaseModel):
+class _Compatible(pydantic.BaseModel):
+    """Fields a later version adds pass (this version ignores them when it reads the record): without
+    this, a peer running an older p2pnode would refuse every record of a newer one, and its reads hang."""
+
+    class Config:
+        extra = pydantic.Extra.allow
+
+
+class _MemberRecord(_Compatible):
     peer_id: pydantic.StrictStr
     index: pydantic.StrictInt
     fingerprint: pydantic.StrictStr
@@ -56,7 +64,7 @@ class _MemberRecord(pydantic.BaseModel):
     updated: pydantic.StrictFloat
 
 
-class _EpochRecord(pydantic.BaseModel):
+class _EpochRecord(_Compatible):
     number: pydantic.StrictInt
     start_round: pydantic.StrictInt
     members: list[pydantic.StrictStr]
@@ -111,6 +119,11 @@ class MemberInfo:
     def sort_key(self) -> tuple[int, str]:
         return (self.index if self.index >= 0 else 2**31, self.peer_id)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> MemberInfo:
+        """A record as read from the DHT; fields this version does not know (a newer peer's) are left out."""
+        return cls(**{k: v for k, v in d.items() if k in _MEMBER_FIELDS})
+
 
 @dataclass(frozen=True)
 class EpochRecord:
@@ -151,9 +164,10 @@ class EpochRecord:
 
     @classmethod
     def from_dict(cls, d: dict) -> EpochRecord:
+        """A record as read from the DHT; fields this version does not know (a newer peer's) are left out."""
         record = cls(
             **{
-                **d,
+                **{k: v for k, v in d.items() if k in _EPOCH_FIELDS},
                 "members": tuple(d["members"]),
                 "incarnations": tuple(d["incarnations"]),
                 "donors": tuple(d["donors"]),
@@ -162,6 +176,10 @@ class EpochRecord:
         if len(record.members) != len(record.incarnations):
             raise ValueError("an epoch record needs one incarnation per member")
         return record
+
+
+_MEMBER_FIELDS = frozenset(f.name for f in fields(MemberInfo))
+_EPOCH_FIELDS = frozenset(f.name for f in fields(EpochRecord))
 
 
 def run_key(run_id: str) -> str:
@@ -297,8 +315,8 @@ class Membership:
         newest: dict[str, tuple[MemberInfo, float]] = {}
         for item in found.value.values():
             try:
-                info = MemberInfo(**item.value)
-            except TypeError:
+                info = MemberInfo.from_dict(item.value)
+            except (TypeError, AttributeError):
                 logger.warning("ignoring a malformed member record")
                 continue
             if info.peer_id not in newest or info.updated > newest[info.peer_id][0].updated:

@@ -1,0 +1,77 @@
+"""DHT records across p2pnode versions: a record with a field this version does not know (written by a
+newer peer) is stored and read, and the type checks on known fields stay as strict as before."""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import pytest
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.routing import DHTID
+from hivemind.dht.validation import CompositeValidator, DHTRecord
+from hivemind.utils import get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey
+from hivemind.utils.serializer import MSGPackSerializer
+
+from p2pnode.protocol.membership import EpochRecord, MemberInfo, Membership, run_validators
+
+RUN = "compat"
+
+
+@pytest.fixture(scope="module")
+def validators():
+    return CompositeValidator(run_validators(RUN, RSAPrivateKey()))
+
+
+def stored(validators: CompositeValidator, field: str, value: dict) -> bool:
+    """Whether a DHT peer with this version's validators accepts `value` under the run's `field` key."""
+    signer = next(v for v in validators._validators if isinstance(v, RSASignatureValidator))
+    record = DHTRecord(
+        key=DHTID.generate(source=f"p2pnode_{RUN}_{field}").to_bytes(),
+        subkey=MSGPackSerializer.dumps(signer.local_public_key),
+        value=MSGPackSerializer.dumps(value),
+        expiration_time=get_dht_time() + 60,
+    )
+    return validators.validate(dataclasses.replace(record, value=validators.sign_value(record)))
+
+
+def member() -> dict:
+    value = dataclasses.asdict(MemberInfo(peer_id="peer", fingerprint="f", settings_hash="s", samples=3))
+    value["loss"] = -1.0  # as announce() writes it (NaN is not a value the schema compares equal)
+    return value
+
+
+def epoch() -> dict:
+    return EpochRecord(2, 40, ("a", "b"), ("ia", "ib"), ("a",), 100, 10, "f", "s", "a", 1.0).to_dict()
+
+
+def test_records_with_a_field_from_a_newer_version_are_stored(validators):
+    assert stored(validators, "members", member()) and stored(validators, "epochs", epoch())
+    assert stored(validators, "members", {**member(), "gpu": "H200"})  # refused before: reads then hung
+    assert stored(validators, "epochs", {**epoch(), "deadline": 1.5e9})
+
+
+def test_known_fields_keep_their_strict_types(validators):
+    assert not stored(validators, "members", {**member(), "round": "3"})
+    assert not stored(validators, "members", {**member(), "samples": 3.0})
+    assert not stored(validators, "epochs", {**epoch(), "rounds": 100.0})
+    assert not stored(validators, "epochs", {**epoch(), "members": "a,b"})
+
+
+def test_a_newer_peers_records_are_read_without_their_unknown_fields():
+    info = MemberInfo.from_dict({**member(), "gpu": "H200"})
+    assert info.peer_id == "peer" and info.samples == 3 and not hasattr(info, "gpu")
+    record = EpochRecord.from_dict({**epoch(), "deadline": 1.5e9})
+    assert record == EpochRecord.from_dict(epoch()) and record.members == ("a", "b")
+
+
+def test_read_members_keeps_a_newer_peers_heartbeat_and_skips_a_malformed_one():
+    membership = Membership.__new__(Membership)
+    membership.admission, membership.run_id = None, RUN
+    items = {
+        b"new": SimpleNamespace(value={**member(), "gpu": "H200"}, expiration_time=50.0),
+        b"bad": SimpleNamespace(value={"gpu": "H200"}, expiration_time=50.0),  # no peer id: not a member record
+    }
+    membership._get = lambda key: SimpleNamespace(value=items)
+    assert [(m.peer_id, expires) for m, expires in membership.read_members()] == [("peer", 50.0)]
