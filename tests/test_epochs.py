@@ -275,25 +275,24 @@ def test_a_left_out_node_waits_to_rejoin_a_run_still_in_progress():
     assert not isinstance(caught.value, RunFinished)
 
 
-def test_a_node_far_behind_an_epoch_that_leaves_it_out_stops_its_old_epochs_rounds():
-    """Its machine slept: the others formed an epoch without it, far ahead. Crawling through the old
-    epoch's rounds on timeouts would help nobody: train() returns 'left out' before any round."""
-    old, last = record("ABC"), record("AB", 1, start=400)
+def node_c_at_round_40(old: EpochRecord, latest: EpochRecord, rounds: int, infos: list[MemberInfo]):
+    """Node C's driver in epoch `old` at round 40 of `rounds`, having read `latest` and `infos`; rounds
+    only count themselves: (driver, node, list of the rounds run)."""
     ran = []
 
-    async def refuse(*args):
+    async def count(*args):
         ran.append(args)
 
     node = SimpleNamespace(
         record=old,
         round=40,
-        rounds=1000,
-        per_epoch=10,
+        rounds=rounds,
+        per_epoch=100,
         peer_id="C",
         info=SimpleNamespace(incarnation="iC", round=40),
         stop_requested=asyncio.Event(),
         leave_by=None,
-        agent=SimpleNamespace(record=last, lead_rounds=lambda: 20, round_times=[], infos=[]),
+        agent=SimpleNamespace(record=latest, lead_rounds=lambda: 20, round_times=[], infos=infos),
         in_record=lambda r: r.includes("C", "iC"),
         settings=SimpleNamespace(checkpoint_every=1000),
         algorithm=SimpleNamespace(objective=None, asynchronous=False),
@@ -302,7 +301,15 @@ def test_a_node_far_behind_an_epoch_that_leaves_it_out_stops_its_old_epochs_roun
     )
     driver = RoundDriver(node)
     driver.enter_epoch = lambda r, k: setattr(node, "record", r)
-    driver.run_round = refuse
+    driver.run_round = count
+    return driver, node, ran
+
+
+def test_a_node_far_behind_an_epoch_that_leaves_it_out_stops_its_old_epochs_rounds():
+    """Its machine slept: the others formed an epoch without it, far ahead. Crawling through the old
+    epoch's rounds on timeouts would help nobody: train() returns 'left out' before any round."""
+    old = record("ABC")
+    driver, node, ran = node_c_at_round_40(old, record("AB", 1, start=400), 1000, [])
     assert asyncio.run(driver.train(old)) == "left out"
     assert ran == []
     near = record("AB", 1, start=45)  # within the lead: it runs its old epoch's rounds up to the start
@@ -314,30 +321,8 @@ def test_a_node_whose_epoch_members_finished_in_another_epoch_stops_and_one_at_t
     """A node that slept holds epoch 0 (ABC) and has not read epoch 1 (AB), which A and B finished in:
     train() returns 'left out' before any round (it then learns the run finished). A and B done in its
     own epoch are a run ending as usual: it runs its last rounds."""
-    old, last = record("ABC"), record("AB", 1, start=60)
-    ran = []
-
-    async def count(*args):
-        ran.append(args)
-
-    node = SimpleNamespace(
-        record=old,
-        round=40,
-        rounds=45,
-        per_epoch=100,
-        peer_id="C",
-        info=SimpleNamespace(incarnation="iC", round=40),
-        stop_requested=asyncio.Event(),
-        leave_by=None,
-        agent=SimpleNamespace(record=old, round_times=[], infos=[info(p, "done", record=last) for p in "AB"]),
-        settings=SimpleNamespace(checkpoint_every=1000),
-        algorithm=SimpleNamespace(objective=None, asynchronous=False),
-        log=SimpleNamespace(round_seconds=0.0),
-        metrics=None,
-    )
-    driver = RoundDriver(node)
-    driver.enter_epoch = lambda r, k: setattr(node, "record", r)
-    driver.run_round = count
+    old, last = record("ABC"), record("AB", 1, start=30)
+    driver, node, ran = node_c_at_round_40(old, old, 45, [info(p, "done", record=last) for p in "AB"])
     assert asyncio.run(driver.train(old)) == "left out" and ran == []
     node.agent.infos = [info(p, "done", record=old) for p in "AB"]
     assert asyncio.run(driver.train(old)) == "done" and len(ran) == 5
