@@ -37,6 +37,7 @@ from .data import parse_class_set, parse_split, partition
 from .dht_process import start_dht, stop_dht
 from .driver import RoundDriver
 from .errors import BadInput, RunFinished
+from .finish import FINISHED_WITHOUT_THIS_NODE, RunEnd
 from .membership import MembershipAgent
 from .metrics import NodeMetrics
 from .pace import BackgroundGradients, SlowedGradients
@@ -51,7 +52,6 @@ from .transport import Transport
 
 logger = logging.getLogger(__name__)
 
-FINISHED_WITHOUT_THIS_NODE = "finished without this node"  # left out of the run's last epoch
 ADMIT_WAIT_S = 5.0  # how long a stream from a peer not known yet waits, unread, for the membership reads
 
 
@@ -77,9 +77,10 @@ class Node:
         self.per_epoch = 1
         self.inbox = Inbox(silent_seconds=max(10.0, 2 * settings.heartbeat))
         self.driver = RoundDriver(self)
+        self.ending = RunEnd(self)
         self.stop_requested = asyncio.Event()
         self.leave_by: float | None = None  # loop time after which a leaving node just goes
-        self._finishing = False  # past the last round: a signal stops at once
+        self.finishing = False  # past the last round: a signal stops at once
         self.compute = ThreadPoolExecutor(1, thread_name_prefix="p2pnode-train")
         self.evaluator = ThreadPoolExecutor(1, thread_name_prefix="p2pnode-eval")  # --sync async: beside the rounds
         self.evaluations: list[asyncio.Task] = []
@@ -233,7 +234,7 @@ class Node:
     def request_leave(self) -> None:
         """SIGTERM: leave gracefully (take part until the epoch that drops this node, at most
         --leave-timeout seconds); a node not yet in a run, or a second request, stops at once."""
-        if self.algorithm is None or self.leave_by is not None or self._finishing:
+        if self.algorithm is None or self.leave_by is not None or self.finishing:
             self.request_stop()
             return
         self.leave_by = asyncio.get_running_loop().time() + self.settings.leave_timeout
@@ -419,7 +420,7 @@ class Node:
         try:
             record = await self._wait_for_epoch()
         except RunFinished:
-            result = await self._result_of_checkpoint()
+            result = await self.ending.of_checkpoint()
             if result is None:
                 raise
             return result
@@ -445,55 +446,7 @@ class Node:
             if record is None:
                 outcome = "stopped"
                 break
-        return await self._finish(outcome)
-
-    async def _result_of_checkpoint(self) -> dict | None:
-        """The run finished while this node was away (stopped, crashed, asleep): with a checkpoint,
-        its result is the checkpoint's parameters, evaluated now (None without one)."""
-        loop = asyncio.get_running_loop()
-        checkpoint = await loop.run_in_executor(self.compute, self.store.load, self.device)
-        if checkpoint is None:
-            return None
-        self.log.restore(checkpoint.meta)
-        self.round = self.info.round = checkpoint.round
-        params = checkpoint.state["params"]
-        fresh = await loop.run_in_executor(self.compute, accuracy, self.model, params, self.test_bank)
-        logger.warning("run %r finished while this node was away: its result is its checkpoint of round %d",
-                       self.settings.run_id, self.round)  # fmt: skip
-        return await self._done(FINISHED_WITHOUT_THIS_NODE, fresh)
-
-    async def _done(self, outcome: str, fresh: float | None = None) -> dict:
-        """Write result.json (with `fresh`, an evaluation of the parameters of now, if given) and tell
-        the run this node is done."""
-        result = self._write_result(outcome, fresh)
-        self.store.events.write("done", accuracy=result["accuracy"], rounds=self.round)
-        self.info.status = "done"
-        await self.agent.announce()
-        return result
-
-    async def _finish(self, outcome: str) -> dict | None:
-        loop = asyncio.get_running_loop()
-        self._finishing = True
-        await asyncio.gather(*self.evaluations)
-        await self.transport.drain(limit=5.0 if outcome != "done" else 15.0)
-        await loop.run_in_executor(self.compute, self.checkpoint)
-        if outcome not in ("done", FINISHED_WITHOUT_THIS_NODE):
-            self.info.status = "left"
-            self.store.events.write("leave", round=self.round, reason=outcome)
-            await self.agent.announce()
-            logger.info(
-                "left the run at round %d of %d; state saved in %s",
-                self.round,
-                self.rounds,
-                self.state_dir,
-            )
-            return None
-        fresh = None  # left out: its last pass's evaluation is older than its parameters
-        if outcome == FINISHED_WITHOUT_THIS_NODE:
-            fresh = await loop.run_in_executor(self.compute, self._evaluate, self.algorithm.params)
-        result = await self._done(outcome, fresh)
-        await self._linger()
-        return result
+        return await self.ending.finish(outcome)
 
     async def _snapshot(self) -> tuple[int, object]:
         """What a donor serves a joiner: its current parameters (a consistent tensor: rounds replace
@@ -509,7 +462,7 @@ class Node:
         loop = asyncio.get_running_loop()
         params, round_ = self.algorithm.params, self.round
         pool = self.evaluator if self.algorithm.asynchronous else self.compute
-        acc = await loop.run_in_executor(pool, self._evaluate, params)
+        acc = await loop.run_in_executor(pool, self.evaluate, params)
         self.info.train_epoch, self.info.accuracy = epoch, acc
         self.info.loss = float(self.algorithm.last_loss)
         self.info.bytes_sent = self.links.bytes_sent
@@ -538,45 +491,11 @@ class Node:
             self.metrics.observe_eval(self.info.loss, acc)
         await self.agent.announce()
 
-    def _evaluate(self, params: torch.Tensor) -> float:
+    def evaluate(self, params: torch.Tensor) -> float:
         with self.algorithm.model_in_use():
             return accuracy(self.model, params, self.test_bank)
 
-    async def _linger(self, limit: float = 10.0) -> None:
-        """Stay reachable briefly so slower members can still deliver to us and see us done."""
-        loop = asyncio.get_running_loop()
-        end = loop.time() + limit
-        mine = set(self.record.members) if self.record is not None else set()
-        while loop.time() < end and not self.stop_requested.is_set():
-            await self.agent.refresh()
-            if all(m.status in ("done", "left") for m in self.agent.infos if m.peer_id in mine):
-                return
-            await asyncio.sleep(1.0)
-
     # --- state -----------------------------------------------------------------------------------
-
-    def _write_result(self, outcome: str, accuracy: float | None = None) -> dict:
-        s = self.settings
-        summary = {
-            "outcome": outcome,
-            "rounds": self.round,
-            "bytes_sent": self.links.bytes_sent,
-            "messages_sent": self.links.frames_sent,
-            "bytes_per_epoch": self.links.bytes_sent / s.epochs,
-            "messages_per_epoch": self.links.frames_sent / s.epochs,
-            "rejected": self.links.rejected,
-            # this node's view of each in-neighbour: [rounds, bytes, accepted, refused] (also in its DHT record)
-            "contributions": self.contributions.summary(),
-            "refused_by_link_limits": dict(self.links.refused),
-            "banned": {str(p): reason for p, reason in self.links.banned.items()},
-            "index": self.index,
-            "peer_id": self.peer_id,
-            "fingerprint": self.model.fingerprint,
-            "settings": s.to_dict(),
-        }
-        if accuracy is not None:
-            summary["accuracy"] = accuracy
-        return self.log.write_result(summary)
 
     def checkpoint(self) -> None:
         if self.algorithm is None:

@@ -1,11 +1,9 @@
-"""The one exception type for bad user input (flags, files, specs)."""
+"""Errors the CLI reports in one line (exit code 2): `BadInput` (defined in `protocol/errors.py`, which
+the wire format shares) and the node's own kinds of it."""
 
+from ..protocol.errors import BadInput
 
-class BadInput(ValueError):
-    """A user-facing error: its message is one line that says what is wrong and what to do.
-
-    The CLI prints it without a traceback and exits with code 2.
-    """
+__all__ = ["BadInput", "Diverged", "RunFinished"]
 
 
 class Diverged(BadInput):

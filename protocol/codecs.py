@@ -21,7 +21,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from ..node.errors import BadInput
+from .errors import BadInput
 
 MAX_ELEMENTS = 2**28
 MAX_NDIM = 32

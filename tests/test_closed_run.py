@@ -53,9 +53,10 @@ class Uninvited:
         self.record_stored = Membership(self.dht, RUN, validators[0], ttl=60).announce(info)
         self.answers: list[bool] = []
 
-    async def attack(self, members: list[Node], done: asyncio.Event) -> None:
+    async def attack(self, members: list[Node], armed: asyncio.Event, done: asyncio.Event) -> None:
         """Push a poisoned copy of every message member 0 sends, to every member, as member 0 sends it:
-        at least one push per round however slow the event loop runs (a timed loop pushed too few in CI)."""
+        at least one push per round however slow the event loop runs (a timed loop pushed too few in CI).
+        `armed` is set once it pushes: the run must not start before (a run that did ended unattacked)."""
         p2p = await self.dht.replicate_p2p()
         links = await Links.create(p2p, RUN, self._never, max_bytes=MAX_MESSAGE_BYTES, timeout=10.0)
         source = members[0].transport
@@ -76,6 +77,7 @@ class Uninvited:
             await original(messages)
 
         source.send_all = recording
+        armed.set()
         try:
             await done.wait()
             self.answers = list(await asyncio.gather(*sends))
@@ -122,8 +124,7 @@ def run_closed(tmp_path, name: str, with_uninvited: bool):
         nodes = [await Node.create(closed_settings(tmp_path, workdir, addrs, owner, i)) for i in range(3)]
         stranger = None
         try:
-            runs = [asyncio.create_task(n.run()) for n in nodes]
-            done = asyncio.Event()
+            done, armed = asyncio.Event(), asyncio.Event()
             attack = None
             if with_uninvited:
                 generate_key_file(workdir / "mallory.key")
@@ -131,7 +132,9 @@ def run_closed(tmp_path, name: str, with_uninvited: bool):
                 stranger = await asyncio.get_running_loop().run_in_executor(
                     None, Uninvited, workdir / "mallory.key", addrs, owner, copied
                 )
-                attack = asyncio.create_task(stranger.attack(nodes, done))
+                attack = asyncio.create_task(stranger.attack(nodes, armed, done))
+                await asyncio.wait_for(armed.wait(), 60)
+            runs = [asyncio.create_task(n.run()) for n in nodes]
             results = await asyncio.wait_for(asyncio.gather(*runs), 240)
             done.set()
             if attack is not None:

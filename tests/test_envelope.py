@@ -428,3 +428,24 @@ def test_any_value_in_any_header_field_raises_only_protocol_error(field: str, va
 @given(field=st.sampled_from(["n", "dt", "sh", "c", "m", "p"]), value=msgpack_values)
 def test_any_value_in_any_tensor_field_raises_only_protocol_error(field: str, value: object) -> None:
     unpack_fully(packb(wire(t=[entry(**{field: value})])))
+
+
+def test_the_wire_format_package_imports_nothing_from_the_node_package():
+    """`protocol/` is what peers of any version must agree on: it may not depend on `node/` (a loop
+    between the two packages made the wire format change with the algorithms)."""
+    import ast
+    from pathlib import Path
+
+    import p2pnode.protocol
+
+    offenders = []
+    for path in Path(p2pnode.protocol.__file__).parent.glob("*.py"):
+        for n in ast.walk(ast.parse(path.read_text())):
+            if isinstance(n, ast.ImportFrom):
+                names = [("." * n.level) + (n.module or "")]
+            elif isinstance(n, ast.Import):
+                names = [a.name for a in n.names]
+            else:
+                continue
+            offenders += [f"{path.name}: {m}" for m in names if m.startswith("..node") or m.startswith("p2pnode.node")]
+    assert offenders == []
