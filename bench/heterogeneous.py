@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/heterogeneous.py [--factors 2,5,10] [--repeats 3] [--epochs 10] [--hosts loopback]
         [--base-slowdown 1] [--sim-epochs 40] [--sim-seeds 0] [--syncs wait,async,async-paced]
-        [--clean-syncs wait[,async]] [--json PATH]
+        [--clean-syncs wait[,async]] [--seeds 0] [--json PATH]
 
 Testnet (4 daemons, the paper's split, node 3 made FACTOR times slower with `--slow 3:FACTOR`: its
 gradients sleep FACTOR - 1 times their own duration): the fast nodes' seconds per round (median
@@ -14,7 +14,9 @@ parameters of FACTOR rounds before; `async-paced` adds `--pace-batch` (its batch
 round: 16 // FACTOR samples in the simulator). `--hosts netns` puts
 every daemon on its own namespaced host (root). `--base-slowdown B` makes every node's gradient B
 times as long (node 3's B x FACTOR): a heavier model's step, where the default one is a few ms of a
-round that the exchange dominates.
+round that the exchange dominates. `--seeds 0,1,2` runs repeat i of every case with the
+(i mod 3)-th seed (`--seed`: the mini-batches drawn; the initialisation stays `--model-seed 0`),
+the same seeds for every case, so each row compares with the clean row seed by seed.
 """
 
 from __future__ import annotations
@@ -37,12 +39,20 @@ def pace(sync: str) -> dict:
     return {"sync": "async", "pace_batch": True} if sync == "async-paced" else {"sync": sync}
 
 
-def testnet_run(sync: str, factor: float | None, epochs: int, hosts: str, base: float, extra: dict) -> dict:
+def testnet_run(sync: str, factor: float | None, epochs: int, hosts: str, base: float, seed: int, extra: dict) -> dict:
     with tempfile.TemporaryDirectory(prefix="p2pnode-hetero-") as workdir:
         slowdown = {i: base for i in range(4) if base > 1} | ({SLOW: base * factor} if factor else {})
         slow = [f"{i}:{f}" for i, f in sorted(slowdown.items())]
         settings = TestnetSettings(
-            workdir=workdir, run_id="hetero", epochs=epochs, slow=slow, hosts=hosts, timeout=900, **pace(sync), **extra
+            workdir=workdir,
+            run_id="hetero",
+            epochs=epochs,
+            slow=slow,
+            hosts=hosts,
+            seed=seed,
+            timeout=900,
+            **pace(sync),
+            **extra,
         ).validate()
         run_testnet(settings)
         nodes = [json.loads(p.read_text()) for p in sorted(Path(workdir).glob("node*/result.json"))]
@@ -78,27 +88,30 @@ def simulated(sync: str, factor: float | None, epochs: int, seeds: list[int]) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--factors", default="2,5,10")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--sim-epochs", type=int, default=40)
-    parser.add_argument("--hosts", default="loopback")
+    parser.add_argument("--factors", default="2,5,10", help="how many times slower node 3 is, one case each")
+    parser.add_argument("--repeats", type=int, default=3, help="testnet runs per case (the median by pace is shown)")
+    parser.add_argument("--epochs", type=int, default=10, help="passes over the data of each testnet run")
+    parser.add_argument("--sim-epochs", type=int, default=40, help="passes of each simulator run (0: no simulator)")
+    parser.add_argument("--hosts", default="loopback", choices=["loopback", "netns"], help="where the daemons run")
     parser.add_argument("--rate", default=None, help="with --hosts netns: every host's upload rate")
-    parser.add_argument("--base-slowdown", type=float, default=1.0)
-    parser.add_argument("--sim-seeds", default="0")
-    parser.add_argument("--syncs", default="wait,async,async-paced")
+    parser.add_argument("--base-slowdown", type=float, default=1.0, help="every gradient B times as long")
+    parser.add_argument("--sim-seeds", default="0", help="simulator seeds (comma-separated; the mean is shown)")
+    parser.add_argument("--seeds", default="0", help="testnet seeds, repeat i uses the i-th (cyclically)")
+    parser.add_argument("--syncs", default="wait,async,async-paced", help="wait, async, async-paced: with a slow node")
     parser.add_argument("--clean-syncs", default="wait", help="runs without a slow node (the first is the baseline)")
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--json", default=None, help="also write every row here")
     args = parser.parse_args()
     extra = {"rate": args.rate} if args.rate else {}
     factors = [float(f) for f in args.factors.split(",")]
     seeds = [int(x) for x in args.sim_seeds.split(",")]
+    testnet_seeds = [int(x) for x in args.seeds.split(",")]
     clean = [(sync, None) for sync in args.clean_syncs.split(",")]
     cases = clean + [(sync, f) for f in factors for sync in args.syncs.split(",")]
     rows: list[dict] = []
     for sync, factor in cases:
         runs = [
-            testnet_run(sync, factor, args.epochs, args.hosts, args.base_slowdown, extra) for _ in range(args.repeats)
+            testnet_run(sync, factor, args.epochs, args.hosts, args.base_slowdown, seed, extra)
+            for seed in (testnet_seeds[i % len(testnet_seeds)] for i in range(args.repeats))
         ]
         row = {"sync": sync, "factor": factor, **median_run(runs)}
         if args.sim_epochs and (sync != "wait" or not rows):
