@@ -27,9 +27,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # --sync async: a round waits for its in-neighbours' first-phase messages of rounds k - MAX_LAG or later; a
-# node whose gradients take SLOW_RATIO (node/pace.py) times as long as the other members' (the median) goes on
-# without waiting for them once an in-neighbour is ahead, so the others wait for its messages, never its gradients
+# node whose gradients take SLOW_RATIO (node/pace.py) times as long as the other members' (the median), by a fifth
+# of a round or more (WAIT_SHARE), goes on without waiting for them once an in-neighbour is ahead, so the others
+# wait for its messages, never its gradients
 MAX_LAG = 0
+WAIT_SHARE = 0.2  # --sync async: a node waits for its own gradient if that makes its rounds at most this much longer
 
 
 class RoundDriver:
@@ -117,8 +119,9 @@ class RoundDriver:
         """Asynchronous rounds: whether this round must go on without waiting for this node's own gradient
         (node/pace.py): an in-neighbour is already in a later round and this machine is slow, its
         gradients taking SLOW_RATIO times as long as the other members' (from their DHT records) or
-        longer. A node as fast as the others waits for its gradient (a stale one costs accuracy); a
-        slow one keeps exchanging at the run's pace and folds its gradients in as they come."""
+        longer, by WAIT_SHARE of a round or more. A node as fast as the others waits for its gradient (a
+        stale one costs accuracy); a slow one keeps exchanging at the run's pace and folds its gradients
+        in as they come."""
         node = self.node
         seconds = getattr(node.algorithm.objective, "seconds", None)
         if seconds is None:
@@ -128,7 +131,12 @@ class RoundDriver:
         # messages say where in-neighbours are; DHT records say it too for algorithms that seldom send (DIMAT)
         ahead = max([node.inbox.newest_round, *(m.round for m in others)]) > node.round
         pace = self.pace()
-        return ahead and pace is not None and seconds >= SLOW_RATIO * pace
+        if not (ahead and pace is not None and seconds >= SLOW_RATIO * pace):
+            return False
+        # waiting makes each round (seconds - pace) longer than the others': less than a fifth of a round is
+        # cheaper than a late gradient (on a loaded machine gradients of a few ms vary 2x from one to the next)
+        rounds = node.agent.round_times
+        return not rounds or seconds - pace >= WAIT_SHARE * statistics.median(rounds)
 
     def pace(self) -> float | None:
         """The seconds the other members' gradients take (the median of their DHT records; None while

@@ -112,4 +112,7 @@ class RunEnd:
         }
         if accuracy is not None:
             summary["accuracy"] = accuracy
+        gradients = getattr(node.algorithm.objective, "gradients", None) if node.algorithm is not None else None
+        if gradients is not None:  # --sync async or --slow: how many of its rounds had a new gradient
+            summary["gradients"] = gradients
         return node.log.write_result(summary)

@@ -11,9 +11,9 @@ take local steps (D-SGD, SGP, DIMAT, Local-FT) whether the gradient they got is 
 - `SlowedGradients`: the daemon's `--slowdown`, a machine `factor` times slower: every gradient
   takes `factor` times as long (it sleeps the difference).
 - `BackgroundGradients`: the daemon's asynchronous rounds. The gradient runs in its own thread;
-  a round waits for it unless `behind()` (an in-neighbour is ahead, and this machine's gradients take
-  1.5x the other members' or longer): then it goes on with the latest gradient while the
-  computation carries on.
+  a round waits for it unless `behind()` (an in-neighbour is ahead, this machine's gradients take
+  1.5x the other members' or longer, and waiting would add a fifth of a round or more): then it goes
+  on with the latest gradient while the computation carries on.
 
 Paced batches (`--pace-batch`, with `--sync async`; off by default): a slow node first shrinks its
 mini-batch until a gradient takes no longer than the other members' (`paced_batch`), and only what
@@ -30,6 +30,7 @@ import logging
 import statistics
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
@@ -46,6 +47,7 @@ SLOW_RATIO = 1.5  # a machine whose gradients take this many times the other mem
 PACE_BAND = (0.8, 1.2)  # a gradient within these multiples of the others' time keeps its batch
 WARMUP_GRADIENTS = 3  # a daemon's first gradients carry one-off costs: they never pace the batch
 PACE_WINDOW = 5  # gradients timed at one batch size before the next pacing decision (their median counts)
+TIMED_GRADIENTS = 15  # a node's pace is the median time of its last this many gradients
 
 
 def paced_batch(batch: int, full: int, seconds: float, target: float) -> int:
@@ -151,14 +153,18 @@ class BackgroundGradients(_Wrapper):
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="gradient")
         self.running: Future | None = None
         self.latest: tuple[torch.Tensor, float] | None = None
-        self.seconds: float | None = None  # how long a gradient takes here (moving average)
+        self.recent: deque[float] = deque(maxlen=TIMED_GRADIENTS)
+        # how long a gradient takes here: the median of the recent ones, so a few slowed by a burst of
+        # other work (an evaluation beside the rounds) do not make a machine as fast as the others look slow
+        self.seconds: float | None = None
 
     def _compute(self, params: torch.Tensor) -> tuple[torch.Tensor, float]:
         with self.lock:
             started = time.perf_counter()
             result = self.objective.gradient(params)
             took = time.perf_counter() - started
-            self.seconds = took if self.seconds is None else 0.8 * self.seconds + 0.2 * took
+            self.recent.append(took)
+            self.seconds = statistics.median(self.recent)
             self._pace_batch(took)
             return result
 
