@@ -160,12 +160,8 @@ class RoundDriver:
         this node (its machine slept) and ended before this node read the epochs that left it out. Training
         on alone to the end would give a model nobody shares. (Members that finish in this node's own epoch
         are a run ending as usual.)"""
-        node = self.node
-        return any(
-            m.status == "done" and m.epoch_hash != node.record.hash
-            for m in node.agent.infos
-            if node.record.includes(m.peer_id, m.incarnation)
-        )
+        record = self.node.record
+        return bool(epochs.finished(record, (m for m in self.node.agent.infos if m.epoch_hash != record.hash)))
 
     async def train(self, record: EpochRecord) -> str:
         """Rounds until the end ('done'), a stop ('stopped'), a graceful leave ('left') or an epoch that

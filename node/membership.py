@@ -230,10 +230,10 @@ class MembershipAgent:
             named = record is not None and record.includes(me.peer_id, me.incarnation)
             if named and (after is None or record.rank > after.rank):
                 return record
-            stale = record is not None and not epochs.live(record, infos)
+            alive = set(epochs.live(record, infos)) if record is not None else set()
+            stale = record is not None and not alive
             # a left-out node may still hold the epoch it was in (it missed the later ones): it is live there itself
-            others = record is not None and set(epochs.live(record, infos)) - {me.peer_id}
-            if record is not None and not others and epochs.finished(record, infos):
+            if record is not None and not alive - {me.peer_id} and epochs.finished(record, infos):
                 raise RunFinished(
                     f"run {run_id!r} has finished (its members are done): there is nothing to join; "
                     "start a new run with another --run-id"

@@ -20,20 +20,21 @@ RUN = "compat"
 
 
 @pytest.fixture(scope="module")
-def validators():
-    return CompositeValidator(run_validators(RUN, RSAPrivateKey()))
+def validators() -> list:
+    return run_validators(RUN, RSAPrivateKey())
 
 
-def stored(validators: CompositeValidator, field: str, value: dict) -> bool:
+def stored(validators: list, field: str, value: dict) -> bool:
     """Whether a DHT peer with this version's validators accepts `value` under the run's `field` key."""
-    signer = next(v for v in validators._validators if isinstance(v, RSASignatureValidator))
+    signer = next(v for v in validators if isinstance(v, RSASignatureValidator))
+    chain = CompositeValidator(validators)
     record = DHTRecord(
         key=DHTID.generate(source=f"p2pnode_{RUN}_{field}").to_bytes(),
         subkey=MSGPackSerializer.dumps(signer.local_public_key),
         value=MSGPackSerializer.dumps(value),
         expiration_time=get_dht_time() + 60,
     )
-    return validators.validate(dataclasses.replace(record, value=validators.sign_value(record)))
+    return chain.validate(dataclasses.replace(record, value=chain.sign_value(record)))
 
 
 def member() -> dict:
