@@ -1,0 +1,82 @@
+"""Where a slow node's late gradients cost accuracy: per-class test accuracy, simulator.
+
+Runs P2P-FT on digits with the paper's split (node 3 alone holds classes 7-9) once in lockstep
+(`--sync wait`: a slow node changes only the time, so this is the clean run) and once with
+`--sync async --slow 3:FACTOR` (node 3's gradients come FACTOR rounds late), per seed, and prints
+node 0's accuracy on the slow node's own classes and on everyone else's. Every node ends in
+consensus in both, so node 0 speaks for all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+
+from p2pnode.node.settings import SimulateSettings
+from p2pnode.node.simulator import Simulation
+
+SLOW = 3
+
+
+@torch.no_grad()
+def per_class_accuracy(sim: Simulation, params: torch.Tensor) -> dict[int, float]:
+    bank = sim.test_bank
+    x, y = bank.get(torch.arange(len(bank.labels)))
+    predicted = sim.model.logits(params, x).argmax(1)
+    return {int(c): float((predicted[y == c] == c).float().mean()) for c in torch.unique(y)}
+
+
+def run(sync: str, factor: float | None, epochs: int, seed: int) -> dict:
+    slow = [f"{SLOW}:{factor}"] if factor else []
+    sim = Simulation(SimulateSettings(epochs=epochs, slow=slow, seed=seed, sync=sync).validate())
+    result = sim.run("p2pft")
+    slow_classes = sorted(set(int(c) for c in sim.data.train_labels[sim.parts[SLOW]]))
+    by_class = per_class_accuracy(sim, sim.nodes[0].params)
+    counts = torch.bincount(sim.test_bank.labels.long())
+    mean_over = lambda cs: sum(by_class[c] * int(counts[c]) for c in cs) / sum(int(counts[c]) for c in cs)  # noqa: E731
+    others = [c for c in by_class if c not in slow_classes]
+    return {
+        "sync": sync,
+        "factor": factor,
+        "seed": seed,
+        "accuracy": result.accuracy,
+        "slow_node_classes": slow_classes,
+        "accuracy_on_slow_node_classes": mean_over(slow_classes),
+        "accuracy_on_other_classes": mean_over(others),
+        "per_class": by_class,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--factor", type=float, default=5.0, help="how many times slower node 3 is")
+    parser.add_argument("--epochs", type=int, default=40, help="passes over the data of each run")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, one run per seed and case")
+    parser.add_argument("--json", help="also write every run here")
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    cases = (("wait", None), ("async", args.factor))
+    runs = [run(sync, factor, args.epochs, seed) for seed in seeds for sync, factor in cases]
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(runs, f, indent=1)
+    print(f"P2P-FT, digits, paper split, {args.epochs} epochs; node 3 holds classes {runs[0]['slow_node_classes']}")
+    print("| case | seed | every class (%) | node 3's classes (%) | the other classes (%) |")
+    print("|---|---|---|---|---|")
+    for r in runs:
+        case = "clean (`wait`)" if r["factor"] is None else f"`async`, node 3 {r['factor']:g}x"
+        print(f"| {case} | {r['seed']} | {100 * r['accuracy'][0]:.1f} | {100 * r['accuracy_on_slow_node_classes']:.1f} "
+              f"| {100 * r['accuracy_on_other_classes']:.1f} |")  # fmt: skip
+    for factor in (None, args.factor):
+        chosen = [r for r in runs if r["factor"] == factor]
+        slow_mean = statistics.mean(r["accuracy_on_slow_node_classes"] for r in chosen)
+        other_mean = statistics.mean(r["accuracy_on_other_classes"] for r in chosen)
+        print(f"mean over seeds, factor {factor}: node 3's classes {100 * slow_mean:.1f}, "
+              f"others {100 * other_mean:.1f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
