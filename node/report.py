@@ -27,6 +27,10 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
+def _ms(seconds: float | None) -> str:
+    return "" if seconds is None else f"{1000 * seconds:.1f}"
+
+
 def presence(result: AlgorithmResult) -> dict[int, list[list[int | None]]]:
     """{node id: [[from_round, to_round or None], ...]} (keys may be strings after a JSON round trip)."""
     return {int(i): spans for i, spans in result.history.get("presence", {}).items()}
@@ -91,7 +95,21 @@ def results_table(result: SimulationResult) -> Table:
         label = "membership" + (f" ({', '.join(names)})" if len(notes) > 1 else "")
         cells = dict(node_notes)
         table.add_row(label, *[cells.get(j, "") for j in range(n)], "", "")
+    paced = [(name, r) for name, r in result.results.items() if r.seconds_per_round]
+    show_pace = bool(paced) and (result.settings.get("sync") == "async" or bool(result.settings.get("slow")))
+    if show_pace:  # the daemons' own pace: what --slow and --sync async are about
+        table.add_section()
+        for name, r in paced:
+            label = LABELS.get(name, name)
+            table.add_row(f"ms / round ({label})", *[_ms(x) for x in r.seconds_per_round], "", "")
+            gradients = [str(g) if t is not None else "" for g, t in zip(r.steps, r.seconds_per_round, strict=True)]
+            table.add_row(f"new gradients ({label})", *gradients, "", "")
     captions = []
+    if show_pace:
+        captions.append(
+            "ms / round: a daemon's time in its rounds over their number; new gradients: its rounds "
+            "with a gradient of its own (fewer where a slow node went on with its latest)"
+        )
     if notes:
         captions.append("membership: rounds at which a node joined, left, crashed or came back")
         if starred:

@@ -67,6 +67,7 @@ class AlgorithmResult:
     samples: list[int] = field(default_factory=list)  # training samples each node drew (fewer for a paced batch)
     # the run's length in a normal node's step times: in lockstep every round waits for the slowest node
     duration_steps: float = 0.0
+    seconds_per_round: list[float | None] = field(default_factory=list)  # daemons: each node's measured pace
 
     def __post_init__(self) -> None:
         if self.honest_mean is None:

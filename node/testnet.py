@@ -472,6 +472,8 @@ def _collect(
         history=history,
         bytes_per_epoch=[b / s.epochs for b in sent],
         messages_per_epoch=[(results[i]["messages_sent"] if i in results else 0) / s.epochs for i in took_part],
+        steps=[results[i].get("gradients", 0) if i in results else 0 for i in took_part],
+        seconds_per_round=[_seconds_per_round(results.get(i)) for i in took_part],
     )
     shared = {f.name: getattr(s, f.name) for f in fields(TestnetSettings)}
     if events:
@@ -541,6 +543,13 @@ def _membership(fleet: _Fleet, changes: list[dict], took_part: list[int]) -> tup
             end = next((c["round"] for c in changes if c["round"] > start and peer in c["left"]), None)
             presence[str(i)].append([start, end])
     return membership, presence
+
+
+def _seconds_per_round(result: dict | None) -> float | None:
+    """A finished node's time in rounds over its rounds; None for a node that did not finish."""
+    if not result or not result.get("rounds") or "round_seconds" not in result:
+        return None
+    return result["round_seconds"] / result["rounds"]
 
 
 def _round_seconds(evals: dict[int, list[dict]], results: dict[int, dict]) -> list[dict]:

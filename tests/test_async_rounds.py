@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from p2pnode.cli.app import main
+from p2pnode.node.report import results_table
 from p2pnode.node.settings import SimulateSettings, TestnetSettings
-from p2pnode.node.simulator import Simulation
+from p2pnode.node.simulator import AlgorithmResult, Simulation, SimulationResult
 from p2pnode.node.testnet import node_command, run_testnet
 
 
@@ -129,12 +130,37 @@ def test_a_daemons_gradient_thread_shrinks_the_batch_only_when_it_is_slower_than
         g.shutdown()
 
 
+def rendered_rows(table) -> dict[str, list[str]]:
+    """{first cell: the node columns} for every row of a results table."""
+    columns = [[str(c) for c in column.cells] for column in table.columns]
+    nodes = columns[1:-2]  # method | node 1..n | mean | sent / node
+    return {label: [column[i] for column in nodes] for i, label in enumerate(columns[0])}
+
+
+def daemon_result(**fields) -> AlgorithmResult:
+    return AlgorithmResult(accuracy=[0.9, 0.9, 0.9], bytes_sent=[1, 1, 1], messages_sent=[1, 1, 1], iterations=100,
+                           seconds=3.0, **fields)  # fmt: skip
+
+
+@pytest.mark.parametrize(("sync", "slow", "shown"), [("async", [], True), ("wait", ["2:5"], True), ("wait", [], False)])
+def test_the_run_table_shows_each_daemons_pace_when_pace_is_the_point(sync, slow, shown):
+    settings = {"nodes": 3, "data": "digits", "split": "iid", "topology": "ring", "sync": sync, "slow": slow}
+    daemons = daemon_result(steps=[101, 99, 21], seconds_per_round=[0.0212, 0.0209, None])
+    rows = rendered_rows(results_table(SimulationResult(settings, {"p2pft": daemons}, "x")))
+    if not shown:
+        assert not any(label.startswith(("ms / round", "new gradients")) for label in rows), rows
+        return
+    assert rows["ms / round (P2P-FT)"] == ["21.2", "20.9", ""]  # a node that did not finish has no pace
+    assert rows["new gradients (P2P-FT)"] == ["101", "99", ""]
+
+
 @pytest.mark.timeout(400)
 def test_an_asynchronous_testnet_with_a_5x_slower_node_ends_in_consensus(tmp_path):
     settings = TestnetSettings(
         workdir=str(tmp_path), run_id="async", epochs=3, sync="async", slow=["3:5"], timeout=300
     ).validate()
-    result = run_testnet(settings).results["p2pft"]
+    run_result = run_testnet(settings)
+    result = run_result.results["p2pft"]
     assert max(result.accuracy) - min(result.accuracy) <= 0.03, result.accuracy
     assert min(result.accuracy) > 0.3, result.accuracy  # it learned (chance is 0.1)
     node_results = [json.loads(Path(p).read_text()) for p in sorted(tmp_path.glob("node*/result.json"))]
@@ -142,6 +168,12 @@ def test_an_asynchronous_testnet_with_a_5x_slower_node_ends_in_consensus(tmp_pat
     assert node_results[3]["settings"]["slowdown"] == 5.0
     # each node says how many of its rounds had a new gradient (at most one a round, plus its first)
     assert all(0 < r["gradients"] <= r["rounds"] + 1 for r in node_results), [r["gradients"] for r in node_results]
+    # the run's table shows each daemon's pace and new gradients, from the same results
+    assert result.steps == [r["gradients"] for r in node_results]
+    assert result.seconds_per_round == [r["round_seconds"] / r["rounds"] for r in node_results]
+    rows = rendered_rows(results_table(run_result))
+    assert rows["ms / round (P2P-FT)"] == [f"{1000 * x:.1f}" for x in result.seconds_per_round]
+    assert rows["new gradients (P2P-FT)"] == [str(r["gradients"]) for r in node_results]
 
 
 def test_a_slow_local_learner_steps_only_on_a_new_gradient():
