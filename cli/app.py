@@ -8,7 +8,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -19,6 +19,9 @@ from p2pnode.node.settings import NodeSettings, SimulateSettings, TestnetSetting
 
 from .attention_command import attention
 from .options import with_settings
+
+if TYPE_CHECKING:
+    from p2pnode.node.simulator import SimulationResult
 
 try:  # typer >= 0.26 vendors its own click
     from typer._click.exceptions import NoArgsIsHelpError, UsageError
@@ -78,7 +81,7 @@ JsonPath = Annotated[Path | None, typer.Option("--json", help="write results and
 PlotPath = Annotated[Path | None, typer.Option(help="write accuracy against epoch as an image")]
 
 
-def _report(result, json_path: Path | None, plot: Path | None) -> None:
+def _report(result: SimulationResult, json_path: Path | None, plot: Path | None) -> None:
     """The per-node table on stdout, then the JSON and the plot if asked for."""
     from p2pnode.node.report import results_table, write_json, write_plot
 

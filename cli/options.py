@@ -9,14 +9,14 @@ import types
 import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from p2pnode.node.settings import RunSettings, build_settings
 
 
-def _option(f: dataclasses.Field, hint) -> tuple[object, object]:
+def _option(f: dataclasses.Field, hint: Any) -> tuple[object, object]:
     flag = "--" + f.name.replace("_", "-")
     default = f.default_factory() if f.default is dataclasses.MISSING else f.default
     shown = ",".join(default) if isinstance(default, list) else default
@@ -60,7 +60,7 @@ def with_settings(cls: type[RunSettings], exclude: tuple[str, ...] = ()) -> Call
         names = {p.name for p in added}
 
         @functools.wraps(fn)
-        def wrapper(**kwargs):
+        def wrapper(**kwargs: Any) -> Any:
             values = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
             settings = build_settings(cls, values, kwargs.pop("config"))
             return fn(settings=settings, **kwargs)

@@ -14,7 +14,7 @@ by the matchers, applied to the neighbour's parameters, aligns them to the node'
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -280,7 +280,7 @@ def _run_block(block: nn.Module, params: Params, x: torch.Tensor) -> tuple[torch
     """The block's output and its hidden activations, each flattened to (samples * tokens, units)."""
     acts: dict[str, torch.Tensor] = {}
 
-    def keep_output(name: str):
+    def keep_output(name: str) -> Callable[[nn.Module, tuple, torch.Tensor], None]:
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             acts[name] = output
 

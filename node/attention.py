@@ -26,9 +26,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -38,6 +39,11 @@ from torch import nn
 
 from .errors import BadInput
 from .saved_models import CENTRAL, SavedModel, build_saved_model, check_fits, load_saved_models
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
+    from .models import FineTuneModel
 
 LABELS = {"p2pft": "P2P-FT", "local": "Local-FT", "central": "Central FT", "dsgd": "D-PSGD"}
 COLUMN_ORDER = ("local", "p2pft", "central")  # then any other algorithm, in the order given
@@ -170,7 +176,9 @@ def attention_maps(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return capture.maps()
 
 
-def tail_attention(model, vector: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def tail_attention(
+    model: FineTuneModel, vector: torch.Tensor, features: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Maps and logits of a FineTuneModel whose trainable tail holds `vector`, on trunk `features`
     (the frozen trunk's output is the same for every variant, so it is computed once)."""
     with last_attention(model.model) as capture, torch.no_grad():
@@ -438,12 +446,12 @@ def draw_grid(
     return len({round(b.y0, 4) for b in boxes}), len({round(b.x0, 4) for b in boxes})
 
 
-def _bare(ax) -> None:
+def _bare(ax: Axes) -> None:
     ax.set_xticks([])
     ax.set_yticks([])
 
 
-def _write(path: Path, write) -> None:
+def _write(path: Path, write: Callable[[Path], object]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write(path)

@@ -130,7 +130,7 @@ class Node:
         if len(self.indices) == 0:
             raise BadInput("this node has no training samples: check --classes")
 
-        def banks():
+        def banks() -> tuple[FeatureBank, FeatureBank]:
             train = FeatureBank(
                 self.model,
                 self.data.train,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,6 +20,9 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from .errors import BadInput
+
+if TYPE_CHECKING:
+    from torchvision.transforms import Compose
 
 DATASETS = ("digits", "cifar10", "cifar100", "flowers102", "pets", "PATH (image folder)")
 DEFAULT_DATA_ROOT = Path.home() / ".cache" / "p2pnode" / "data"
@@ -35,7 +39,9 @@ class ImageData:
     classes: list[str]
 
 
-def _to_model_input(x: torch.Tensor, size: tuple[int, int, int], mean, std) -> torch.Tensor:
+def _to_model_input(
+    x: torch.Tensor, size: tuple[int, int, int], mean: tuple[float, ...], std: tuple[float, ...]
+) -> torch.Tensor:
     """(N, C, H, W) in [0, 1] -> the model's channels, resolution and normalisation."""
     c, h, w = size
     if x.shape[-2:] != (h, w):
@@ -47,7 +53,7 @@ def _to_model_input(x: torch.Tensor, size: tuple[int, int, int], mean, std) -> t
     return ((x - m) / s).contiguous()
 
 
-def load_digits_data(size, mean, std) -> ImageData:
+def load_digits_data(size: tuple[int, int, int], mean: tuple[float, ...], std: tuple[float, ...]) -> ImageData:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -67,7 +73,7 @@ def load_digits_data(size, mean, std) -> ImageData:
     )
 
 
-def _transforms(size, mean, std, augment: bool):
+def _transforms(size: tuple[int, int, int], mean: tuple[float, ...], std: tuple[float, ...], augment: bool) -> Compose:
     from torchvision import transforms as T
 
     c, h, w = size
@@ -83,7 +89,7 @@ def _transforms(size, mean, std, augment: bool):
     return T.Compose(steps)
 
 
-def _stratified_split(labels: np.ndarray, test_fraction: float = 0.2):
+def _stratified_split(labels: np.ndarray, test_fraction: float = 0.2) -> list[np.ndarray]:
     from sklearn.model_selection import train_test_split
 
     idx = np.arange(len(labels))
@@ -92,7 +98,9 @@ def _stratified_split(labels: np.ndarray, test_fraction: float = 0.2):
     return train_test_split(idx, test_size=test_fraction, stratify=strat, random_state=0)
 
 
-def load_image_folder(root: Path, size, mean, std, augment: bool) -> ImageData:
+def load_image_folder(
+    root: Path, size: tuple[int, int, int], mean: tuple[float, ...], std: tuple[float, ...], augment: bool
+) -> ImageData:
     from torchvision.datasets import ImageFolder
 
     train_dir = root / "train"
@@ -130,7 +138,15 @@ def load_image_folder(root: Path, size, mean, std, augment: bool) -> ImageData:
     )
 
 
-def load_torchvision(name: str, root: Path, size, mean, std, augment: bool, download: bool) -> ImageData:
+def load_torchvision(
+    name: str,
+    root: Path,
+    size: tuple[int, int, int],
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    augment: bool,
+    download: bool,
+) -> ImageData:
     from torchvision import datasets as D
 
     train_tf, test_tf = _transforms(size, mean, std, augment), _transforms(size, mean, std, False)
@@ -262,7 +278,9 @@ def partition(
     return out
 
 
-def _dirichlet(labels, alpha, nodes, rng, num_classes) -> list[np.ndarray]:
+def _dirichlet(
+    labels: np.ndarray, alpha: float, nodes: int, rng: np.random.Generator, num_classes: int
+) -> list[np.ndarray]:
     for _ in range(100):
         parts: list[list[int]] = [[] for _ in range(nodes)]
         for c in range(num_classes):

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,6 +33,9 @@ from safetensors.torch import load_file, save_file
 from .errors import BadInput
 from .models import FineTuneModel
 from .settings import RunSettings
+
+if TYPE_CHECKING:
+    from .simulator import Simulation
 
 FORMAT = "p2pnode-saved-model"
 VERSION = 1
@@ -115,7 +119,7 @@ def save_models(
     return written
 
 
-def save_simulation_run(directory: str | Path, sim, name: str) -> list[Path]:
+def save_simulation_run(directory: str | Path, sim: Simulation, name: str) -> list[Path]:
     """Save the nodes of `sim`'s last run (`Simulation.run(name)` just returned) under `name`."""
     parts = [np.concatenate(sim.parts)] if name == CENTRAL else sim.parts
     classes = node_classes(sim.data.train_labels, parts)
@@ -319,7 +323,7 @@ def _daemon_classes(settings: dict, index: int) -> list[int] | None:
     return None
 
 
-def _atomic(path: Path, write) -> None:
+def _atomic(path: Path, write: Callable[[Path], object]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:
         write(tmp)

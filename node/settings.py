@@ -12,6 +12,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,7 +27,7 @@ TESTNET_HOSTS = ("loopback", "netns")
 SYNC_MODES = ("wait", "async")
 
 
-def opt(default, help: str, **kw):
+def opt(default: Any, help: str, **kw: Any) -> Any:
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .churn import ChurnEvent, initial_members, parse_churn
 from .data import parse_split
@@ -28,6 +29,11 @@ from .errors import BadInput
 from .saved_models import save_simulation_run, save_state_dirs
 from .settings import RunSettings, TestnetSettings, parse_slow, to_flags
 from .simulator import AlgorithmResult, SimulationResult
+
+if TYPE_CHECKING:
+    from types import FrameType
+
+    from .netlab import Host
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +76,7 @@ class NamespacedHosts(Hosts):
         self.lab.start()
         self.hosts: dict = {}
 
-    def host(self, name: str):
+    def host(self, name: str) -> Host:
         if name not in self.hosts:
             node = int(name[1:]) if name.startswith("n") else None
             router = self.lab.add_nat_router(f"r{node}") if node is not None and node < self.nat else None
@@ -307,7 +313,7 @@ def sigterm_as_exit() -> Iterator[None]:
         yield
         return
 
-    def on_sigterm(signum, frame) -> None:
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
         raise SystemExit(128 + signum)
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)

@@ -11,8 +11,12 @@ import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import BadInput
+
+if TYPE_CHECKING:
+    import torch
 
 TOPOLOGIES = ("directed-ring", "exponential", "complete", "ring", "random:K", "FILE")
 
@@ -110,7 +114,7 @@ class Topology:
             )
         return self
 
-    def row_stochastic(self):
+    def row_stochastic(self) -> torch.Tensor:
         """The full matrix A (for tests and analysis; nodes never build it)."""
         import torch
 
@@ -122,7 +126,7 @@ class Topology:
                 a[i, j] = h.row_weight(j)
         return a
 
-    def column_stochastic(self):
+    def column_stochastic(self) -> torch.Tensor:
         import torch
 
         b = torch.zeros(self.n, self.n, dtype=torch.float64)

@@ -8,6 +8,7 @@ every epoch. With augmentation each draw is a new image and the trunk runs every
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,10 +18,13 @@ from torch.utils.data import Dataset
 from .data import ImageData, load_data
 from .models import FineTuneModel, build_model
 
+if TYPE_CHECKING:
+    from .settings import RunSettings
+
 Progress = Callable[[int, int], None]
 
 
-def prepare_model_and_data(settings, device: torch.device) -> tuple[FineTuneModel, ImageData]:
+def prepare_model_and_data(settings: RunSettings, device: torch.device) -> tuple[FineTuneModel, ImageData]:
     """The model (frozen trunk + new head for the data's classes) and the data at its input size."""
     s = settings
     probe = build_model(s.model, 1, s.trainable_blocks, False, None, s.model_seed)

@@ -16,6 +16,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 from hivemind.p2p import PeerID
 
@@ -51,15 +52,16 @@ BEHIND_ROUNDS = 256  # frames further behind are refused: no memory is kept of w
 SEEN_PER_SENDER = 2048  # (epoch, phase, round) keys remembered per sender, oldest forgotten first
 
 Key = tuple[int, str, int]  # (epoch, phase, round)
+_T = TypeVar("_T")  # what the work run by `Transport._off_loop` returns
 
 
-def waiting(waits: dict, key, now: float) -> bool:
+def waiting(waits: dict, key: int | PeerID, now: float) -> bool:
     """Whether `key` (a peer) failed lately and is not to be tried again yet. `waits` maps a key to
     (not tried again until, failures in a row)."""
     return now < waits.get(key, (0.0, 0))[0]
 
 
-def note_failure(waits: dict, key, now: float) -> None:
+def note_failure(waits: dict, key: int | PeerID, now: float) -> None:
     """`key` failed: wait RETRY_FIRST_S, doubling with each failure in a row up to RETRY_MAX_S. A failure
     while it already waits (a send queued behind the one that failed, failing with it) counts once."""
     until, failures = waits.get(key, (0.0, 0))
@@ -239,7 +241,7 @@ class Transport:
             self.pending[task] = peer
             task.add_done_callback(lambda t: self.pending.pop(t, None))
 
-    async def _off_loop(self, work, nbytes: int):
+    async def _off_loop(self, work: Callable[[], _T], nbytes: int) -> _T:
         """Run encode/decode work in the decode pool, or inline when it is small: a thread hop costs
         more than packing a small message and would add to every round's latency."""
         if nbytes < INLINE_BYTES:

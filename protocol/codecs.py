@@ -14,6 +14,7 @@ import math
 import re
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import ClassVar
@@ -471,7 +472,7 @@ def decode(e: Encoded) -> torch.Tensor:
     return codec_of(e).decode(e)
 
 
-def _median_ms(fn, repeats: int = 5) -> float:
+def _median_ms(fn: Callable[[], object], repeats: int = 5) -> float:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()

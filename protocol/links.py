@@ -24,8 +24,12 @@ import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from hivemind.p2p import P2P, PeerID
+
+if TYPE_CHECKING:
+    from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 
 logger = logging.getLogger(__name__)
 
@@ -328,7 +332,7 @@ class Links:
 
     # --- receiving -------------------------------------------------------------------------------
 
-    async def _handle(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _handle(self, info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Serve one in-link: frames in order until the sender closes it or a limit ends it."""
         peer = info.peer_id
         if not await self._open(peer, writer):
@@ -412,5 +416,5 @@ class Links:
             logger.debug("removing the link handler failed: %s", e)
 
 
-async def _close_at_once(info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _close_at_once(info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     writer.close()  # the stream's only use was to open the connection it rode on

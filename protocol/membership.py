@@ -18,6 +18,7 @@ import logging
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING
 
 import hivemind
 import pydantic.v1 as pydantic
@@ -26,6 +27,11 @@ from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
 from hivemind.utils import get_dht_time
 
 from .admission import Admission, AdmissionValidator, Revocation
+
+if TYPE_CHECKING:
+    from hivemind.dht.routing import DHTValue
+    from hivemind.utils import ValueWithExpiration
+    from hivemind.utils.crypto import RSAPrivateKey
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +200,7 @@ def revoked_key(run_id: str) -> str:
     return f"p2pnode_{run_id}_revoked"
 
 
-def run_validators(run_id: str, private_key=None, owner: str | None = None) -> list:
+def run_validators(run_id: str, private_key: RSAPrivateKey | None = None, owner: str | None = None) -> list:
     """The validator set every peer of the run must use (a closed run's peers all give its `owner`)."""
     validators = [RSASignatureValidator(private_key), SchemaValidator(_RunSchema, prefix=f"p2pnode_{run_id}")]
     if owner is not None:
@@ -229,7 +235,7 @@ class Membership:
         future = self.dht.store(key, value, expiration, subkey=subkey, return_future=True)
         return future.result(timeout=DHT_CALL_TIMEOUT)
 
-    def _get(self, key: str):
+    def _get(self, key: str) -> ValueWithExpiration[DHTValue] | None:
         return self.dht.get(key, latest=True, return_future=True).result(timeout=DHT_CALL_TIMEOUT)
 
     def announce(self, info: MemberInfo) -> bool:

@@ -15,11 +15,15 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import msgpack
 import numpy as np
 import torch
 from hivemind.p2p import P2P, PeerID
+
+if TYPE_CHECKING:
+    from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +72,7 @@ async def serve_state(
     """Register the donor side: every request gets the parameters as they are at that moment.
     `admit(peer)` False: the stream is closed before anything is read from it."""
 
-    async def handle(info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def handle(info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = str(info.peer_id)[-8:]
         if admit is not None and not admit(info.peer_id):
             logger.warning("refused a parameter request from %s: not a member of run %s", peer, run_id)

@@ -12,12 +12,16 @@ With `--robust clip` each aligned neighbour is clipped around this node's parame
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from .. import alignment
 from .base import Algorithm, Message, as_tensor, register
 from .robust import clip_around
+
+if TYPE_CHECKING:
+    from ..settings import RunSettings
 
 FEATURE_SAMPLES = 256  # own samples whose activations are correlated when aligning a neighbour
 
@@ -38,7 +42,7 @@ class DIMAT(Algorithm):
     def reset_links(self) -> None:
         self.newest = {}
 
-    def configure(self, *, iterations_per_epoch: int, settings=None) -> None:
+    def configure(self, *, iterations_per_epoch: int, settings: RunSettings | None = None) -> None:
         super().configure(iterations_per_epoch=iterations_per_epoch, settings=settings)
         if settings is not None:
             self.merge_every, self.warmup_epochs = settings.merge_every, settings.warmup_epochs

@@ -24,6 +24,7 @@ With `--robust clip` both phases clip what neighbours send and the tracker is le
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -31,6 +32,9 @@ from .base import Algorithm, Message, register
 from .pull import PullChannel
 from .robust import TRACKER_LEAK, MassClipper
 from .running_sums import PushReceiver, PushSender
+
+if TYPE_CHECKING:
+    from ..settings import RunSettings
 
 
 @register
@@ -56,7 +60,7 @@ class P2PFT(Algorithm):
         self.receiver = PushReceiver(self.hood, self.params.numel(), self.params.device)
         self.clipper = MassClipper(self.hood.in_neighbours, self.params)
 
-    def configure(self, *, iterations_per_epoch: int, settings=None) -> None:
+    def configure(self, *, iterations_per_epoch: int, settings: RunSettings | None = None) -> None:
         super().configure(iterations_per_epoch=iterations_per_epoch, settings=settings)
         if settings is not None:
             self.local_steps = settings.local_steps
