@@ -96,16 +96,16 @@ def results_table(result: SimulationResult) -> Table:
         cells = dict(node_notes)
         table.add_row(label, *[cells.get(j, "") for j in range(n)], "", "")
     paced = [(name, r) for name, r in result.results.items() if r.seconds_per_round]
-    show_pace = bool(paced) and (result.settings.get("sync") == "async" or bool(result.settings.get("slow")))
-    if show_pace:  # the daemons' own pace: what --slow and --sync async are about
+    captions = []
+    if paced and (result.settings.get("sync") == "async" or result.settings.get("slow")):
+        # the daemons' own pace: what --slow and --sync async are about
         table.add_section()
         for name, r in paced:
             label = LABELS.get(name, name)
             table.add_row(f"ms / round ({label})", *[_ms(x) for x in r.seconds_per_round], "", "")
-            gradients = [str(g) if t is not None else "" for g, t in zip(r.steps, r.seconds_per_round, strict=True)]
-            table.add_row(f"new gradients ({label})", *gradients, "", "")
-    captions = []
-    if show_pace:
+            if r.steps:  # only asynchronous rounds count them: a round that waits has its own gradient
+                gradients = [str(g) if t is not None else "" for g, t in zip(r.steps, r.seconds_per_round, strict=True)]
+                table.add_row(f"new gradients ({label})", *gradients, "", "")
         captions.append(
             "ms / round: a daemon's time in its rounds over their number; new gradients: its rounds "
             "with a gradient of its own (fewer where a slow node went on with its latest)"

@@ -478,7 +478,7 @@ def _collect(
         history=history,
         bytes_per_epoch=[b / s.epochs for b in sent],
         messages_per_epoch=[(results[i]["messages_sent"] if i in results else 0) / s.epochs for i in took_part],
-        steps=[results[i].get("gradients", 0) if i in results else 0 for i in took_part],
+        steps=_gradients(results, took_part),
         seconds_per_round=[_seconds_per_round(results.get(i)) for i in took_part],
     )
     shared = {f.name: getattr(s, f.name) for f in fields(TestnetSettings)}
@@ -549,6 +549,14 @@ def _membership(fleet: _Fleet, changes: list[dict], took_part: list[int]) -> tup
             end = next((c["round"] for c in changes if c["round"] > start and peer in c["left"]), None)
             presence[str(i)].append([start, end])
     return membership, presence
+
+
+def _gradients(results: dict[int, dict], took_part: list[int]) -> list[int]:
+    """Each node's rounds with a new gradient (0 for one that did not finish), where every finished node
+    counted them (`--sync async`, or its own `--slow`); otherwise none: a round that waits has its own."""
+    if not all("gradients" in r for r in results.values()):
+        return []
+    return [results[i]["gradients"] if i in results else 0 for i in took_part]
 
 
 def _seconds_per_round(result: dict | None) -> float | None:

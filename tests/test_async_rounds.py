@@ -12,7 +12,7 @@ from p2pnode.cli.app import main
 from p2pnode.node.report import results_table
 from p2pnode.node.settings import SimulateSettings, TestnetSettings
 from p2pnode.node.simulator import AlgorithmResult, Simulation, SimulationResult
-from p2pnode.node.testnet import node_command, run_testnet
+from p2pnode.node.testnet import _gradients, node_command, run_testnet
 
 
 @pytest.mark.parametrize(
@@ -152,6 +152,18 @@ def test_the_run_table_shows_each_daemons_pace_when_pace_is_the_point(sync, slow
         return
     assert rows["ms / round (P2P-FT)"] == ["21.2", "20.9", ""]  # a node that did not finish has no pace
     assert rows["new gradients (P2P-FT)"] == ["101", "99", ""]
+
+
+def test_a_waiting_run_with_a_slow_node_shows_its_pace_but_no_gradient_counts_it_does_not_have():
+    # with --sync wait only the --slow node counts its gradients: the others' would read 0
+    results = {0: {"gradients": 24, "rounds": 23}, 1: {"rounds": 23}, 2: {"rounds": 23}}
+    assert _gradients(results, [0, 1, 2]) == []
+    assert _gradients({0: {"gradients": 24}, 2: {"gradients": 9}}, [0, 1, 2]) == [24, 0, 9]
+    settings = {"nodes": 3, "data": "digits", "split": "iid", "topology": "ring", "sync": "wait", "slow": ["0:5"]}
+    daemons = daemon_result(steps=[], seconds_per_round=[0.05, 0.05, 0.05])
+    rows = rendered_rows(results_table(SimulationResult(settings, {"p2pft": daemons}, "x")))
+    assert rows["ms / round (P2P-FT)"] == ["50.0", "50.0", "50.0"]
+    assert "new gradients (P2P-FT)" not in rows
 
 
 @pytest.mark.timeout(400)
