@@ -11,7 +11,9 @@ reused. Each case below keeps one of the two (P2P-FT, digits, the paper's split,
 - `reused`: node 3 takes one gradient per FACTOR rounds at the parameters of that round and reuses
   it until the next (reused, 0 to FACTOR-1 rounds old);
 - `paced`: `--pace-batch`, a fresh gradient every round on a batch FACTOR times smaller;
-- `matched`: every node's gradient is FACTOR rounds late (node 3 as in `delayed`).
+- `matched`: every node's gradient is FACTOR rounds late (node 3 as in `delayed`);
+- `plain-clean`, `plain-late`: `clean` and `late` with plain SGD (`--momentum 0 --lr 0.05`);
+- `adam-clean`, `adam-late`: `clean` and `late` with `--optimizer adam --lr 0.001`.
 
 The `delayed`, `reused` and `matched` objectives exist only here: the simulator's own slow node is
 swapped for them while a case runs.
@@ -36,6 +38,8 @@ from p2pnode.node.settings import SimulateSettings
 SLOW = 3
 NODES = 4
 CASES = ("clean", "late", "delayed", "reused", "paced", "matched")
+CASES += ("plain-clean", "plain-late", "adam-clean", "adam-late")
+STEPS = {"plain": {"momentum": 0.0, "lr": 0.05}, "adam": {"optimizer": "adam", "lr": 0.001}}  # else the defaults
 
 
 class DelayedGradients(_Wrapper):
@@ -81,6 +85,7 @@ def slow_node_as(make: Callable[[Objective, float, bool], Objective]) -> Iterato
 
 
 def run_case(case: str, factor: int, epochs: int, seed: int) -> list[float]:
+    step, _, case = case.rpartition("-")
     slow, pace_batch = [f"{SLOW}:{factor}"], False
     make: Callable[[Objective, float, bool], Objective] = simulator.slow_objective
     if case == "clean":
@@ -94,7 +99,9 @@ def run_case(case: str, factor: int, epochs: int, seed: int) -> list[float]:
     elif case == "matched":  # the fast nodes are named slow with factor 1: late by `factor`, not slower
         slow = [f"{i}:1" for i in range(NODES) if i != SLOW] + slow
         make = lambda objective, f, _: DelayedGradients(objective, factor)  # noqa: E731
-    settings = SimulateSettings(epochs=epochs, slow=slow, seed=seed, sync="async", pace_batch=pace_batch)
+    settings = SimulateSettings(
+        epochs=epochs, slow=slow, seed=seed, sync="async", pace_batch=pace_batch, **STEPS.get(step, {})
+    )
     with slow_node_as(make):
         return simulator.Simulation(settings.validate()).run("p2pft").accuracy
 

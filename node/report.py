@@ -107,8 +107,9 @@ def results_table(result: SimulationResult) -> Table:
                 gradients = [str(g) if t is not None else "" for g, t in zip(r.steps, r.seconds_per_round, strict=True)]
                 table.add_row(f"new gradients ({label})", *gradients, "", "")
         captions.append(
-            "ms / round: a daemon's time in its rounds over their number; new gradients: its rounds "
-            "with a gradient of its own (fewer where a slow node went on with its latest)"
+            "ms / round: a daemon's time in its rounds over their number; new gradients: the gradients it "
+            "computed, its first (tau^0 = g^0, before round 1) included, so rounds + 1 where no round went on "
+            "with its latest"
         )
     if notes:
         captions.append("membership: rounds at which a node joined, left, crashed or came back")
