@@ -3,8 +3,10 @@
 Runs P2P-FT on digits with the paper's split (node 3 alone holds classes 7-9) once in lockstep
 (`--sync wait`: a slow node changes only the time, so this is the clean run) and once with
 `--sync async --slow 3:FACTOR` (node 3's gradients come FACTOR rounds late), per seed, and prints
-node 0's accuracy on the slow node's own classes and on everyone else's. Every node ends in
-consensus in both, so node 0 speaks for all.
+node 0's accuracy on the slow node's own classes and on everyone else's, where its errors fall
+(another node's class taken for one of node 3's, the reverse, or a mix-up within one group), and
+each node's training loss in the last epoch. Every node ends in consensus in both, so node 0
+speaks for all.
 """
 
 from __future__ import annotations
@@ -22,11 +24,28 @@ SLOW = 3
 
 
 @torch.no_grad()
-def per_class_accuracy(sim: Simulation, params: torch.Tensor) -> dict[int, float]:
+def predictions(sim: Simulation, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted class, true class) of every test image."""
     bank = sim.test_bank
     x, y = bank.get(torch.arange(len(bank.labels)))
-    predicted = sim.model.logits(params, x).argmax(1)
+    return sim.model.logits(params, x).argmax(1), y
+
+
+def per_class_accuracy(predicted: torch.Tensor, y: torch.Tensor) -> dict[int, float]:
     return {int(c): float((predicted[y == c] == c).float().mean()) for c in torch.unique(y)}
+
+
+def error_groups(predicted: torch.Tensor, y: torch.Tensor, slow_classes: list[int]) -> dict[str, int]:
+    """Test errors by where they fall: into the slow node's classes, out of them, or within a group."""
+    slow = torch.tensor(slow_classes)
+    wrong, true_slow, said_slow = predicted != y, torch.isin(y, slow), torch.isin(predicted, slow)
+    into = int((wrong & ~true_slow & said_slow).sum())
+    out_of = int((wrong & true_slow & ~said_slow).sum())
+    return {
+        "other_taken_for_slow": into,
+        "slow_taken_for_other": out_of,
+        "within_group": int(wrong.sum()) - into - out_of,
+    }
 
 
 def run(sync: str, factor: float | None, epochs: int, seed: int) -> dict:
@@ -34,7 +53,8 @@ def run(sync: str, factor: float | None, epochs: int, seed: int) -> dict:
     sim = Simulation(SimulateSettings(epochs=epochs, slow=slow, seed=seed, sync=sync).validate())
     result = sim.run("p2pft")
     slow_classes = sorted(set(int(c) for c in sim.data.train_labels[sim.parts[SLOW]]))
-    by_class = per_class_accuracy(sim, sim.nodes[0].params)
+    predicted, y = predictions(sim, sim.nodes[0].params)
+    by_class = per_class_accuracy(predicted, y)
     counts = torch.bincount(sim.test_bank.labels.long())
     mean_over = lambda cs: sum(by_class[c] * int(counts[c]) for c in cs) / sum(int(counts[c]) for c in cs)  # noqa: E731
     others = [c for c in by_class if c not in slow_classes]
@@ -47,6 +67,8 @@ def run(sync: str, factor: float | None, epochs: int, seed: int) -> dict:
         "accuracy_on_slow_node_classes": mean_over(slow_classes),
         "accuracy_on_other_classes": mean_over(others),
         "per_class": by_class,
+        "errors": error_groups(predicted, y, slow_classes),
+        "last_epoch_loss": result.history["loss"][-1],
     }
 
 
@@ -64,12 +86,16 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump(runs, f, indent=1)
     print(f"P2P-FT, digits, paper split, {args.epochs} epochs; node 3 holds classes {runs[0]['slow_node_classes']}")
-    print("| case | seed | every class (%) | node 3's classes (%) | the other classes (%) |")
-    print("|---|---|---|---|---|")
+    print("| case | seed | every class (%) | node 3's classes (%) | the other classes (%) "
+          "| errors: other as node 3's / node 3's as other / within | last epoch's loss, nodes 0-3 |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
     for r in runs:
         case = "clean (`wait`)" if r["factor"] is None else f"`async`, node 3 {r['factor']:g}x"
+        loss = " / ".join(f"{x:.3f}" for x in r["last_epoch_loss"])
+        errors = " / ".join(str(n) for n in r["errors"].values())
         print(f"| {case} | {r['seed']} | {100 * r['accuracy'][0]:.1f} | {100 * r['accuracy_on_slow_node_classes']:.1f} "
-              f"| {100 * r['accuracy_on_other_classes']:.1f} |")  # fmt: skip
+              f"| {100 * r['accuracy_on_other_classes']:.1f} "
+              f"| {errors} | {loss} |")  # fmt: skip
     for factor in (None, args.factor):
         chosen = [r for r in runs if r["factor"] == factor]
         slow_mean = statistics.mean(r["accuracy_on_slow_node_classes"] for r in chosen)
