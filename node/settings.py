@@ -126,6 +126,8 @@ class RunSettings:
             raise BadInput(f"--warmup-epochs must be >= 0 (got {self.warmup_epochs})")
         if self.sync not in SYNC_MODES:
             raise BadInput(f"unknown --sync {self.sync!r}: use {' or '.join(SYNC_MODES)}")
+        if self.pace_batch and self.sync != "async":
+            raise BadInput("--pace-batch needs --sync async (with --sync wait every round waits for every gradient)")
         if self.max_staleness < 1:
             raise BadInput(f"--max-staleness must be at least 1 round (got {self.max_staleness})")
         if self.robust not in ROBUST_RULES:

@@ -24,6 +24,8 @@ from p2pnode.node.testnet import _gradients, node_command, run_testnet
         (["simulate", "--slow", "3:2", "--slow", "3:4"], "names node 3 twice"),
         (["simulate", "--sync", "sometimes"], "unknown --sync 'sometimes'"),
         (["simulate", "--max-staleness", "0"], "--max-staleness must be at least 1"),
+        (["simulate", "--pace-batch"], "--pace-batch needs --sync async"),
+        (["testnet", "--pace-batch", "--sync", "wait", "--slow", "3:5"], "--pace-batch needs --sync async"),
         (["testnet", "--slow", "x:2"], "give NODE:FACTOR"),
         (["start", "--slowdown", "0.5"], "--slowdown must be a factor >= 1"),
     ],
