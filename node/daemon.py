@@ -40,7 +40,7 @@ from .errors import BadInput, RunFinished
 from .finish import FINISHED_WITHOUT_THIS_NODE, RunEnd
 from .membership import MembershipAgent
 from .metrics import NodeMetrics
-from .pace import BackgroundGradients, SlowedGradients
+from .pace import BackgroundGradients, SlowedGradients, TimedGradients
 from .rounds import Inbox
 from .run_log import RunLog
 from .settings import NodeSettings
@@ -346,6 +346,8 @@ class Node:
         if s.sync == "async":  # rounds go on at the run's pace; the gradient comes when it is ready
             pace = self.driver.pace if s.pace_batch else None
             objective = BackgroundGradients(objective, self.driver.behind, pace)
+        else:  # timed all the same: every member's record says how long its gradients take
+            objective = TimedGradients(objective)
         codec = None if s.codec == "none" else get_codec(s.codec)
         step = StepRule(step_schedule(s, self.rounds), s.momentum, s.optimizer)
 

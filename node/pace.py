@@ -10,7 +10,9 @@ take local steps (D-SGD, SGP, DIMAT, Local-FT) whether the gradient they got is 
   gets was started `factor` rounds earlier at that round's parameters.
 - `SlowedGradients`: the daemon's `--slowdown`, a machine `factor` times slower: every gradient
   takes `factor` times as long (it sleeps the difference).
-- `BackgroundGradients`: the daemon's asynchronous rounds. The gradient runs in its own thread;
+- `TimedGradients`: the daemon's gradients in lockstep (`--sync wait`), timed, so every node's DHT
+  record says how long its gradients take (`p2pnode status` shows it) whatever the sync mode.
+- `BackgroundGradients`: the daemon's asynchronous rounds (timed as well). The gradient runs in its own thread;
   a round waits for it unless `behind()` (an in-neighbour is ahead, this machine's gradients take
   1.5x the other members' or longer, and waiting would add a fifth of a round or more): then it goes
   on with the latest gradient while the computation carries on.
@@ -129,7 +131,30 @@ class SlowedGradients(_Wrapper):
         return result
 
 
-class BackgroundGradients(_Wrapper):
+class TimedGradients(_Wrapper):
+    def __init__(self, objective: Objective) -> None:
+        super().__init__(objective)
+        self.recent: deque[float] = deque(maxlen=TIMED_GRADIENTS)
+        # how long a gradient takes here: the median of the recent ones, so a few slowed by a burst of
+        # other work (an evaluation beside the rounds) do not make a machine as fast as the others look slow
+        self.seconds: float | None = None
+
+    def _timed_gradient(self, params: torch.Tensor) -> tuple[tuple[torch.Tensor, float], float]:
+        """The gradient and the seconds it took (counted into `seconds`)."""
+        started = time.perf_counter()
+        result = self.objective.gradient(params)
+        took = time.perf_counter() - started
+        self.recent.append(took)
+        self.seconds = statistics.median(self.recent)
+        return result, took
+
+    def gradient(self, params: torch.Tensor) -> tuple[torch.Tensor, float]:
+        result, _ = self._timed_gradient(params)
+        self.gradients += 1
+        return result
+
+
+class BackgroundGradients(TimedGradients):
     def __init__(
         self,
         objective: Objective,
@@ -153,18 +178,10 @@ class BackgroundGradients(_Wrapper):
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="gradient")
         self.running: Future | None = None
         self.latest: tuple[torch.Tensor, float] | None = None
-        self.recent: deque[float] = deque(maxlen=TIMED_GRADIENTS)
-        # how long a gradient takes here: the median of the recent ones, so a few slowed by a burst of
-        # other work (an evaluation beside the rounds) do not make a machine as fast as the others look slow
-        self.seconds: float | None = None
 
     def _compute(self, params: torch.Tensor) -> tuple[torch.Tensor, float]:
         with self.lock:
-            started = time.perf_counter()
-            result = self.objective.gradient(params)
-            took = time.perf_counter() - started
-            self.recent.append(took)
-            self.seconds = statistics.median(self.recent)
+            result, took = self._timed_gradient(params)
             self._pace_batch(took)
             return result
 

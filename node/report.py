@@ -103,7 +103,7 @@ def results_table(result: SimulationResult) -> Table:
         for name, r in paced:
             label = LABELS.get(name, name)
             table.add_row(f"ms / round ({label})", *[_ms(x) for x in r.seconds_per_round], "", "")
-            if r.steps:  # only asynchronous rounds count them: a round that waits has its own gradient
+            if r.steps:  # empty unless every finished daemon counted them (testnet._gradients)
                 gradients = [str(g) if t is not None else "" for g, t in zip(r.steps, r.seconds_per_round, strict=True)]
                 table.add_row(f"new gradients ({label})", *gradients, "", "")
         captions.append(

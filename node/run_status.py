@@ -77,15 +77,15 @@ def status_tables(status: RunStatus) -> list[Table]:
     peers = list(record.members) if record is not None else []
     peers += [m.peer_id for m in infos if m.peer_id not in peers]
     table = Table(title=f"run {status.run_id}: {len(infos)} member(s)")
-    columns = ("#", "peer", "classes", "state", "status", "round", "pass", "loss", "accuracy", "sent", "seen")
-    columns += ("attested by neighbours",)
+    columns = ("#", "peer", "classes", "state", "status", "round", "pass", "gradient", "loss", "accuracy")
+    columns += ("sent", "seen", "attested by neighbours")
     for col in columns:
         table.add_column(col, justify="left" if col in ("peer", "state", "status", "classes") else "right")
     for peer in peers:
         m = next((x for x in infos if x.peer_id == peer), None)
         position = str(record.members.index(peer)) if record is not None and peer in record.members else "-"
         if m is None:
-            table.add_row(position, peer[-10:], "-", status.state_of(peer), *["-"] * 7, attestation(infos, peer))
+            table.add_row(position, peer[-10:], "-", status.state_of(peer), *["-"] * 8, attestation(infos, peer))
             continue
         table.add_row(
             position,
@@ -95,6 +95,7 @@ def status_tables(status: RunStatus) -> list[Table]:
             m.status,
             f"{m.round}/{m.rounds}",
             str(m.train_epoch),
+            gradient_time(m.step_seconds),
             f"{m.loss:.3f}" if m.loss >= 0 else "-",
             f"{100 * m.accuracy:.1f}%" if m.accuracy >= 0 else "-",
             f"{m.bytes_sent / 1e6:.1f} MB",
@@ -102,6 +103,13 @@ def status_tables(status: RunStatus) -> list[Table]:
             attestation(infos, peer),
         )
     return [head, table]
+
+
+def gradient_time(seconds: float) -> str:
+    """How long a member's gradients take (the median of its last ones), "-" before its first round."""
+    if not seconds > 0:
+        return "-"
+    return f"{1000 * seconds:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
 def attestation(infos: list[MemberInfo], peer: str) -> str:

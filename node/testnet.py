@@ -552,8 +552,8 @@ def _membership(fleet: _Fleet, changes: list[dict], took_part: list[int]) -> tup
 
 
 def _gradients(results: dict[int, dict], took_part: list[int]) -> list[int]:
-    """Each node's rounds with a new gradient (0 for one that did not finish), where every finished node
-    counted them (`--sync async`, or its own `--slow`); otherwise none: a round that waits has its own."""
+    """Each node's gradients computed (0 for one that did not finish), where every finished node counted
+    them (every daemon does; a result without the count, from an older release, leaves them all out)."""
     if not all("gradients" in r for r in results.values()):
         return []
     return [results[i]["gradients"] if i in results else 0 for i in took_part]

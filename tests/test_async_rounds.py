@@ -4,15 +4,20 @@ node whose steps take 5x as long that still ends in consensus."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from p2pnode.cli.app import main
+from p2pnode.node.pace import TimedGradients
 from p2pnode.node.report import results_table
+from p2pnode.node.run_status import RunStatus, status_tables
 from p2pnode.node.settings import SimulateSettings, TestnetSettings
 from p2pnode.node.simulator import AlgorithmResult, Simulation, SimulationResult
 from p2pnode.node.testnet import _gradients, node_command, run_testnet
+from p2pnode.protocol.membership import MemberInfo
 
 
 @pytest.mark.parametrize(
@@ -156,8 +161,8 @@ def test_the_run_table_shows_each_daemons_pace_when_pace_is_the_point(sync, slow
     assert rows["new gradients (P2P-FT)"] == ["101", "99", ""]
 
 
-def test_a_waiting_run_with_a_slow_node_shows_its_pace_but_no_gradient_counts_it_does_not_have():
-    # with --sync wait only the --slow node counts its gradients: the others' would read 0
+def test_a_run_whose_daemons_did_not_all_count_their_gradients_shows_its_pace_but_no_counts():
+    # a result.json without the count (an older release) would read 0: the row is left out
     results = {0: {"gradients": 24, "rounds": 23}, 1: {"rounds": 23}, 2: {"rounds": 23}}
     assert _gradients(results, [0, 1, 2]) == []
     assert _gradients({0: {"gradients": 24}, 2: {"gradients": 9}}, [0, 1, 2]) == [24, 0, 9]
@@ -282,3 +287,30 @@ def test_a_node_waits_for_its_own_gradient_unless_that_would_make_its_rounds_muc
     assert not driver.behind()
     node.inbox.newest_round, node.agent.infos = 11, others(0.0)  # the others' pace not known yet
     assert not driver.behind()
+
+
+def test_gradients_in_lockstep_are_timed_and_counted_like_asynchronous_ones():
+    class Sleepy:
+        batch_size = 16
+
+        def gradient(self, params: torch.Tensor) -> tuple[torch.Tensor, float]:
+            time.sleep(0.02)
+            return params * 2, 0.5
+
+    timed = TimedGradients(Sleepy())
+    assert timed.seconds is None
+    for _ in range(3):
+        grad, loss = timed.gradient(torch.ones(3))
+    assert torch.equal(grad, torch.full((3,), 2.0)) and loss == 0.5
+    assert timed.gradients == 3 and timed.fresh
+    assert 0.02 <= timed.seconds < 1.0
+
+
+def test_status_shows_how_long_each_members_gradients_take():
+    def info(peer: str, seconds: float) -> MemberInfo:
+        return MemberInfo(peer_id=peer, fingerprint="f", settings_hash="s", samples=1, step_seconds=seconds)
+
+    status = RunStatus("r", None, [info("a" * 12, 0.0123), info("b" * 12, 2.5), info("c" * 12, 0.0)])
+    members = status_tables(status)[1]
+    column = next(c for c in members.columns if c.header == "gradient")
+    assert list(column.cells) == ["12.3 ms", "2.50 s", "-"]  # "-": no round yet

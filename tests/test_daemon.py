@@ -67,6 +67,10 @@ def test_four_daemons_match_the_simulator_after_five_rounds_and_leave_nothing_be
         assert (state["tau"] - sim.nodes[i].tau).abs().max() <= 1e-5
     for got, want in zip(daemons.accuracy, reference.accuracy, strict=True):
         assert abs(got - want) <= 0.005
+    # every daemon times and counts its gradients in lockstep too (its DHT record says how long they take)
+    for i in range(4):
+        assert json.loads((tmp_path / f"node{i}" / "result.json").read_text())["gradients"] == 6  # tau^0 + 5 rounds
+    assert daemons.steps == [6] * 4
     # two phases per round, one message per out-neighbour each: 10 messages of 34,250 floats and a header
     assert all(n == 10 for n in daemons.messages_sent)
     assert all(10 * 34250 * 4 < b < 10 * 34250 * 4 * 1.01 for b in daemons.bytes_sent)
