@@ -34,49 +34,11 @@ MAX_LAG = 0
 WAIT_SHARE = 0.2  # --sync async: a node waits for its own gradient if that makes its rounds at most this much longer
 
 
-def slow_members(step_seconds: dict[str, float], round_seconds: float | None) -> dict[str, float]:
-    """The members whose gradients take SLOW_RATIO times the other members' (their median) or longer, and
-    longer by WAIT_SHARE of a round or more (`round_seconds`, when known): with `--sync wait` every round
-    waits for them. Peer -> its gradient time over the others'. Members that have not said are left out."""
-    said = {peer: t for peer, t in step_seconds.items() if t > 0}
-    slow = {}
-    for peer, seconds in said.items():
-        others = [t for p, t in said.items() if p != peer]
-        if not others:
-            continue
-        pace = statistics.median(others)
-        if seconds >= SLOW_RATIO * pace and (round_seconds is None or seconds - pace >= WAIT_SHARE * round_seconds):
-            slow[peer] = seconds / pace
-    return slow
-
-
 class RoundDriver:
     """Drives one node; `await driver.train(record)` runs it from `record` to an outcome."""
 
     def __init__(self, node: Node) -> None:
         self.node = node
-        self.named_slow: set[str] = set()  # members already named as holding a waiting run back
-
-    def name_slow_members(self) -> None:
-        """`--sync wait`: say once per member which one's gradients every round waits for, and what
-        `--sync async` would do about it (a run's operator reads the logs, not DHT records)."""
-        node = self.node
-        members = node.record.members
-        times = {m.peer_id: m.step_seconds for m in node.agent.infos if m.peer_id in members}
-        times[node.peer_id] = node.info.step_seconds
-        rounds = node.agent.round_times
-        for peer, ratio in slow_members(times, statistics.median(rounds) if rounds else None).items():
-            if peer in self.named_slow:
-                continue
-            self.named_slow.add(peer)
-            logger.warning(
-                "member %d (%s) takes %.1f ms a gradient, %.1fx the others': with --sync wait every round waits "
-                "for it; with --sync async the others would go on at their own pace (README: One slow volunteer)",
-                members.index(peer),
-                "this node" if peer == node.peer_id else peer[-10:],
-                1000 * times[peer],
-                ratio,
-            )
 
     def enter_epoch(self, record: EpochRecord, k: int) -> None:
         """Run in `record`'s epoch from round k on: new positions, neighbourhood and fresh links."""
@@ -252,7 +214,6 @@ class RoundDriver:
                 node.evaluations.append(asyncio.create_task(node.end_of_epoch(k // node.per_epoch)))
             elif k % node.per_epoch == 0:
                 await node.end_of_epoch(k // node.per_epoch)
-                self.name_slow_members()
             if k % s.checkpoint_every == 0:
                 await loop.run_in_executor(node.compute, node.checkpoint)
         return "done"

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from p2pnode.cli.app import main
-from p2pnode.node.driver import slow_members
 from p2pnode.node.pace import TimedGradients
 from p2pnode.node.report import results_table
 from p2pnode.node.run_status import RunStatus, status_tables
@@ -315,15 +314,3 @@ def test_status_shows_how_long_each_members_gradients_take():
     members = status_tables(status)[1]
     column = next(c for c in members.columns if c.header == "gradient")
     assert list(column.cells) == ["12.3 ms", "2.50 s", "-"]  # "-": no round yet
-
-
-def test_a_waiting_run_names_the_member_whose_gradients_hold_every_round_back():
-    times = {"a": 0.005, "b": 0.006, "c": 0.004, "slow": 0.077}
-    assert set(slow_members(times, round_seconds=0.080)) == {"slow"}
-    assert slow_members(times, round_seconds=0.080)["slow"] == pytest.approx(0.077 / 0.005)
-    assert slow_members(times, round_seconds=None).keys() == {"slow"}
-    # 1.5x slower but a sliver of a round (the exchange dominates): not worth a word
-    assert slow_members({"a": 0.005, "b": 0.005, "c": 0.0075}, round_seconds=0.025) == {}
-    assert slow_members({"a": 0.005, "b": 0.0051, "c": 0.0049}, round_seconds=None) == {}  # equal machines
-    assert slow_members({"a": 0.005, "b": 0.0, "slow": 0.05}, round_seconds=None) == {"slow": 10.0}  # b: not yet
-    assert slow_members({"alone": 0.05}, round_seconds=None) == {}
