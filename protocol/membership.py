@@ -113,7 +113,7 @@ class MemberInfo:
     incarnation: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # new at every process start
     loss: float = float("nan")
     accuracy: float = -1.0
-    step_seconds: float = 0.0  # --sync async: how long one gradient takes on this node (0: not measured yet)
+    step_seconds: float = 0.0  # how long one gradient takes on this node, median of its last ones (0: not yet)
     bytes_sent: int = 0
     classes: str = ""
     invitation: str = ""  # closed runs: the owner's invitation for this peer id (JSON)
