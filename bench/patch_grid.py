@@ -1,6 +1,6 @@
 """Why the default digits model keeps its 2x2 attention map: what a 4x4 map costs P2P-FT against central.
 
-    .venv/bin/python bench/patch_grid.py [--seed 0] [--json PATH]
+    .venv/bin/python bench/patch_grid.py [--seed 0] [--json PATH] [--runs "overlap;overlap, lr 0.02"]
 
 The default `vit_digits` cuts an 8x8 digit into four 4-pixel patches (a 2x2 map). Each variant below
 gives a 4x4 map (16 patch tokens) and runs the default digits settings (simulator, 4 nodes, the
@@ -52,6 +52,8 @@ RUNS = [
     ("p2", {"model": "bench_vit_digits_p2_plain"}),
     ("overlap", {"model": "bench_vit_digits_overlap"}),
     ("overlap, lr 0.01", {"model": "bench_vit_digits_overlap", "lr": 0.01}),
+    ("overlap, lr 0.02", {"model": "bench_vit_digits_overlap", "lr": 0.02}),
+    ("overlap, lr 0.04", {"model": "bench_vit_digits_overlap", "lr": 0.04}),
     ("overlap, batch 8 (twice the rounds)", {"model": "bench_vit_digits_overlap", "batch_size": 8}),
     ("overlap, 80 epochs (twice the rounds)", {"model": "bench_vit_digits_overlap", "epochs": 80}),
     ("overlap, adam lr 0.001", {"model": "bench_vit_digits_overlap", "optimizer": "adam", "lr": 0.001}),
@@ -67,10 +69,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--runs", default=None, help="semicolon-separated labels to run (default: every run)")
     args = parser.parse_args()
+    wanted = None if args.runs is None else set(args.runs.split(";"))
+    unknown = (wanted or set()) - {label for label, _ in RUNS}
+    if unknown:
+        parser.error(f"unknown runs {sorted(unknown)}; choose from {[label for label, _ in RUNS]}")
     started = time.perf_counter()
     rows = []
     for label, overrides in RUNS:
+        if wanted is not None and label not in wanted:
+            continue
         settings = SimulateSettings(seed=args.seed, compare=["central"], **overrides).validate()
         sim = Simulation(settings)
         p2p, central = sim.run("p2pft"), sim.run("central")

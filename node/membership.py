@@ -51,6 +51,7 @@ class MembershipAgent:
         self._refreshed = 0.0
         self._wake = asyncio.Event()
         self._pending: set[asyncio.Task] = set()  # announcements in flight
+        self._alone_since: float | None = None  # when a read first left this node the only one of its epoch
 
     @classmethod
     async def create(cls, membership: Membership, info: MemberInfo, heartbeat: float) -> MembershipAgent:
@@ -162,8 +163,23 @@ class MembershipAgent:
         own = dataclasses.replace(self.info, updated=time.time())  # this node's round is fresh, not extrapolated
         mine = [m for m in self.infos if m.peer_id != self.info.peer_id] + [own]
         proposal = epochs.next_epoch(record, mine, self.info.peer_id, lead)
-        if proposal is not None:
+        if proposal is None:
+            self._alone_since = None
+        elif self._confirmed_alone(record, proposal):
             await self.propose(proposal)
+
+    def _confirmed_alone(self, record: EpochRecord, proposal: EpochRecord) -> bool:
+        """False until reads a heartbeat apart agree that everyone else left: a node that wakes from sleep
+        reads the DHT through a routing table of peers that have exited, and one read that found neither
+        the others' heartbeats nor their done records made it train the rest of the run alone."""
+        if proposal.members != (self.info.peer_id,) or len(record.members) == 1:
+            self._alone_since = None
+            return True
+        now = time.monotonic()
+        if self._alone_since is None:
+            self._alone_since = now
+            logger.info("no other member of epoch %d found; reading again before going on alone", record.number)
+        return now - self._alone_since >= self.heartbeat
 
     async def propose(self, record: EpochRecord) -> None:
         loop = asyncio.get_running_loop()

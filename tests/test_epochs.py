@@ -344,3 +344,47 @@ def test_a_member_missing_from_one_read_stays_until_its_record_expires():
     gone_c = agent._remember([(a, 114.0)], now=109.0)  # C's record expired at 108: now it is gone
     assert [m.peer_id for m in gone_c] == ["A", "B"] and epochs.gone(r, gone_c) == {"C"}
     assert epochs.gone(r, agent._remember([], now=116.0)) == {"A", "B", "C"}
+
+
+def coordinator_a_whose_reads_find(reads: list[list[MemberInfo]], heartbeat: float) -> list[list[EpochRecord]]:
+    """A coordinates epoch ABC; each refresh, `heartbeat` / 2 s apart, reads the next list of
+    heartbeats (besides its own). The epochs A had proposed after each read."""
+    r = record("ABC", proposer="B")  # B proposed it: A does not keep it alive, only proposes changes
+    me = info("A", round_=100, record=r)
+    membership = RecordedMembership([me], [r])
+    proposed = []
+    membership.propose = lambda rec, ttl: proposed.append(rec) or True
+    agent = MembershipAgent(membership, me, heartbeat=heartbeat)
+
+    async def scenario():
+        after = []
+        for others in reads:
+            membership.infos = [me, *others]
+            await agent.refresh()
+            after.append(list(proposed))
+            await asyncio.sleep(heartbeat / 2)
+        return after
+
+    return asyncio.run(scenario())
+
+
+def test_a_node_goes_on_alone_only_when_reads_a_heartbeat_apart_find_nobody():
+    first, second, third = coordinator_a_whose_reads_find([[], [], []], heartbeat=0.2)
+    assert first == second == []  # the first two reads were 0.1 s apart: not yet
+    assert [(p.number, p.members) for p in third] == [(1, ("A",))]
+
+
+def test_one_read_that_misses_everyone_does_not_leave_a_woken_node_alone():
+    """The woken sleeper's race, again: its first read after a long stall found neither the others'
+    heartbeats nor their done records (the test of this in test_daemon.py then failed once in CI)."""
+    r = record("ABC", proposer="B")
+    done = [info(p, "done", record=r) for p in "BC"]
+    assert coordinator_a_whose_reads_find([[], done, done], heartbeat=0.2) == [[], [], []]
+
+
+def test_dropping_a_member_while_others_remain_is_not_delayed():
+    """Only going on alone waits for a confirming read: B gone, C live, A drops B at its first read."""
+    r = record("ABC", proposer="B")
+    c = info("C", round_=100, record=r)
+    (proposed,) = coordinator_a_whose_reads_find([[c]], heartbeat=0.2)
+    assert [p.members for p in proposed] == [("A", "C")]

@@ -170,7 +170,10 @@ def test_a_huge_length_header_is_refused_before_any_payload_is_read():
                 return answer, took, peak_before, ok, frames, links.counters(), str(honest.peer_id)
 
     answer, took, peak_before, ok, frames, counters, honest = asyncio.run(scenario())
-    assert answer == REJECTED and took < 3, (answer, took)
+    # the refusal byte is a courtesy: closing a stream with the sender's 4 KiB unread makes p2pd reset
+    # it, and under load the reset once overtook the byte (an empty answer). The refusal itself is the
+    # counter, the prompt close and nothing reserved.
+    assert answer in (REJECTED, b"") and took < 3, (answer, took)
     assert counters["refused_size"] == 1
     assert peak_before == 0, "bytes were reserved for the 2^40-byte frame"
     assert ok and [p for p, _ in frames] == [honest]
