@@ -108,7 +108,12 @@ def start_bootstrap(
     hosts = hosts or Hosts()
     argv = cli_command("bootstrap", "--listen", hosts.listen("boot"), "--run-id", run_id)
     proc = hosts.popen(
-        "boot", [*argv, *(["--owner", owner] if owner else [])], stdout=subprocess.PIPE, stderr=log.open("w"), text=True
+        "boot",
+        [*argv, *(["--owner", owner] if owner else [])],
+        stdout=subprocess.PIPE,
+        stderr=log.open("w"),
+        text=True,
+        start_new_session=True,  # its own group, which `stop_processes` can end with its p2pd
     )
     addr = read_bootstrap_address(proc, timeout)
     if addr is None:
@@ -207,17 +212,33 @@ def invite_nodes(workdir: Path, state_dirs: list[Path], run_id: str) -> str:
 
 
 def stop_processes(procs: list[subprocess.Popen], grace: float = 20.0) -> None:
-    """SIGTERM, wait up to `grace` seconds in all, then SIGKILL whatever is left."""
+    """SIGTERM each process, give them `grace` seconds in all, then SIGKILL the process group of each one
+    still unreaped: a node killed alone would leave its p2pd and DHT process running."""
     for p in procs:
-        if p.poll() is None:
-            p.terminate()
+        if p.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + grace
     for p in procs:
-        try:
-            p.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(5)
+        while not _exited_unreaped(p) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    for p in procs:
+        if p.returncode is None:  # its pid is still ours, so its group cannot be someone else's
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGKILL)  # not a group leader (no new session): nothing to kill here
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
+        p.wait(5)
+
+
+def _exited_unreaped(p: subprocess.Popen) -> bool:
+    """Whether `p` has exited, without reaping it (so its pid stays reserved and its group signalable)."""
+    if p.returncode is not None:
+        return True
+    try:
+        return os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
 
 
 def _read_json(path: Path) -> dict | None:

@@ -1,0 +1,74 @@
+"""`stop_processes` ends what a testnet started, children included, even when a process ignores SIGTERM."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from p2pnode.node.testnet import stop_processes
+
+# a stand-in for a node: ignores SIGTERM (a node stuck under load) and has a child (its p2pd), whose pid it prints
+STUBBORN_PARENT = """
+import signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _start(session: bool) -> tuple[subprocess.Popen, int]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STUBBORN_PARENT], stdout=subprocess.PIPE, text=True, start_new_session=session
+    )
+    child = int(proc.stdout.readline())
+    return proc, child
+
+
+@pytest.mark.timeout(60)
+def test_a_process_that_ignores_sigterm_is_killed_with_its_children_after_the_grace():
+    proc, child = _start(session=True)
+    try:
+        started = time.monotonic()
+        stop_processes([proc], grace=1.0)
+        assert time.monotonic() - started < 10
+        assert proc.returncode is not None
+        deadline = time.monotonic() + 5
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(child), "the child (a node's p2pd) outlived its killed parent"
+    finally:
+        for pid in (proc.pid, child):
+            subprocess.run(["kill", "-9", str(pid)], stderr=subprocess.DEVNULL, check=False)
+
+
+@pytest.mark.timeout(60)
+def test_a_process_in_the_callers_group_is_killed_without_signalling_the_caller():
+    proc, child = _start(session=False)  # its pid is no group id: killpg must find nothing, not our group
+    try:
+        stop_processes([proc], grace=1.0)
+        assert proc.returncode is not None
+    finally:
+        for pid in (proc.pid, child):
+            subprocess.run(["kill", "-9", str(pid)], stderr=subprocess.DEVNULL, check=False)
+
+
+@pytest.mark.timeout(60)
+def test_processes_that_exit_on_sigterm_are_not_waited_for_the_whole_grace():
+    procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"]) for _ in range(3)]
+    started = time.monotonic()
+    stop_processes(procs, grace=30.0)
+    assert time.monotonic() - started < 15
+    assert all(p.returncode == -15 for p in procs)
