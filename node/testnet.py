@@ -248,12 +248,16 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _eval_history(state_dir: Path) -> list[dict]:
-    """The `eval` events a node wrote (one per pass over the data), also for nodes that crashed."""
+def _events(state_dir: Path) -> list[dict]:
     from .events import read_events
 
     path = state_dir / "events.jsonl"
-    return [e for e in read_events(path) if e.get("kind") == "eval"] if path.is_file() else []
+    return read_events(path) if path.is_file() else []
+
+
+def _eval_history(state_dir: Path) -> list[dict]:
+    """The `eval` events a node wrote (one per pass over the data), also for nodes that crashed."""
+    return [e for e in _events(state_dir) if e.get("kind") == "eval"]
 
 
 class _Fleet:
@@ -417,7 +421,9 @@ def _watch(
     while True:
         now = time.monotonic()
         if now > deadline:
-            raise RuntimeError(f"the testnet did not finish within {s.timeout:.0f} s; logs in {fleet.workdir}")
+            raise RuntimeError(
+                f"the testnet did not finish within {s.timeout:.0f} s ({_standing(fleet)}); logs in {fleet.workdir}"
+            )
         if t0 is None and _training_started(fleet):
             t0 = now  # churn is timed from the start of training, not of the processes
         while t0 is not None and todo and now - t0 >= todo[0].when:
@@ -454,6 +460,17 @@ def _watch(
         if on_progress:
             on_progress(i, r["rounds"], r["rounds"], r["accuracy"])
     return results
+
+
+def _standing(fleet: _Fleet) -> str:
+    """Where each node stands, for the timeout error: its status, its last evaluated round and epoch."""
+    parts = []
+    for i, status in fleet.status.items():
+        progress = _read_json(fleet.state(i) / "progress.json") or {}
+        epochs = [e["epoch"] for e in _events(fleet.state(i)) if e.get("kind") == "epoch_change"]
+        where = f"round {progress['round']}/{progress['rounds']}" if "round" in progress else "no pass done"
+        parts.append(f"node {i} {status}, {where}, epoch {epochs[-1] if epochs else '-'}")
+    return "; ".join(parts)
 
 
 def _collect(

@@ -72,3 +72,18 @@ def test_processes_that_exit_on_sigterm_are_not_waited_for_the_whole_grace():
     stop_processes(procs, grace=30.0)
     assert time.monotonic() - started < 15
     assert all(p.returncode == -15 for p in procs)
+
+
+@pytest.mark.timeout(240)
+def test_a_testnet_past_its_deadline_says_where_each_node_stood_and_leaves_no_process(tmp_path, own_processes):
+    from p2pnode.node.settings import TestnetSettings
+    from p2pnode.node.testnet import run_testnet
+
+    settings = TestnetSettings(nodes=4, epochs=200, batch_size=16, run_id="late", workdir=str(tmp_path), timeout=45)
+    with pytest.raises(RuntimeError, match="did not finish within 45 s") as raised:
+        run_testnet(settings.validate())
+    message = str(raised.value)
+    for i in range(4):
+        assert f"node {i} in, " in message, message
+    assert "round " in message and "/4600" in message, message  # at least one node finished a pass by then
+    assert not own_processes(), "a daemon outlived the testnet's teardown"
