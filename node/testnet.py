@@ -467,9 +467,10 @@ def _standing(fleet: _Fleet) -> str:
     parts = []
     for i, status in fleet.status.items():
         progress = _read_json(fleet.state(i) / "progress.json") or {}
-        epochs = [e["epoch"] for e in _events(fleet.state(i)) if e.get("kind") == "epoch_change"]
+        epochs = [e for e in _events(fleet.state(i)) if e.get("kind") == "epoch_change"]
         where = f"round {progress['round']}/{progress['rounds']}" if "round" in progress else "no pass done"
-        parts.append(f"node {i} {status}, {where}, epoch {epochs[-1] if epochs else '-'}")
+        epoch = f"epoch {epochs[-1]['epoch']} of {len(epochs[-1]['members'])}" if epochs else "no epoch"
+        parts.append(f"node {i} {status}, {where}, {epoch}")
     return "; ".join(parts)
 
 

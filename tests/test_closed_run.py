@@ -27,6 +27,7 @@ from p2pnode.protocol.admission import (
 from p2pnode.protocol.envelope import MAX_MESSAGE_BYTES, from_message, pack
 from p2pnode.protocol.links import Links
 from p2pnode.protocol.membership import MemberInfo, Membership, run_validators
+from p2pnode.protocol.transfer import TransferError, fetch_state
 
 RUN = "closed-daemons"
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
@@ -52,6 +53,7 @@ class Uninvited:
         info.invitation = copied_invitation
         self.record_stored = Membership(self.dht, RUN, validators[0], ttl=60).announce(info)
         self.answers: list[bool] = []
+        self.downloads: list[bool] = []  # per member: whether it served this peer its parameters
 
     async def attack(self, members: list[Node], armed: asyncio.Event, done: asyncio.Event) -> None:
         """Push a poisoned copy of every message member 0 sends, to every member, as member 0 sends it:
@@ -80,11 +82,21 @@ class Uninvited:
         armed.set()
         try:
             await done.wait()
+            self.downloads = [await self._download(p2p, node) for node in members]  # trained, still serving
             self.answers = list(await asyncio.gather(*sends))
         finally:
             source.send_all = original
             await links.shutdown()
             await p2p.shutdown()
+
+    @staticmethod
+    async def _download(p2p, member: Node) -> bool:
+        """Whether the member hands its parameters to this peer, as it does to an invited joiner."""
+        try:
+            await fetch_state(p2p, RUN, [member.peer_id], member.model.num_trainable, chunk_timeout=15.0)
+        except TransferError:
+            return False
+        return True
 
     @staticmethod
     async def _never(data: bytes, peer: PeerID) -> bool:
@@ -164,6 +176,7 @@ def test_an_uninvited_peer_pushing_every_round_changes_nothing_in_a_closed_run(t
     results, params, stranger = run_closed(tmp_path, "attacked", with_uninvited=True)
     clean_results, clean_params, _ = run_closed(tmp_path, "clean", with_uninvited=False)
     assert stranger.record_stored is False, "the DHT stored a member record with a copied invitation"
+    assert stranger.downloads == [False, False, False], "a member served its parameters to the uninvited peer"
     rounds = results[0]["rounds"]
     assert len(stranger.answers) >= rounds, f"only {len(stranger.answers)} frames pushed in {rounds} rounds"
     assert not any(stranger.answers), f"{sum(stranger.answers)} of {len(stranger.answers)} frames accepted"
