@@ -10,8 +10,8 @@ server:
   silent by a live member), is leaving, or a compatible peer outside the record wants in (a joiner,
   or the members of another epoch after a partition healed). Survivors keep their order, joiners are
   appended. The new epoch takes effect `lead` rounds after the furthest member's round, so that
-  every member reads it before then. One change at a time: nothing new is proposed while a record
-  has not yet taken effect.
+  every member reads it before then. One change at a time: nothing new is proposed until every
+  member that stays has entered the current record (its heartbeat names the record's hash).
 """
 
 from __future__ import annotations
@@ -97,6 +97,11 @@ def next_epoch(
     leaving = {p for p, m in alive.items() if m.status == "leaving"}
     new = joiners(record, infos, record.fingerprint, record.settings_hash)
     if not (out or leaving or new):
+        return None
+    if any(m.epoch_hash != record.hash for p, m in alive.items() if p not in out):
+        # Not every member that stays has entered it yet. Records are one per proposer, so a member that
+        # read the next one first would never see this one: it would stay in the epoch before, sending to
+        # its old neighbours, while its new ones wait out timeouts for it (seen under load in CI).
         return None
     # Members of a healed partition trained on their own side meanwhile, maybe past this side's rounds:
     # the new epoch starts ahead of them too (one that entered late, far ahead of the others, would

@@ -82,6 +82,27 @@ def test_only_the_coordinator_proposes_and_nothing_while_an_epoch_is_pending():
     assert epochs.next_epoch(pending, [info(p, record=pending) for p in "AB"], "A", lead=5) is None
 
 
+def test_nothing_new_is_proposed_until_every_member_that_stays_has_entered_the_current_epoch():
+    # Under load in CI: epoch 1 (from round 204) was in effect for A, which had passed round 204, while B,
+    # the coordinator, was still at round 161 in epoch 0. Proposing epoch 2 then made B skip epoch 1 (one
+    # record per proposer: it never read 1) and keep sending to a crashed peer while A waited for it.
+    before, current = record("ABCX"), record("ABC", number=1, proposer="B", start=204)
+    infos = [info("A", round_=210, record=current), info("B", round_=161, record=before)]
+    infos += [info("C", round_=205, record=current), info("D", "joining", 0)]
+    assert epochs.next_epoch(current, infos, "A", lead=5) is None  # B has not entered epoch 1 yet
+    infos[1] = info("B", round_=204, record=current)
+    proposal = epochs.next_epoch(current, infos, "A", lead=5)
+    assert proposal is not None and proposal.members == ("A", "B", "C", "D") and proposal.start_round == 215
+
+
+def test_a_member_gone_from_the_current_epoch_does_not_hold_up_the_next():
+    before, current = record("ABCX"), record("ABC", number=1, start=204)
+    stuck = info("C", round_=150, record=before, status="training")  # alive, never entered: reported silent
+    infos = [info("A", round_=210, record=current, silent=["C"]), info("B", round_=209, record=current), stuck]
+    proposal = epochs.next_epoch(current, infos, "A", lead=5)
+    assert proposal is not None and proposal.members == ("A", "B")
+
+
 def test_survivors_keep_their_order_and_joiners_are_appended():
     r = record("CAB")
     infos = [info(p, record=r) for p in "CAB"] + [info("E", "joining", 0), info("D", "joining", 0)]
