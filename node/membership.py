@@ -44,6 +44,7 @@ class MembershipAgent:
         self._seen: dict[str, tuple[MemberInfo, float]] = {}  # every member read, with its record's expiration
         self.records: list[EpochRecord] = []
         self.record: EpochRecord | None = None  # the epoch record the run follows
+        self._followed_at = time.monotonic()  # when this node began to follow `record`
         self.round_times: deque[float] = deque(maxlen=20)  # recent seconds per round, to schedule epochs ahead
         self.on_change: Callable[[EpochRecord], None] | None = None
         self._silent: set[str] = set()
@@ -124,7 +125,7 @@ class MembershipAgent:
         self.infos = self._remember(read, get_dht_time())
         found = epochs.current_record(self.records, self.info.fingerprint, self.info.settings_hash)
         if found is not None and (self.record is None or found.rank > self.record.rank):
-            self.record = found
+            self._follow(found)
             logger.info(
                 "epoch %d from round %d: %d member(s), coordinator %s",
                 found.number,
@@ -132,8 +133,6 @@ class MembershipAgent:
                 len(found.members),
                 found.proposer[-8:],
             )
-            if self.on_change is not None:
-                self.on_change(found)
         if self.record is not None and self.record.proposer == self.info.peer_id:
             await self._keep_alive(self.record)
         if self.record is not None and self.info.epoch_hash:
@@ -198,9 +197,16 @@ class MembershipAgent:
             )
             self.records.append(record)
             if self.record is None or record.rank > self.record.rank:
-                self.record = record
-                if self.on_change is not None:
-                    self.on_change(record)
+                self._follow(record)
+
+    def _follow(self, record: EpochRecord) -> None:
+        self.record, self._followed_at = record, time.monotonic()
+        if self.on_change is not None:
+            self.on_change(record)
+
+    def record_age(self) -> float:
+        """Seconds since this node began to follow its current record (read it, or proposed it)."""
+        return time.monotonic() - self._followed_at
 
     async def _keep_alive(self, record: EpochRecord) -> None:
         loop = asyncio.get_running_loop()

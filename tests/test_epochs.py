@@ -338,6 +338,30 @@ def test_a_node_far_behind_an_epoch_that_leaves_it_out_stops_its_old_epochs_roun
     assert asyncio.run(driver.train(old)) == "done" and len(ran) == 5
 
 
+def test_a_member_jumps_to_a_far_epoch_only_after_following_it_for_a_while():
+    """Under load the coordinator's lead (three polls at its pace) can be more than twice this node's
+    lead of a moment later. A record it has just read is not a sign that it fell behind: it trains its
+    rounds up to the start. One it has followed for JUMP_AFTER_POLLS polls is: it jumps there."""
+    old, latest = record("ABC"), record("ABC", 1, start=400)
+    for age, first_round in ((0.5, 40), (10.0, 400)):
+        driver, node, ran = node_c_at_round_40(old, latest, 1000, [])
+        node.agent.poll, node.agent.record_age = 1.0, lambda age=age: age
+        evaluated = []
+
+        async def end_of_epoch(epoch, evaluated=evaluated):
+            evaluated.append(epoch)
+
+        async def count(k, ran=ran, node=node):
+            ran.append(k)
+            if len(ran) == 5:
+                node.stop_requested.set()
+
+        node.end_of_epoch, driver.run_round = end_of_epoch, count
+        assert asyncio.run(driver.train(old)) == "stopped"
+        assert ran == list(range(first_round, first_round + 5)), (age, ran)
+        assert evaluated == ([4] if first_round == 400 else [])  # the skipped passes' one evaluation
+
+
 def test_a_node_whose_epoch_members_finished_in_another_epoch_stops_and_one_at_the_usual_end_goes_on():
     """A node that slept holds epoch 0 (ABC) and has not read epoch 1 (AB), which A and B finished in:
     train() returns 'left out' before any round (it then learns the run finished). A and B done in its
