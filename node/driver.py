@@ -152,13 +152,7 @@ class RoundDriver:
     def far_behind(self, latest: EpochRecord, k: int) -> bool:
         """Whether `latest` starts further ahead than any lead a coordinator schedules at this node's
         pace: this node fell behind the run (its side of a partition was slower, its machine slept, or
-        its old epoch's other members moved on), and its old epoch would crawl there on timeouts.
-
-        A member still in the run jumps only once it has followed `latest` for JUMP_AFTER_POLLS polls:
-        the coordinator's lead is three polls at its pace, and under load this node's pace can be more
-        than twice as slow a moment later. Jumping then skipped a whole lead of training (in CI, the
-        coordinator jumped 487 rounds past its own fresh record, and its neighbours, left without it,
-        crawled and jumped too)."""
+        its old epoch's other members moved on), and its old epoch would crawl there on timeouts."""
         lead = self.node.agent.lead_rounds()
         return latest.start_round - k > max(2 * lead, lead + 10)
 
@@ -196,6 +190,10 @@ class RoundDriver:
                     return "left" if node.leave_by is not None else "left out"
                 if due:
                     self.enter_epoch(latest, k)  # at its start round, or at once if this node read it late
+                # Being far from a record just read is no sign of having fallen behind: the coordinator's
+                # lead is three polls at its pace, and under load this node's pace can halve a moment later
+                # (the coordinator once jumped 487 rounds past its own fresh record; its neighbours, left
+                # without it, crawled and jumped too).
                 elif behind and node.agent.record_age() > JUMP_AFTER_POLLS * node.agent.poll:
                     # it enters at once at the start round; tracking restarts exactly there, whatever it skipped
                     logger.warning("epoch %d starts at round %d, far ahead of this node's round %d: jumping to it",

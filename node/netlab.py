@@ -49,6 +49,18 @@ _PREFIX_RE = re.compile(r"^[A-Za-z0-9_]{1,16}$")
 _RATE_RE = re.compile(r"^\d+(?:\.\d+)?(?:[kmgt]?bit|[kmgt]?bps)$", re.IGNORECASE)
 
 
+def exited_unreaped(proc: subprocess.Popen[Any]) -> bool:
+    """Whether `proc` has exited, without reaping it: its pid stays reserved, so its process group can
+    still be signalled without hitting someone else's."""
+    if proc.returncode is not None:
+        return True
+    try:
+        info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:  # already reaped elsewhere
+        return True
+    return info is not None
+
+
 class NetLabError(RuntimeError):
     """A lab command failed, or the lab could not be torn down completely."""
 
@@ -321,7 +333,7 @@ class NetLab:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGTERM)
             deadline = time.monotonic() + self.kill_grace
-            while time.monotonic() < deadline and not self._exited_unreaped(proc):
+            while time.monotonic() < deadline and not exited_unreaped(proc):
                 time.sleep(0.02)
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -332,14 +344,6 @@ class NetLab:
                 return
         with contextlib.suppress(ValueError):
             self._procs.remove(proc)
-
-    @staticmethod
-    def _exited_unreaped(proc: subprocess.Popen[Any]) -> bool:
-        try:
-            info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        except ChildProcessError:  # already reaped elsewhere
-            return True
-        return info is not None
 
     def close(self) -> None:
         """Kill every process started here and delete every namespace; idempotent, best effort to the end.

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 from .churn import ChurnEvent, initial_members, parse_churn
 from .data import parse_split
 from .errors import BadInput
+from .netlab import exited_unreaped
 from .saved_models import save_simulation_run, save_state_dirs
 from .settings import RunSettings, TestnetSettings, parse_slow, to_flags
 from .simulator import AlgorithmResult, SimulationResult
@@ -220,7 +221,7 @@ def stop_processes(procs: list[subprocess.Popen], grace: float = 20.0) -> None:
                 p.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + grace
     for p in procs:
-        while not _exited_unreaped(p) and time.monotonic() < deadline:
+        while not exited_unreaped(p) and time.monotonic() < deadline:
             time.sleep(0.05)
     for p in procs:
         if p.returncode is None:  # its pid is still ours, so its group cannot be someone else's
@@ -229,16 +230,6 @@ def stop_processes(procs: list[subprocess.Popen], grace: float = 20.0) -> None:
             with contextlib.suppress(ProcessLookupError):
                 p.kill()
         p.wait(5)
-
-
-def _exited_unreaped(p: subprocess.Popen) -> bool:
-    """Whether `p` has exited, without reaping it (so its pid stays reserved and its group signalable)."""
-    if p.returncode is not None:
-        return True
-    try:
-        return os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-    except ChildProcessError:
-        return True
 
 
 def _read_json(path: Path) -> dict | None:

@@ -46,6 +46,12 @@ FrameHandler = Callable[[bytes, PeerID], Awaitable[bool]]
 Admit = Callable[[PeerID], Awaitable[bool] | bool]
 
 
+async def ask_admit(admit: Admit, peer: PeerID) -> bool:
+    """`admit(peer)`, awaited when it returns an awaitable (a coroutine is truthy: never test one unawaited)."""
+    verdict = admit(peer)
+    return bool(await verdict if inspect.isawaitable(verdict) else verdict)
+
+
 def handler_name(run_id: str) -> str:
     return f"p2pnode.{run_id}.link"
 
@@ -275,8 +281,7 @@ class Links:
             return False
         self._checking[peer] += 1
         try:
-            verdict = self.admit(peer)
-            ok = bool(await asyncio.wait_for(verdict, ADMIT_WAIT_S) if inspect.isawaitable(verdict) else verdict)
+            ok = await asyncio.wait_for(ask_admit(self.admit, peer), ADMIT_WAIT_S)
         except asyncio.TimeoutError:
             ok = False
         except Exception:

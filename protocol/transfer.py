@@ -12,7 +12,6 @@ hivemind's load_state_from_peers hangs on a stalled donor, so it is not used).
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,8 @@ import msgpack
 import numpy as np
 import torch
 from hivemind.p2p import P2P, PeerID
+
+from .links import Admit, ask_admit
 
 if TYPE_CHECKING:
     from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
@@ -68,21 +69,15 @@ async def serve_state(
     run_id: str,
     snapshot: Snapshot,
     timeout: float = 30.0,
-    admit: Callable[[PeerID], Awaitable[bool] | bool] | None = None,
+    admit: Admit | None = None,
 ) -> None:
     """Register the donor side: every request gets the parameters as they are at that moment.
     `admit(peer)` (or what it returns, awaited) False: the stream is closed before anything is read from it."""
 
-    async def admitted(peer: PeerID) -> bool:
-        if admit is None:
-            return True
-        verdict = admit(peer)
-        return bool(await verdict if inspect.isawaitable(verdict) else verdict)  # a coroutine is truthy: await it
-
     async def handle(info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = str(info.peer_id)[-8:]
         try:
-            if not await admitted(info.peer_id):
+            if admit is not None and not await ask_admit(admit, info.peer_id):
                 logger.warning("refused a parameter request from %s: not a member of run %s", peer, run_id)
                 return
             request = msgpack.unpackb(await _read_frame(reader, MAX_CONTROL_BYTES, timeout))
