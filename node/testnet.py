@@ -214,7 +214,8 @@ def invite_nodes(workdir: Path, state_dirs: list[Path], run_id: str) -> str:
 
 def stop_processes(procs: list[subprocess.Popen], grace: float = 20.0) -> None:
     """SIGTERM each process, give them `grace` seconds in all, then SIGKILL the process group of each one
-    still unreaped: a node killed alone would leave its p2pd and DHT process running."""
+    still running: a node killed alone would leave its p2pd and DHT process running. A process that
+    exited in time is left to its children's own shutdown (p2pd removes its socket as it exits)."""
     for p in procs:
         if p.returncode is None:
             with contextlib.suppress(ProcessLookupError):
@@ -224,7 +225,7 @@ def stop_processes(procs: list[subprocess.Popen], grace: float = 20.0) -> None:
         while not exited_unreaped(p) and time.monotonic() < deadline:
             time.sleep(0.05)
     for p in procs:
-        if p.returncode is None:  # its pid is still ours, so its group cannot be someone else's
+        if not exited_unreaped(p):  # unreaped, its pid is still ours: its group cannot be someone else's
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(p.pid, signal.SIGKILL)  # not a group leader (no new session): nothing to kill here
             with contextlib.suppress(ProcessLookupError):

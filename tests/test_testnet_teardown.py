@@ -65,6 +65,49 @@ def test_a_process_in_the_callers_group_is_killed_without_signalling_the_caller(
             subprocess.run(["kill", "-9", str(pid)], stderr=subprocess.DEVNULL, check=False)
 
 
+# a stand-in for a node that exits at once on SIGTERM while its child (its p2pd) takes a moment to clean up
+POLITE_CHILD = """
+import os, signal, sys, time
+def clean_up(*_):
+    time.sleep(1.0)
+    os.remove(sys.argv[1])
+    sys.exit(0)
+signal.signal(signal.SIGTERM, clean_up)
+print("ready", flush=True)
+time.sleep(120)
+"""
+POLITE_PARENT = """
+import os, signal, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]], stdout=subprocess.PIPE, text=True)
+child.stdout.readline()
+signal.signal(signal.SIGTERM, lambda *_: (child.terminate(), os._exit(0)))
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_the_children_of_a_process_that_exits_in_time_finish_their_own_shutdown(tmp_path):
+    marker = tmp_path / "socket"  # what p2pd removes as it exits
+    marker.touch()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", POLITE_PARENT, POLITE_CHILD, str(marker)],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    child = int(proc.stdout.readline())
+    try:
+        stop_processes([proc], grace=10.0)
+        assert proc.returncode == 0
+        deadline = time.monotonic() + 10
+        while marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not marker.exists(), "the child was killed before it finished its shutdown"
+    finally:
+        subprocess.run(["kill", "-9", str(child)], stderr=subprocess.DEVNULL, check=False)
+
+
 @pytest.mark.timeout(60)
 def test_processes_that_exit_on_sigterm_are_not_waited_for_the_whole_grace():
     procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"]) for _ in range(3)]
