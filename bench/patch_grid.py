@@ -9,7 +9,9 @@ otherwise; P2P-FT's mean over the nodes against central fine-tuning. Variants:
 - `p2`: 2-pixel patches (`vit_digits_p2` without its sin-cos position embedding);
 - `overlap`: 4-pixel patches at stride 2 (a 4x4 convolution, stride 2, padding 1), so each token
   sees as many pixels as the default's;
-- `overlap-avg`: the same, its head reading the mean of the patch tokens (no class-token readout).
+- `overlap-avg`: the same, its head reading the mean of the patch tokens (no class-token readout);
+- `5px`: 5-pixel patches at stride 1 (no padding), each token sees 25 of the 64 pixels;
+- `6px`: 6-pixel patches at stride 2 (padding 2), each token sees up to 36 pixels.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from p2pnode.node.settings import SimulateSettings
 from p2pnode.node.simulator import Simulation
 
 
-def _overlapping(model):
-    model.patch_embed.proj = nn.Conv2d(1, model.embed_dim, kernel_size=4, stride=2, padding=1)
+def _overlapping(model, kernel: int = 4, stride: int = 2, padding: int = 1):
+    """Patches of `kernel` pixels at `stride` (each of these keeps the 4x4 grid of 2-pixel patches)."""
+    model.patch_embed.proj = nn.Conv2d(1, model.embed_dim, kernel_size=kernel, stride=stride, padding=padding)
     return model
 
 
@@ -47,6 +50,16 @@ def bench_vit_digits_overlap_avg(pretrained: bool = False, **kwargs):
     return _overlapping(vit_digits(pretrained, **{"patch_size": 2, "global_pool": "avg", **kwargs}))
 
 
+@register_model
+def bench_vit_digits_5px(pretrained: bool = False, **kwargs):
+    return _overlapping(vit_digits(pretrained, **{"patch_size": 2, **kwargs}), kernel=5, stride=1, padding=0)
+
+
+@register_model
+def bench_vit_digits_6px(pretrained: bool = False, **kwargs):
+    return _overlapping(vit_digits(pretrained, **{"patch_size": 2, **kwargs}), kernel=6, stride=2, padding=2)
+
+
 RUNS = [
     ("default vit_digits (2x2)", {}),
     ("p2", {"model": "bench_vit_digits_p2_plain"}),
@@ -62,6 +75,8 @@ RUNS = [
         "overlap-avg, complete graph, iid",
         {"model": "bench_vit_digits_overlap_avg", "topology": "complete", "split": "iid"},
     ),
+    ("5px", {"model": "bench_vit_digits_5px"}),
+    ("6px", {"model": "bench_vit_digits_6px"}),
 ]
 
 
@@ -81,6 +96,7 @@ def main() -> None:
         if wanted is not None and label not in wanted:
             continue
         settings = SimulateSettings(seed=args.seed, compare=["central"], **overrides).validate()
+        run_started = time.perf_counter()
         sim = Simulation(settings)
         p2p, central = sim.run("p2pft"), sim.run("central")
         row = {
@@ -89,6 +105,7 @@ def main() -> None:
             "p2pft": 100 * float(np.mean(p2p.accuracy)),
             "central": 100 * float(np.mean(central.accuracy)),
             "rounds": p2p.iterations,
+            "seconds": time.perf_counter() - run_started,  # both algorithms
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
