@@ -77,6 +77,7 @@ RUNS = [
     ),
     ("5px", {"model": "bench_vit_digits_5px"}),
     ("6px", {"model": "bench_vit_digits_6px"}),
+    ("6px, lr 0.01", {"model": "bench_vit_digits_6px", "lr": 0.01}),
 ]
 
 
