@@ -26,10 +26,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# --sync async: a round waits for its in-neighbours' first-phase messages of rounds k - MAX_LAG or later; a
-# node whose gradients take SLOW_RATIO (node/pace.py) times as long as the other members' (the median), by a fifth
-# of a round or more (WAIT_SHARE), goes on without waiting for them once an in-neighbour is ahead, so the others
-# wait for its messages, never its gradients
+# --sync async: a round waits for its in-neighbours' messages of rounds k - MAX_LAG or later, in every phase but
+# for a slow in-neighbour's later phases (`excluded_or_slow`); a node whose gradients take SLOW_RATIO
+# (node/pace.py) times as long as the other members' (the median), by a fifth of a round or more (WAIT_SHARE),
+# goes on without waiting for them once an in-neighbour is ahead, so the others wait for its messages, never
+# its gradients
 MAX_LAG = 0
 WAIT_SHARE = 0.2  # --sync async: a node waits for its own gradient if that makes its rounds at most this much longer
 JUMP_AFTER_POLLS = 6  # a member far behind an epoch record jumps to it once it has followed it this many polls
@@ -115,6 +116,21 @@ class RoundDriver:
             out |= {sender for sender, env in node.inbox.held if env.epoch <= latest.number}
         index_of = node.transport.index_of
         return {index_of[p] for p in out if p in index_of and p != node.peer_id}
+
+    def excluded_or_slow(self) -> set[int]:
+        """`excluded`, and in-neighbours whose gradients take SLOW_RATIO times the members' median or longer
+        (their DHT records): asynchronous rounds wait for those in the first phase only. A later phase
+        (P2P-FT's push) carries what a node sends after its gradient, so waiting for a slow one's would
+        hold every round to its gradients; its mass comes a round later instead (running sums lose none)."""
+        node = self.node
+        times = {m.peer_id: m.step_seconds for m in node.agent.infos if m.peer_id in node.record.members}
+        known = [t for t in times.values() if t > 0]
+        if len(known) < 2:
+            return self.excluded()
+        typical = statistics.median(known)
+        index_of = node.transport.index_of
+        slow = {index_of[p] for p, t in times.items() if t >= SLOW_RATIO * typical and p in index_of}
+        return self.excluded() | (slow - {index_of.get(node.peer_id)})
 
     def behind(self) -> bool:
         """Asynchronous rounds: whether this round must go on without waiting for this node's own gradient
@@ -241,9 +257,10 @@ class RoundDriver:
             await node.transport.send_all(out)
             waiting_since = time.perf_counter()
             if algo.asynchronous:  # mix the newest values and whatever mass has come
-                if phase == algo.phases[0] and algo.expects_messages(phase, k):
+                if algo.expects_messages(phase, k):
                     limit = 1.0 if self.hurry() else node.settings.round_timeout
-                    await node.inbox.wait_for_lag(k, algo.hood.in_neighbours, MAX_LAG, limit, self.excluded)
+                    skip = self.excluded if phase == algo.phases[0] else self.excluded_or_slow
+                    await node.inbox.wait_for_lag(phase, k, algo.hood.in_neighbours, MAX_LAG, limit, skip)
                 arrived = node.inbox.take(phase, algo.hood.in_neighbours)
             else:
                 wait = bool(algo.hood.in_neighbours) and algo.expects_messages(phase, k)

@@ -48,13 +48,14 @@ class Inbox:
         self.misses: dict[int, int] = {}  # in-neighbour -> deadlines missed in a row
         self.entered = time.monotonic()
         self.newest_round = -1  # the latest round any in-neighbour has sent in this epoch
-        self.sent_round: dict[int, int] = {}  # in-neighbour -> the latest round it has sent in this epoch
+        self.sent_round: dict[tuple[str, int], int] = {}  # (phase, in-neighbour) -> its latest round sent in this epoch
 
     def put(self, msg: Message) -> None:
         self.by_phase.setdefault(msg.phase, []).append(msg)
         self.misses.pop(msg.src, None)
         self.newest_round = max(self.newest_round, msg.round)
-        self.sent_round[msg.src] = max(self.sent_round.get(msg.src, -1), msg.round)
+        key = (msg.phase, msg.src)
+        self.sent_round[key] = max(self.sent_round.get(key, -1), msg.round)
         self.last_heard[msg.src] = time.monotonic()
         self.arrival.set()
 
@@ -83,6 +84,8 @@ class Inbox:
                 if msg is not None:
                     self.by_phase.setdefault(msg.phase, []).append(msg)
                     self.newest_round = max(self.newest_round, msg.round)
+                    key = (msg.phase, msg.src)  # it has come: asynchronous rounds must not wait for it again
+                    self.sent_round[key] = max(self.sent_round.get(key, -1), msg.round)
                     taken += 1
             elif env.epoch > epoch:
                 keep.append((sender, env))
@@ -104,17 +107,23 @@ class Inbox:
         }
 
     async def wait_for_lag(
-        self, k: int, in_neighbours: tuple[int, ...], lag: int, limit: float, excluded: Callable[[], set[int]]
+        self,
+        phase: str,
+        k: int,
+        in_neighbours: tuple[int, ...],
+        lag: int,
+        limit: float,
+        excluded: Callable[[], set[int]],
     ) -> None:
-        """Asynchronous rounds: wait, up to `limit`, until every in-neighbour has sent a message of round
-        k - lag or later (a slow node still sends every round, so this waits for its messages, never for
-        its gradients). An in-neighbour that does not in time misses this round."""
+        """Asynchronous rounds: wait, up to `limit`, until every in-neighbour has sent a `phase` message of
+        round k - lag or later (a slow node still sends every round, so this waits for its messages, never
+        for its gradients). An in-neighbour that does not in time misses this round."""
         loop = asyncio.get_running_loop()
         end = loop.time() + limit
         while True:
             self.arrival.clear()
             skip = excluded()
-            late = [j for j in in_neighbours if j not in skip and self.sent_round.get(j, -1) < k - lag]
+            late = [j for j in in_neighbours if j not in skip and self.sent_round.get((phase, j), -1) < k - lag]
             if not late or loop.time() >= end:
                 break
             with contextlib.suppress(asyncio.TimeoutError):

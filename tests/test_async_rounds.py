@@ -314,3 +314,68 @@ def test_status_shows_how_long_each_members_gradients_take():
     members = status_tables(status)[1]
     column = next(c for c in members.columns if c.header == "gradient")
     assert list(column.cells) == ["12.3 ms", "2.50 s", "-"]  # "-": no round yet
+
+
+def test_an_asynchronous_round_waits_for_each_phase_of_its_own_and_a_push_does_not_stand_in_for_a_pull():
+    """`--sync async` waits per phase: P2P-FT's push of round k says nothing about whether the pull of
+    round k has come (per sender, as before, a push let a later wait for a pull end early), and a frame
+    held for an epoch counts as come once the node enters it (else the node would wait out its limit)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from p2pnode.node.rounds import Inbox
+    from p2pnode.protocol.message import Message
+
+    def msg(src: int, round_: int, phase: str) -> Message:
+        return Message(src, 0, round_, phase, "value", {"v": torch.zeros(1)})
+
+    async def waited(inbox: Inbox, phase: str, k: int, limit: float = 0.3) -> float:
+        started = time.perf_counter()
+        await inbox.wait_for_lag(phase, k, (1,), 0, limit, set)
+        return time.perf_counter() - started
+
+    async def scenario() -> tuple[float, ...]:
+        inbox = Inbox()
+        inbox.put(msg(1, 5, "push"))
+        pull_not_come = await waited(inbox, "pull", 5)
+        push_come = await waited(inbox, "push", 5)
+        inbox.put(msg(1, 5, "pull"))
+        pull_come = await waited(inbox, "pull", 5)
+        # a pull of round 6 of epoch 2, held while this node is still in epoch 1
+        assert inbox.hold("B", SimpleNamespace(epoch=2, nbytes=4))
+        held_not_entered = await waited(inbox, "pull", 6)
+        assert inbox.enter_epoch(2, lambda sender, env: msg(1, 6, "pull")) == 1
+        held_entered = await waited(inbox, "pull", 6)
+        return pull_not_come, push_come, pull_come, held_not_entered, held_entered
+
+    pull_not_come, push_come, pull_come, held_not_entered, held_entered = asyncio.run(scenario())
+    assert pull_not_come >= 0.25 and held_not_entered >= 0.25  # waited out its limit: nothing had come
+    assert push_come < 0.1 and pull_come < 0.1 and held_entered < 0.1
+
+
+def test_an_asynchronous_round_stops_waiting_for_the_later_phases_of_a_member_whose_gradients_are_slow():
+    """A slow member's push goes out only after its gradient, so waiting for it would hold every round to
+    that gradient; its first-phase messages (sent at the run's pace) are still waited for."""
+    from types import SimpleNamespace
+
+    from p2pnode.node.driver import RoundDriver
+
+    def infos(steps: dict[str, float]) -> list[MemberInfo]:
+        return [MemberInfo(p, "f", "s", 1, step_seconds=s) for p, s in steps.items()]
+
+    node = SimpleNamespace(
+        peer_id="A",
+        record=SimpleNamespace(members=("A", "B", "C", "D"), rank=(0,)),
+        agent=SimpleNamespace(infos=infos({"A": 0.005, "B": 0.005, "C": 0.006, "D": 0.025}), record=None),
+        transport=SimpleNamespace(index_of={"A": 0, "B": 1, "C": 2, "D": 3}),
+        inbox=SimpleNamespace(held=[]),
+    )
+    driver = RoundDriver(node)
+    assert driver.excluded() == set()
+    assert driver.excluded_or_slow() == {3}  # 5x the median
+    node.agent.infos = infos({"A": 0.005, "B": 0.005, "C": 0.006, "D": 0.007})
+    assert driver.excluded_or_slow() == set()  # 1.4x: as fast as the others
+    node.agent.infos = infos({"A": 0.030, "B": 0.005, "C": 0.006, "D": 0.007})
+    assert driver.excluded_or_slow() == set()  # this node is the slow one: it waits for the others' pushes
+    node.agent.infos = infos({"A": 0.0, "B": 0.0, "C": 0.0, "D": 0.025})
+    assert driver.excluded_or_slow() == set()  # the others' pace not known yet: nobody is slow
