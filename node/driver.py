@@ -125,11 +125,9 @@ class RoundDriver:
         (their DHT records), none: waiting for the mass of the members around it chained every round
         through the slow one's wait for its own gradient (fast nodes' rounds 1.41x the clean run's instead
         of 1.14x), so mass is added as it comes, and the running sums lose none of it."""
-        node = self.node
-        members = node.record.members
-        times = [m.step_seconds for m in node.agent.infos if m.peer_id in members and m.step_seconds > 0]
+        times = self._step_seconds(with_own=True)
         if len(times) >= 2 and max(times) >= SLOW_RATIO * statistics.median(times):
-            return set(range(len(members)))
+            return set(range(len(self.node.record.members)))
         return self.excluded()
 
     def behind(self) -> bool:
@@ -158,12 +156,16 @@ class RoundDriver:
     def pace(self) -> float | None:
         """The seconds the other members' gradients take (the median of their DHT records; None while
         none has said). Read from the gradient thread too (`--pace-batch`): it only reads."""
-        node = self.node
-        if node.record is None:
+        if self.node.record is None:
             return None
-        members = set(node.record.members) - {node.peer_id}
-        pace = [m.step_seconds for m in node.agent.infos if m.peer_id in members and m.step_seconds > 0]
+        pace = self._step_seconds(with_own=False)
         return statistics.median(pace) if pace else None
+
+    def _step_seconds(self, with_own: bool) -> list[float]:
+        """The gradient times the members of this node's epoch published (those known yet)."""
+        node = self.node
+        members = set(node.record.members) - (set() if with_own else {node.peer_id})
+        return [m.step_seconds for m in node.agent.infos if m.peer_id in members and m.step_seconds > 0]
 
     def far_behind(self, latest: EpochRecord, k: int) -> bool:
         """Whether `latest` starts further ahead than any lead a coordinator schedules at this node's
