@@ -117,13 +117,17 @@ class Inbox:
     ) -> None:
         """Asynchronous rounds: wait, up to `limit`, until every in-neighbour has sent a `phase` message of
         round k - lag or later (a slow node still sends every round, so this waits for its messages, never
-        for its gradients). An in-neighbour that does not in time misses this round."""
+        for its gradients). An in-neighbour that does not in time misses this round; one that missed the
+        last deadline already gets only the short grace, as in `collect` (a crashed one must not cost every
+        round its whole limit until the run's epoch leaves it out)."""
         loop = asyncio.get_running_loop()
-        end = loop.time() + limit
+        start = loop.time()
         while True:
             self.arrival.clear()
             skip = excluded()
             late = [j for j in in_neighbours if j not in skip and self.sent_round.get((phase, j), -1) < k - lag]
+            present = [j for j in late if j not in self.misses]
+            end = start + (limit if present else min(ABSENT_GRACE_S, limit))
             if not late or loop.time() >= end:
                 break
             with contextlib.suppress(asyncio.TimeoutError):

@@ -380,3 +380,76 @@ def test_an_asynchronous_round_waits_for_pushed_mass_only_while_every_member_kee
     node.agent.infos = infos({"A": 0.0, "B": 0.0, "C": 0.0, "D": 0.025})
     assert driver.excluded_in_later_phases() == set()  # the others' pace not known yet
     assert driver.excluded() == set()
+
+
+def test_an_asynchronous_round_gives_an_in_neighbour_that_missed_its_last_deadline_only_the_short_grace(monkeypatch):
+    """As with `--sync wait`: a crashed in-neighbour costs one whole round limit, then the short grace per
+    round until the run's epoch leaves it out (before, every round waited the whole limit: 60 s by default)."""
+    import asyncio
+
+    from p2pnode.node import rounds
+    from p2pnode.node.rounds import Inbox
+    from p2pnode.protocol.message import Message
+
+    monkeypatch.setattr(rounds, "ABSENT_GRACE_S", 0.1)
+
+    async def waited(inbox: Inbox, k: int) -> float:
+        started = time.perf_counter()
+        await inbox.wait_for_lag("pull", k, (1,), 0, 0.6, set)
+        return time.perf_counter() - started
+
+    async def scenario() -> tuple[float, float, float]:
+        inbox = Inbox()
+        first = await waited(inbox, 0)  # nothing from node 1: it misses the deadline
+        second = await waited(inbox, 1)  # it missed the last one: the short grace only
+        inbox.put(Message(1, 0, 2, "pull", "value", {"v": torch.zeros(1)}))
+        inbox.take("pull", (1,))
+        present_again = await waited(inbox, 3)  # it sent again: the whole limit once more
+        return first, second, present_again
+
+    first, second, present_again = asyncio.run(scenario())
+    assert first >= 0.55 and present_again >= 0.55
+    assert second < 0.4
+
+
+def test_asynchronous_rounds_in_which_nobody_sends_do_not_count_as_missed():
+    """Asynchronous DIMAT sends only at merge rounds; counting the rounds between as missed reported live
+    neighbours silent once an epoch took longer than SILENT_SECONDS (and the coordinator then dropped them)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from p2pnode.node.driver import RoundDriver
+    from p2pnode.node.rounds import Inbox
+
+    reported: list[str] = []
+
+    async def send_all(out: list) -> None:
+        return None
+
+    algo = SimpleNamespace(
+        phases=("model",),
+        asynchronous=True,
+        send=lambda phase, k: [],
+        expects_messages=lambda phase, k: k % 5 == 4,
+        hood=SimpleNamespace(in_neighbours=(1,)),
+        params=SimpleNamespace(device=torch.device("cpu")),
+        receive=lambda phase, k, arrived: None,
+    )
+    node = SimpleNamespace(
+        algorithm=algo,
+        compute=None,
+        transport=SimpleNamespace(send_all=send_all, reach=lambda late: None),
+        inbox=Inbox(silent_seconds=0.0),
+        settings=SimpleNamespace(round_timeout=5.0),
+        log=SimpleNamespace(wait_seconds=0.0),
+        agent=SimpleNamespace(report_silent=reported.append),
+        record=SimpleNamespace(members=("A", "B")),
+    )
+    driver = RoundDriver(node)
+
+    async def rounds_without_merges() -> None:
+        for k in range(4):
+            await driver.run_round(k)
+
+    asyncio.run(rounds_without_merges())
+    assert node.inbox.misses == {} and reported == []
