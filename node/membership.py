@@ -30,6 +30,8 @@ EPOCH_TTL = 3600.0  # epoch records live this long unless the coordinator refres
 LEAD_CAP_ROUNDS = 500  # an epoch is never scheduled further ahead than this
 BEATS_IN_FLIGHT = 3  # heartbeats stored at once at most (each waits out unresponsive DHT peers)
 RESTART_GRACE_BEATS = 2  # a restarted run waits this many heartbeats for all its nodes before going on with fewer
+STALL_BEATS = 3  # this process heard nothing of its own loops for this many heartbeats: the machine slept
+WAKE_GRACE_BEATS = 5  # after such a stall, reads finding nobody count towards going on alone only this much later
 
 
 class MembershipAgent:
@@ -53,11 +55,14 @@ class MembershipAgent:
         self._wake = asyncio.Event()
         self._pending: set[asyncio.Task] = set()  # announcements in flight
         self._alone_since: float | None = None  # when a read first left this node the only one of its epoch
+        self._last_tick = time.monotonic()  # the latest turn of the heartbeat or read loop
+        self._woke_at = -math.inf  # when this process last resumed after a stall (a machine that slept)
 
     @classmethod
     async def create(cls, membership: Membership, info: MemberInfo, heartbeat: float) -> MembershipAgent:
         self = cls(membership, info, heartbeat)
         await self.announce()
+        self._last_tick = time.monotonic()  # a slow first store is no stall
         self._tasks = [asyncio.create_task(self._beat()), asyncio.create_task(self._watch())]
         return self
 
@@ -108,13 +113,24 @@ class MembershipAgent:
         this node's record expire between them (its coordinator then dropped a live member)."""
         while True:
             await asyncio.sleep(self.heartbeat)
+            self._tick()
             if len(self._pending) < BEATS_IN_FLIGHT:
                 self.announce_soon()
 
     # --- reading and coordinating ----------------------------------------------------------------
 
+    def _tick(self) -> None:
+        """Note a turn of a loop; a gap of STALL_BEATS heartbeats or more means this process was stopped
+        (its machine slept) and has just resumed."""
+        now = time.monotonic()
+        if now - self._last_tick >= STALL_BEATS * self.heartbeat:
+            self._woke_at = now
+            logger.info("resumed after %.0f s without a heartbeat (did the machine sleep?)", now - self._last_tick)
+        self._last_tick = now
+
     async def refresh(self) -> None:
         """Read heartbeats and epoch records now; propose the next epoch if this node coordinates."""
+        self._tick()
         loop = asyncio.get_running_loop()
         try:
             read = await loop.run_in_executor(None, self.membership.read_members)
@@ -168,13 +184,18 @@ class MembershipAgent:
             await self.propose(proposal)
 
     def _confirmed_alone(self, record: EpochRecord, proposal: EpochRecord) -> bool:
-        """False until reads a heartbeat apart agree that everyone else left: a node that wakes from sleep
-        reads the DHT through a routing table of peers that have exited, and one read that found neither
-        the others' heartbeats nor their done records made it train the rest of the run alone."""
+        """False until reads a heartbeat apart agree that everyone else left, the first of them
+        WAKE_GRACE_BEATS heartbeats or more after this process last resumed from a stall. A node that
+        wakes from sleep reads the DHT through a routing table of peers that have exited: one read, and
+        in CI once two reads 2 s apart, found neither the others' heartbeats nor their done records, and
+        it trained the rest of the run alone."""
         if proposal.members != (self.info.peer_id,) or len(record.members) == 1:
             self._alone_since = None
             return True
         now = time.monotonic()
+        if now - self._woke_at < WAKE_GRACE_BEATS * self.heartbeat:
+            self._alone_since = None
+            return False
         if self._alone_since is None:
             self._alone_since = now
             logger.info("no other member of epoch %d found; reading again before going on alone", record.number)

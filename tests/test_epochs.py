@@ -12,7 +12,7 @@ import pytest
 from p2pnode.node import epochs
 from p2pnode.node.driver import RoundDriver
 from p2pnode.node.errors import BadInput, RunFinished
-from p2pnode.node.membership import MembershipAgent
+from p2pnode.node.membership import WAKE_GRACE_BEATS, MembershipAgent
 from p2pnode.protocol.membership import EpochRecord, MemberInfo
 
 FP, SH = "trunk", "settings"
@@ -425,6 +425,35 @@ def test_one_read_that_misses_everyone_does_not_leave_a_woken_node_alone():
     r = record("ABC", proposer="B")
     done = [info(p, "done", record=r) for p in "BC"]
     assert coordinator_a_whose_reads_find([[], done, done], heartbeat=0.2) == [[], [], []]
+
+
+def test_a_node_that_just_woke_from_a_stall_does_not_go_on_alone_before_the_dht_had_time_to_answer():
+    """The woken sleeper's race once more: in CI two reads 2 s apart right after the wake both found
+    nobody. After a gap of STALL_BEATS heartbeats in its own loops, reads finding nobody count towards
+    going on alone only WAKE_GRACE_BEATS heartbeats later."""
+    heartbeat = 0.1
+    r = record("ABC", proposer="B")
+    me = info("A", round_=100, record=r)
+    membership = RecordedMembership([me], [r])
+    proposed: list[EpochRecord] = []
+    membership.propose = lambda rec, ttl: proposed.append(rec) or True
+    agent = MembershipAgent(membership, me, heartbeat=heartbeat)
+
+    async def scenario() -> tuple[float, list[tuple[float, int]]]:
+        await agent.refresh()  # finds nobody: the first read of the window
+        await asyncio.sleep(4 * heartbeat)  # the process is stopped: neither loop turns
+        woke = time.monotonic()
+        seen = []
+        for _ in range(20):
+            await agent.refresh()
+            seen.append((time.monotonic() - woke, len(proposed)))
+            await asyncio.sleep(heartbeat / 2)
+        return woke, seen
+
+    _, seen = asyncio.run(scenario())
+    early = [n for since, n in seen if since < WAKE_GRACE_BEATS * heartbeat]
+    assert early and not any(early), seen  # before: it went on alone at the first read after the wake
+    assert [p.members for p in proposed] == [("A",)], seen
 
 
 def test_dropping_a_member_while_others_remain_is_not_delayed():
