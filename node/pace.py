@@ -8,8 +8,9 @@ take local steps (D-SGD, SGP, DIMAT, Local-FT) whether the gradient they got is 
 
 - `StaleGradients`: the simulator's slow node. A gradient takes `factor` rounds: the one a round
   gets was started `factor` rounds earlier at that round's parameters.
-- `SlowedGradients`: the daemon's `--slowdown`, a machine `factor` times slower: every gradient
-  takes `factor` times as long (it sleeps the difference).
+- `SlowedGradients`: the daemon's `--slowdown`, a machine `factor` times slower per sample: a
+  gradient of the full batch takes `factor` times as long (it sleeps the difference), one of a
+  smaller batch proportionally less.
 - `TimedGradients`: the daemon's gradients in lockstep (`--sync wait`), timed, so every node's DHT
   record says how long its gradients take (`p2pnode status` shows it) whatever the sync mode.
 - `BackgroundGradients`: the daemon's asynchronous rounds (timed as well). The gradient runs in its own thread;
@@ -119,14 +120,29 @@ class StaleGradients(_Wrapper):
 
 
 class SlowedGradients(_Wrapper):
+    """`--slowdown`: a machine `factor` times slower per sample. A gradient of the full batch takes
+    `factor` times as long (it sleeps the difference). One of a smaller batch (`--pace-batch`) sleeps
+    that difference scaled by its share of the full batch, as on a machine whose gradients take time
+    in proportion to the batch (a ViT block); the digits model's own gradient is mostly fixed costs,
+    so scaling what it measured would make a smaller batch look no faster."""
+
     def __init__(self, objective: Objective, factor: float) -> None:
         super().__init__(objective)
         self.factor = factor
+        self.base = unwrapped(objective)
+        self.full_batch = self.base.batch_size
+        self.full_seconds: deque[float] = deque(maxlen=TIMED_GRADIENTS)  # recent gradients of the full batch
 
     def gradient(self, params: torch.Tensor) -> tuple[torch.Tensor, float]:
+        batch = self.base.batch_size
         started = time.perf_counter()
         result = self.objective.gradient(params)  # counted by the TimedGradients around it
-        time.sleep((self.factor - 1) * (time.perf_counter() - started))
+        took = time.perf_counter() - started
+        if batch >= self.full_batch or not self.full_seconds:
+            self.full_seconds.append(took)
+            time.sleep((self.factor - 1) * took)
+        else:
+            time.sleep((self.factor - 1) * statistics.median(self.full_seconds) * batch / self.full_batch)
         return result
 
 

@@ -453,3 +453,33 @@ def test_asynchronous_rounds_in_which_nobody_sends_do_not_count_as_missed():
 
     asyncio.run(rounds_without_merges())
     assert node.inbox.misses == {} and reported == []
+
+
+def test_a_slowed_machines_extra_time_scales_with_the_batch_it_computes(monkeypatch):
+    """`--slowdown F` emulates a machine F times slower per sample: the full batch sleeps (F - 1) times
+    its gradient's time; a quarter of the batch a quarter of that, even though the digits model's own
+    gradient takes as long at any batch (fixed costs), so `--pace-batch` can pace an emulated slow node."""
+    from types import SimpleNamespace
+
+    from p2pnode.node import pace
+    from p2pnode.node.pace import SlowedGradients
+
+    clock = SimpleNamespace(now=0.0, slept=[])
+    fake_time = SimpleNamespace(perf_counter=lambda: clock.now, sleep=clock.slept.append)
+    monkeypatch.setattr(pace, "time", fake_time)
+
+    class FixedCost:
+        batch_size = 16
+
+        def gradient(self, params: torch.Tensor) -> tuple[torch.Tensor, float]:
+            clock.now += 0.010  # 10 ms whatever the batch
+            return params, 0.0
+
+    base = FixedCost()
+    slowed = SlowedGradients(base, factor=5.0)
+    for _ in range(3):
+        slowed.gradient(torch.zeros(1))
+    base.batch_size = 4
+    slowed.gradient(torch.zeros(1))
+    assert clock.slept[:3] == pytest.approx([0.040] * 3)
+    assert clock.slept[3] == pytest.approx(0.010)  # (5 - 1) x 10 ms x 4 / 16; before, 40 ms again
