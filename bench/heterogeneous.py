@@ -5,7 +5,8 @@
         [--clean-syncs wait[,async]] [--seeds 0] [--json PATH]
 
 Testnet (4 daemons, the paper's split, node 3 made FACTOR times slower with `--slow 3:FACTOR`: its
-gradients sleep FACTOR - 1 times their own duration): the fast nodes' seconds per round (median
+gradients of the full batch sleep FACTOR - 1 times their own duration, smaller ones with
+`--pace-batch` their share of that): the fast nodes' seconds per round (median
 over nodes 0-2 and over repeats) against the run without a slow node, and every node's final
 accuracy (of the median repeat by time). Simulator (`simulate --sync async --slow 3:FACTOR`,
 deterministic, `--sim-epochs` passes, mean over `--sim-seeds`): each node's accuracy. With `async`

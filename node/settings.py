@@ -227,7 +227,10 @@ class NodeSettings(RunSettings):
     )
     metrics_port: int | None = opt(None, "serve Prometheus metrics on this port (127.0.0.1; see --metrics-addr)")
     metrics_addr: str = opt("127.0.0.1", "address for --metrics-port (0.0.0.0 exposes it)")
-    slowdown: float = opt(1.0, "emulate a slower machine: every training step takes this many times as long")
+    slowdown: float = opt(
+        1.0,
+        "emulate a machine this many times slower per sample (a full batch's gradient: this many times as long)",
+    )
 
     def validate(self) -> NodeSettings:
         super().validate()
