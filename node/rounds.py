@@ -92,6 +92,11 @@ class Inbox:
         self.held = keep
         return taken
 
+    def _limit(self, waiting: list[int], limit: float) -> float:
+        """`limit` while an in-neighbour waited for is present; the short grace once every one of them
+        missed the last deadline."""
+        return limit if any(j not in self.misses for j in waiting) else min(ABSENT_GRACE_S, limit)
+
     def late(self) -> set[int]:
         """In-neighbours that missed the last deadline."""
         return {j for j, n in self.misses.items() if n > 0}
@@ -126,8 +131,7 @@ class Inbox:
             self.arrival.clear()
             skip = excluded()
             late = [j for j in in_neighbours if j not in skip and self.sent_round.get((phase, j), -1) < k - lag]
-            present = [j for j in late if j not in self.misses]
-            end = start + (limit if present else min(ABSENT_GRACE_S, limit))
+            end = start + self._limit(late, limit)
             if not late or loop.time() >= end:
                 break
             with contextlib.suppress(asyncio.TimeoutError):
@@ -167,8 +171,7 @@ class Inbox:
             heard = {m.src for m in inbox if m.round >= k}
             skip = excluded()
             waiting = [j for j in in_neighbours if j not in heard and j not in skip]
-            present = [j for j in waiting if j not in self.misses]
-            limit = timeout if present else min(ABSENT_GRACE_S, timeout)
+            limit = self._limit(waiting, timeout)
             if stopping():
                 limit = min(limit, 1.0)  # stopping or leaving: give in-flight messages a moment, then go on
             elapsed = loop.time() - start

@@ -316,6 +316,13 @@ def test_status_shows_how_long_each_members_gradients_take():
     assert list(column.cells) == ["12.3 ms", "2.50 s", "-"]  # "-": no round yet
 
 
+async def waited(inbox, phase: str, k: int, limit: float) -> float:
+    """Seconds `inbox.wait_for_lag` took for in-neighbour 1's `phase` message of round k."""
+    started = time.perf_counter()
+    await inbox.wait_for_lag(phase, k, (1,), 0, limit, set)
+    return time.perf_counter() - started
+
+
 def test_an_asynchronous_round_waits_for_each_phase_of_its_own_and_a_push_does_not_stand_in_for_a_pull():
     """`--sync async` waits per phase: P2P-FT's push of round k says nothing about whether the pull of
     round k has come (per sender, as before, a push let a later wait for a pull end early), and a frame
@@ -329,23 +336,18 @@ def test_an_asynchronous_round_waits_for_each_phase_of_its_own_and_a_push_does_n
     def msg(src: int, round_: int, phase: str) -> Message:
         return Message(src, 0, round_, phase, "value", {"v": torch.zeros(1)})
 
-    async def waited(inbox: Inbox, phase: str, k: int, limit: float = 0.3) -> float:
-        started = time.perf_counter()
-        await inbox.wait_for_lag(phase, k, (1,), 0, limit, set)
-        return time.perf_counter() - started
-
     async def scenario() -> tuple[float, ...]:
         inbox = Inbox()
         inbox.put(msg(1, 5, "push"))
-        pull_not_come = await waited(inbox, "pull", 5)
-        push_come = await waited(inbox, "push", 5)
+        pull_not_come = await waited(inbox, "pull", 5, 0.3)
+        push_come = await waited(inbox, "push", 5, 0.3)
         inbox.put(msg(1, 5, "pull"))
-        pull_come = await waited(inbox, "pull", 5)
+        pull_come = await waited(inbox, "pull", 5, 0.3)
         # a pull of round 6 of epoch 2, held while this node is still in epoch 1
         assert inbox.hold("B", SimpleNamespace(epoch=2, nbytes=4))
-        held_not_entered = await waited(inbox, "pull", 6)
+        held_not_entered = await waited(inbox, "pull", 6, 0.3)
         assert inbox.enter_epoch(2, lambda sender, env: msg(1, 6, "pull")) == 1
-        held_entered = await waited(inbox, "pull", 6)
+        held_entered = await waited(inbox, "pull", 6, 0.3)
         return pull_not_come, push_come, pull_come, held_not_entered, held_entered
 
     pull_not_come, push_come, pull_come, held_not_entered, held_entered = asyncio.run(scenario())
@@ -393,18 +395,13 @@ def test_an_asynchronous_round_gives_an_in_neighbour_that_missed_its_last_deadli
 
     monkeypatch.setattr(rounds, "ABSENT_GRACE_S", 0.1)
 
-    async def waited(inbox: Inbox, k: int) -> float:
-        started = time.perf_counter()
-        await inbox.wait_for_lag("pull", k, (1,), 0, 0.6, set)
-        return time.perf_counter() - started
-
     async def scenario() -> tuple[float, float, float]:
         inbox = Inbox()
-        first = await waited(inbox, 0)  # nothing from node 1: it misses the deadline
-        second = await waited(inbox, 1)  # it missed the last one: the short grace only
+        first = await waited(inbox, "pull", 0, 0.6)  # nothing from node 1: it misses the deadline
+        second = await waited(inbox, "pull", 1, 0.6)  # it missed the last one: the short grace only
         inbox.put(Message(1, 0, 2, "pull", "value", {"v": torch.zeros(1)}))
         inbox.take("pull", (1,))
-        present_again = await waited(inbox, 3)  # it sent again: the whole limit once more
+        present_again = await waited(inbox, "pull", 3, 0.6)  # it sent again: the whole limit once more
         return first, second, present_again
 
     first, second, present_again = asyncio.run(scenario())
