@@ -15,10 +15,10 @@ import statistics
 import time
 from typing import TYPE_CHECKING
 
-from ..protocol.membership import EpochRecord
+from ..protocol.membership import EpochRecord, MemberInfo
 from . import epochs
 from .algorithms.base import on_device
-from .pace import SLOW_RATIO
+from .pace import SLOW_RATIO, unwrapped
 from .topology import make_topology
 
 if TYPE_CHECKING:
@@ -125,7 +125,7 @@ class RoundDriver:
         (their DHT records), none: waiting for the mass of the members around it chained every round
         through the slow one's wait for its own gradient (fast nodes' rounds 1.41x the clean run's instead
         of 1.14x), so mass is added as it comes, and the running sums lose none of it."""
-        times = self._step_seconds(with_own=True)
+        times = [m.step_seconds for m in self._timed_members(with_own=True)]
         if len(times) >= 2 and max(times) >= SLOW_RATIO * statistics.median(times):
             return set(range(len(self.node.record.members)))
         return self.excluded()
@@ -154,18 +154,23 @@ class RoundDriver:
         return not rounds or seconds - pace >= WAIT_SHARE * statistics.median(rounds)
 
     def pace(self) -> float | None:
-        """The seconds the other members' gradients take (the median of their DHT records; None while
-        none has said). Read from the gradient thread too (`--pace-batch`): it only reads."""
+        """The seconds the other members' gradients of the full --batch-size take (the median of their DHT
+        records; None while none has said). A member pacing its batch (`--pace-batch`) is left out: its
+        gradients are short because it matched them to the others', and counting them made every member
+        chase the others' shrinking times down (in a testnet with one 5x node, the three others went to
+        batches of 3-5 and the slow one to 1-2).
+        Read from the gradient thread too: it only reads."""
         if self.node.record is None:
             return None
-        pace = self._step_seconds(with_own=False)
+        full = self.node.settings.batch_size
+        pace = [m.step_seconds for m in self._timed_members(with_own=False) if not 0 < m.batch < full]
         return statistics.median(pace) if pace else None
 
-    def _step_seconds(self, with_own: bool) -> list[float]:
-        """The gradient times the members of this node's epoch published (those known yet)."""
+    def _timed_members(self, with_own: bool) -> list[MemberInfo]:
+        """The members of this node's epoch that published their gradients' time (those known yet)."""
         node = self.node
         members = set(node.record.members) - (set() if with_own else {node.peer_id})
-        return [m.step_seconds for m in node.agent.infos if m.peer_id in members and m.step_seconds > 0]
+        return [m for m in node.agent.infos if m.peer_id in members and m.step_seconds > 0]
 
     def far_behind(self, latest: EpochRecord, k: int) -> bool:
         """Whether `latest` starts further ahead than any lead a coordinator schedules at this node's
@@ -225,6 +230,7 @@ class RoundDriver:
             started = time.perf_counter()
             await self.run_round(k)
             node.info.step_seconds = getattr(node.algorithm.objective, "seconds", None) or 0.0
+            node.info.batch = getattr(unwrapped(node.algorithm.objective), "batch_size", 0)
             k += 1
             node.round = node.info.round = k
             seconds = time.perf_counter() - started

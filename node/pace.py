@@ -50,6 +50,7 @@ SLOW_RATIO = 1.5  # a machine whose gradients take this many times the other mem
 PACE_BAND = (0.8, 1.2)  # a gradient within these multiples of the others' time keeps its batch
 WARMUP_GRADIENTS = 3  # a daemon's first gradients carry one-off costs: they never pace the batch
 PACE_WINDOW = 5  # gradients timed at one batch size before the next pacing decision (their median counts)
+SLOW_WINDOWS = 2  # windows in a row a machine at the full batch must be slow before it paces (not a passing load)
 TIMED_GRADIENTS = 15  # a node's pace is the median time of its last this many gradients
 
 
@@ -124,7 +125,9 @@ class SlowedGradients(_Wrapper):
     `factor` times as long (it sleeps the difference). One of a smaller batch (`--pace-batch`) sleeps
     that difference scaled by its share of the full batch, as on a machine whose gradients take time
     in proportion to the batch (a ViT block); the digits model's own gradient is mostly fixed costs,
-    so scaling what it measured would make a smaller batch look no faster."""
+    so scaling what it measured would make a smaller batch look no faster. The sleep follows the median
+    of recent full-batch gradients, not the last one: daemons sharing a few cores slow a gradient now
+    and then, and multiplying that by `factor - 1` made machines as fast as the others look slow."""
 
     def __init__(self, objective: Objective, factor: float) -> None:
         super().__init__(objective)
@@ -140,9 +143,9 @@ class SlowedGradients(_Wrapper):
         took = time.perf_counter() - started
         if batch >= self.full_batch or not self.full_seconds:
             self.full_seconds.append(took)
-            time.sleep((self.factor - 1) * took)
-        else:
-            time.sleep((self.factor - 1) * statistics.median(self.full_seconds) * batch / self.full_batch)
+        time.sleep(
+            (self.factor - 1) * statistics.median(self.full_seconds) * min(batch, self.full_batch) / self.full_batch
+        )
         return result
 
 
@@ -188,6 +191,7 @@ class BackgroundGradients(TimedGradients):
         self.timed = 0  # gradients computed so far
         self.window: list[float] = []  # seconds of the gradients since the last pacing decision
         self.gave_up = False  # one sample was still too slow: pacing is off for good
+        self.slow_windows = 0  # windows in a row at the full batch that were slow
         self.last: tuple[int, float] | None = None  # (batch, median seconds) of the previous window
         self.lock = threading.Lock()  # the model is shared with evaluation and DIMAT's alignment
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="gradient")
@@ -202,10 +206,10 @@ class BackgroundGradients(TimedGradients):
 
     def _pace_batch(self, took: float) -> None:
         """Every PACE_WINDOW gradients (past the first few, which carry warm-up costs), compare their
-        median time with the others': a machine `slow_ratio` times slower or more shrinks its batch,
-        and a paced one moves it towards their time. If one sample still takes that long, or a batch
-        a quarter smaller took as long (fixed costs dominate), pacing cannot help: back to
-        --batch-size for good, and the gradients come late."""
+        median time with the others': a machine `slow_ratio` times slower or more in SLOW_WINDOWS windows
+        in a row shrinks its batch, and a paced one moves it towards their time. If one sample still
+        takes that long, or a batch a quarter smaller took as long (fixed costs dominate), pacing cannot
+        help: back to --batch-size for good, and the gradients come late."""
         target = self.pace() if self.pace is not None else None
         base = self.base
         self.timed += 1
@@ -217,8 +221,12 @@ class BackgroundGradients(TimedGradients):
         typical = statistics.median(self.window)
         self.window.clear()
         slow = typical >= self.slow_ratio * target
-        if base.batch_size == self.full_batch and not slow:
-            return
+        if base.batch_size == self.full_batch:
+            # in a testnet, machines as fast as the others had single slow windows (an evaluation beside the
+            # rounds, 4 daemons on 2 cores) and paced for a while for nothing
+            self.slow_windows = self.slow_windows + 1 if slow else 0
+            if self.slow_windows < SLOW_WINDOWS:
+                return
         last, self.last = self.last, (base.batch_size, typical)
         shrunk_in_vain = last is not None and base.batch_size <= 0.75 * last[0] and typical >= 0.9 * last[1]
         if slow and (base.batch_size == 1 or shrunk_in_vain):

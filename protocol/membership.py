@@ -63,6 +63,9 @@ class _MemberRecord(_Compatible):
     loss: pydantic.StrictFloat
     accuracy: pydantic.StrictFloat
     step_seconds: pydantic.StrictFloat
+    # `batch` (MemberInfo) is not declared: hivemind's SchemaValidator refuses a record whose parsed form
+    # differs from the one stored, so a defaulted field would refuse every older peer's heartbeat (one
+    # without it). It passes as an extra field, and `MemberInfo.from_dict` checks its type.
     bytes_sent: pydantic.StrictInt
     classes: pydantic.StrictStr
     invitation: pydantic.StrictStr
@@ -114,6 +117,7 @@ class MemberInfo:
     loss: float = float("nan")
     accuracy: float = -1.0
     step_seconds: float = 0.0  # how long one gradient takes on this node, median of its last ones (0: not yet)
+    batch: int = 0  # the mini-batch of its gradients now: below --batch-size while paced (0: not said, an older peer)
     bytes_sent: int = 0
     classes: str = ""
     invitation: str = ""  # closed runs: the owner's invitation for this peer id (JSON)
@@ -127,8 +131,12 @@ class MemberInfo:
 
     @classmethod
     def from_dict(cls, d: dict) -> MemberInfo:
-        """A record as read from the DHT; fields this version does not know (a newer peer's) are left out."""
-        return cls(**{k: v for k, v in d.items() if k in _MEMBER_FIELDS})
+        """A record as read from the DHT; fields this version does not know (a newer peer's) are left out,
+        and so is a `batch` that is not an integer (the schema cannot check it)."""
+        known = {k: v for k, v in d.items() if k in _MEMBER_FIELDS}
+        if type(known.get("batch", 0)) is not int:
+            del known["batch"]
+        return cls(**known)
 
 
 @dataclass(frozen=True)

@@ -112,7 +112,8 @@ def test_a_daemons_gradient_thread_shrinks_the_batch_only_when_it_is_slower_than
         return gradients
 
     slow = warmed_up()
-    assert timed(slow, 1.0) == 16  # 4x the others'
+    assert timed(slow, 1.0) == 64  # 4x the others' in one window: it could be a passing load
+    assert timed(slow, 1.0) == 16  # and in the next: a slow machine
     assert timed(slow, 0.27) == 16  # close to their time: kept
     assert timed(slow, 0.15) == 26  # then faster than them: grows back towards --batch-size
     for _ in range(PACE_WINDOW - 1):
@@ -122,13 +123,14 @@ def test_a_daemons_gradient_thread_shrinks_the_batch_only_when_it_is_slower_than
 
     fast = warmed_up()
     assert timed(fast, 0.25, 0.30, 0.36) == 64  # up to 1.44x the others': noise between machines
+    assert timed(fast, 0.25, 0.6, 0.25, 0.6, 0.25) == 64  # 2.4x in single windows: passing loads
 
     stuck = warmed_up()
-    assert timed(stuck, 10.0) == 1 and not stuck.gave_up  # 40x slower: one sample
+    assert timed(stuck, 10.0, 10.0) == 1 and not stuck.gave_up  # 40x slower: one sample
     assert timed(stuck, 1.0) == 64 and stuck.gave_up  # one sample still 4x the others': fixed costs dominate
     assert timed(stuck, 1.0) == 64  # and it stays so
     in_vain = warmed_up()
-    assert timed(in_vain, 1.0) == 16  # 4x the others': a quarter of the batch
+    assert timed(in_vain, 1.0, 1.0) == 16  # 4x the others': a quarter of the batch
     assert timed(in_vain, 0.95) == 64 and in_vain.gave_up  # a quarter of the batch took as long: not samples
 
     unpaced = BackgroundGradients(Objective(), lambda: False, None)
@@ -275,6 +277,7 @@ def test_a_node_waits_for_its_own_gradient_unless_that_would_make_its_rounds_muc
         peer_id="D",
         round=10,
         record=SimpleNamespace(members=("A", "B", "C", "D")),
+        settings=SimpleNamespace(batch_size=16),
         algorithm=SimpleNamespace(objective=SimpleNamespace(seconds=0.007)),
         agent=SimpleNamespace(infos=others(0.004), round_times=[0.020] * 5),
         inbox=SimpleNamespace(newest_round=11),  # an in-neighbour is already in round 11
@@ -287,6 +290,33 @@ def test_a_node_waits_for_its_own_gradient_unless_that_would_make_its_rounds_muc
     assert not driver.behind()
     node.inbox.newest_round, node.agent.infos = 11, others(0.0)  # the others' pace not known yet
     assert not driver.behind()
+
+
+def test_the_pace_a_slow_node_matches_leaves_out_members_that_pace_their_own_batch():
+    """`--pace-batch` aims at the other members' gradient time. Counting members that shrank their batch
+    to the others' pace made that target fall with every shrink: in a testnet with one 5x node the three
+    equal ones went down to batches of 3-5 and the slow one to 1-2. Only gradients of the full
+    --batch-size (or of a peer that does not say its batch) set the pace."""
+    from types import SimpleNamespace
+
+    from p2pnode.node.driver import RoundDriver
+    from p2pnode.protocol.membership import MemberInfo
+
+    def info(peer: str, seconds: float, batch: int) -> MemberInfo:
+        return MemberInfo(peer, "f", "s", 1, step_seconds=seconds, batch=batch)
+
+    node = SimpleNamespace(
+        peer_id="D",
+        record=SimpleNamespace(members=("A", "B", "C", "D")),
+        settings=SimpleNamespace(batch_size=16),
+        agent=SimpleNamespace(infos=[info("A", 0.010, 16), info("B", 0.004, 5), info("C", 0.003, 3)]),
+    )
+    driver = RoundDriver(node)
+    assert driver.pace() == 0.010  # B and C pace their batch: A alone is the pace (not 0.004)
+    node.agent.infos = [info("A", 0.010, 16), info("B", 0.012, 0), info("C", 0.003, 3)]
+    assert driver.pace() == 0.011  # a peer that does not say its batch counts as a full one
+    node.agent.infos = [info("B", 0.004, 5), info("C", 0.003, 3), info("D", 0.010, 16)]
+    assert driver.pace() is None  # only this node is at the full batch: no pace to aim at
 
 
 def test_gradients_in_lockstep_are_timed_and_counted_like_asynchronous_ones():
@@ -454,8 +484,10 @@ def test_asynchronous_rounds_in_which_nobody_sends_do_not_count_as_missed():
 
 def test_a_slowed_machines_extra_time_scales_with_the_batch_it_computes(monkeypatch):
     """`--slowdown F` emulates a machine F times slower per sample: the full batch sleeps (F - 1) times
-    its gradient's time; a quarter of the batch a quarter of that, even though the digits model's own
-    gradient takes as long at any batch (fixed costs), so `--pace-batch` can pace an emulated slow node."""
+    its gradients' time (the median of recent ones, so a gradient slowed by other work on the machine is
+    not slowed F - 1 times more); a quarter of the batch a quarter of that, even though the digits
+    model's own gradient takes as long at any batch (fixed costs), so `--pace-batch` can pace an
+    emulated slow node."""
     from types import SimpleNamespace
 
     from p2pnode.node import pace
@@ -467,9 +499,10 @@ def test_a_slowed_machines_extra_time_scales_with_the_batch_it_computes(monkeypa
 
     class FixedCost:
         batch_size = 16
+        seconds = 0.010  # whatever the batch
 
         def gradient(self, params: torch.Tensor) -> tuple[torch.Tensor, float]:
-            clock.now += 0.010  # 10 ms whatever the batch
+            clock.now += self.seconds
             return params, 0.0
 
     base = FixedCost()
@@ -480,3 +513,6 @@ def test_a_slowed_machines_extra_time_scales_with_the_batch_it_computes(monkeypa
     slowed.gradient(torch.zeros(1))
     assert clock.slept[:3] == pytest.approx([0.040] * 3)
     assert clock.slept[3] == pytest.approx(0.010)  # (5 - 1) x 10 ms x 4 / 16; before, 40 ms again
+    base.batch_size, base.seconds = 16, 0.030
+    slowed.gradient(torch.zeros(1))  # a full batch slowed to 30 ms by other work on the machine
+    assert clock.slept[4] == pytest.approx(0.040)  # the median's extra time, not 4 x 30 ms

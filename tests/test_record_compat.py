@@ -53,6 +53,16 @@ def test_records_with_a_field_from_a_newer_version_are_stored(validators):
     assert stored(validators, "epochs", {**epoch(), "deadline": 1.5e9})
 
 
+def test_an_older_peers_heartbeat_without_a_batch_is_stored_and_a_batch_of_the_wrong_type_is_read_as_unsaid(validators):
+    """`batch` came later than the schema's other fields: declared there with a default, it made every
+    heartbeat of an older peer (without it) fail hivemind's check that parsing changed nothing."""
+    older = {k: v for k, v in member().items() if k != "batch"}
+    assert stored(validators, "members", older) and stored(validators, "members", {**member(), "batch": 3})
+    assert MemberInfo.from_dict(older).batch == 0 and MemberInfo.from_dict({**member(), "batch": 3}).batch == 3
+    for wrong in (3.0, "3", True, None, [3]):  # stored (the schema cannot check it), read as not said
+        assert MemberInfo.from_dict({**member(), "batch": wrong}).batch == 0
+
+
 def test_known_fields_keep_their_strict_types(validators):
     assert not stored(validators, "members", {**member(), "round": "3"})
     assert not stored(validators, "members", {**member(), "samples": 3.0})
