@@ -227,6 +227,7 @@ class BackgroundGradients(TimedGradients):
             self.slow_windows = self.slow_windows + 1 if slow else 0
             if self.slow_windows < SLOW_WINDOWS:
                 return
+            self.slow_windows = 0  # counted afresh should it come back to the full batch
         last, self.last = self.last, (base.batch_size, typical)
         shrunk_in_vain = last is not None and base.batch_size <= 0.75 * last[0] and typical >= 0.9 * last[1]
         if slow and (base.batch_size == 1 or shrunk_in_vain):

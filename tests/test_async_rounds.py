@@ -125,6 +125,10 @@ def test_a_daemons_gradient_thread_shrinks_the_batch_only_when_it_is_slower_than
     assert timed(fast, 0.25, 0.30, 0.36) == 64  # up to 1.44x the others': noise between machines
     assert timed(fast, 0.25, 0.6, 0.25, 0.6, 0.25) == 64  # 2.4x in single windows: passing loads
 
+    back = warmed_up()
+    assert timed(back, 1.0, 1.0) == 16 and timed(back, 0.05) == 64  # paced, then fast again: the full batch
+    assert timed(back, 1.0) == 64  # one slow window after coming back is a passing load again
+
     stuck = warmed_up()
     assert timed(stuck, 10.0, 10.0) == 1 and not stuck.gave_up  # 40x slower: one sample
     assert timed(stuck, 1.0) == 64 and stuck.gave_up  # one sample still 4x the others': fixed costs dominate
@@ -135,7 +139,7 @@ def test_a_daemons_gradient_thread_shrinks_the_batch_only_when_it_is_slower_than
 
     unpaced = BackgroundGradients(Objective(), lambda: False, None)
     assert timed(unpaced, 1.0, 1.0) == 64
-    for g in (fast, slow, stuck, unpaced):
+    for g in (fast, slow, back, stuck, unpaced):
         g.shutdown()
 
 
