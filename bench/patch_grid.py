@@ -11,7 +11,9 @@ otherwise; P2P-FT's mean over the nodes against central fine-tuning. Variants:
   sees as many pixels as the default's;
 - `overlap-avg`: the same, its head reading the mean of the patch tokens (no class-token readout);
 - `5px`: 5-pixel patches at stride 1 (no padding), each token sees 25 of the 64 pixels;
-- `6px`: 6-pixel patches at stride 2 (padding 2), each token sees up to 36 pixels.
+- `6px`: 6-pixel patches at stride 2 (padding 2), each token sees up to 36 pixels;
+- `5px, sin-cos` and `6px, sin-cos`: the same with `vit_digits_p2`'s fixed 2-D sin-cos position
+  embedding in place of the random one.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numpy as np
 from timm.models import register_model
 from torch import nn
 
-from p2pnode.node.models import vit_digits
+from p2pnode.node.models import vit_digits, vit_digits_p2
 from p2pnode.node.settings import SimulateSettings
 from p2pnode.node.simulator import Simulation
 
@@ -60,6 +62,16 @@ def bench_vit_digits_6px(pretrained: bool = False, **kwargs):
     return _overlapping(vit_digits(pretrained, **{"patch_size": 2, **kwargs}), kernel=6, stride=2, padding=2)
 
 
+@register_model
+def bench_vit_digits_5px_sincos(pretrained: bool = False, **kwargs):
+    return _overlapping(vit_digits_p2(pretrained, **kwargs), kernel=5, stride=1, padding=0)
+
+
+@register_model
+def bench_vit_digits_6px_sincos(pretrained: bool = False, **kwargs):
+    return _overlapping(vit_digits_p2(pretrained, **kwargs), kernel=6, stride=2, padding=2)
+
+
 RUNS = [
     ("default vit_digits (2x2)", {}),
     ("p2", {"model": "bench_vit_digits_p2_plain"}),
@@ -78,6 +90,10 @@ RUNS = [
     ("5px", {"model": "bench_vit_digits_5px"}),
     ("6px", {"model": "bench_vit_digits_6px"}),
     ("6px, lr 0.01", {"model": "bench_vit_digits_6px", "lr": 0.01}),
+    ("5px, sin-cos", {"model": "bench_vit_digits_5px_sincos"}),
+    ("5px, sin-cos, lr 0.0075", {"model": "bench_vit_digits_5px_sincos", "lr": 0.0075}),
+    ("5px, sin-cos, lr 0.01", {"model": "bench_vit_digits_5px_sincos", "lr": 0.01}),
+    ("6px, sin-cos", {"model": "bench_vit_digits_6px_sincos"}),
 ]
 
 

@@ -46,7 +46,7 @@ def attention(
     if rows * cols < 16:
         console.print(
             f"note: {rows}x{cols} maps have too few patches to show much; a model with smaller patches gives finer "
-            "ones (digits: train with --model vit_digits_p2 --optimizer adam --lr 0.001, README 'Attention maps')"
+            "ones (digits: the default --model vit_digits gives 4x4, README 'Attention maps')"
         )
     similarity = report["similarity_to_central"]
     if similarity:

@@ -163,6 +163,26 @@ def describe(model: nn.Module) -> str:
     return "attention each patch token receives from the patch tokens in the last block, mean over heads; sums to 1"
 
 
+def map_extent(model: nn.Module, height: int, width: int) -> tuple[float, float, float, float]:
+    """Where a map's cells lie on the image, as matplotlib's (left, right, bottom, top) in pixels.
+
+    Each patch token is drawn centred on the pixels its patch embedding sees: for side-by-side
+    patches (kernel = stride) that tiles the whole image; for overlapping ones (vit_digits: 5x5 pixels
+    every pixel) the map covers the centres of its patches. Swin's maps tile the whole image."""
+    proj = getattr(getattr(model, "patch_embed", None), "proj", None)
+    if isinstance(model, SwinTransformer) or not isinstance(proj, nn.Conv2d):
+        return (-0.5, width - 0.5, height - 0.5, -0.5)
+    grid = model.patch_embed.grid_size
+
+    def span(axis: int) -> tuple[float, float]:
+        k, s, p = proj.kernel_size[axis], proj.stride[axis], proj.padding[axis]
+        first = -p + (k - 1) / 2
+        return first - s / 2, first + (grid[axis] - 1) * s + s / 2
+
+    (top, bottom), (left, right) = span(0), span(1)
+    return (left, right, bottom, top)
+
+
 def attention_maps(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """(B, H, W) last-block attention maps of a timm model on `images` (run in eval mode, then the
     model's mode is restored); each map sums to 1 over the patch grid."""
@@ -349,7 +369,9 @@ def attention_report(
         "images": rows,
         "similarity_to_central": similarity,
     }
-    report["layout"] = list(draw_grid(x, model.mean, model.std, maps, rows, node, out_png, data.classes))
+    extent = map_extent(model.model, *x.shape[-2:])
+    report["map_extent"] = list(extent)
+    report["layout"] = list(draw_grid(x, model.mean, model.std, maps, rows, node, out_png, data.classes, extent))
     if json_path is not None:
         _write(Path(json_path), lambda p: p.write_text(json.dumps(report, indent=1)))
     return report
@@ -372,9 +394,11 @@ def draw_grid(
     node: int,
     out_png: str | Path,
     class_names: Sequence[str] | None = None,
+    extent: tuple[float, float, float, float] | None = None,
 ) -> tuple[int, int]:
-    """One row per image: the image, then each algorithm's map over it; one colour scale per row
-    (the row's smallest to largest value over all its maps, shown by the bar at the right).
+    """One row per image: the image, then each algorithm's map over it (placed at `extent`, see
+    `map_extent`; the whole image if None); one colour scale per row (the row's smallest to largest
+    value over all its maps, shown by the bar at the right).
     Returns (rows, columns) of image panels as laid out in the saved figure."""
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -406,14 +430,14 @@ def draw_grid(
         img = (x[r] * s_ + m_).clamp(0, 1)
         shown = img[0].numpy() if img.shape[0] == 1 else img.permute(1, 2, 0).numpy()
         h, w = shown.shape[:2]
-        extent = (-0.5, w - 0.5, h - 0.5, -0.5)
+        whole = (-0.5, w - 0.5, h - 0.5, -0.5)
         low = min(float(maps[a][r].min()) for a in algos)
         high = max(float(maps[a][r].max()) for a in algos)
         norm = Normalize(low, high if high > low else low + 1e-12)
         name = class_names[row["label"]] if class_names else str(row["label"])
         ax = fig.add_subplot(gs[r, 0])
         panels.append(ax)
-        ax.imshow(shown, cmap="gray" if shown.ndim == 2 else None, vmin=0, vmax=1, extent=extent)
+        ax.imshow(shown, cmap="gray" if shown.ndim == 2 else None, vmin=0, vmax=1, extent=whole)
         ax.set_ylabel(f"{name}\n{'seen' if row['seen_by_node'] else 'never seen'}", fontsize=8)
         _bare(ax)
         if r == 0:
@@ -421,8 +445,12 @@ def draw_grid(
         for c, algo in enumerate(algos, start=1):
             ax = fig.add_subplot(gs[r, c])
             panels.append(ax)
-            ax.imshow(shown, cmap="gray" if shown.ndim == 2 else None, vmin=0, vmax=1, extent=extent)
-            ax.imshow(maps[algo][r].numpy(), cmap=cmap, norm=norm, alpha=0.6, extent=extent, interpolation="nearest")
+            ax.imshow(shown, cmap="gray" if shown.ndim == 2 else None, vmin=0, vmax=1, extent=whole)
+            ax.imshow(
+                maps[algo][r].numpy(), cmap=cmap, norm=norm, alpha=0.6, extent=extent or whole, interpolation="nearest"
+            )
+            ax.set_xlim(whole[0], whole[1])
+            ax.set_ylim(whole[2], whole[3])
             pred = row["predicted"][algo]
             ax.text(
                 0.03,

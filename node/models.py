@@ -10,10 +10,12 @@ from __future__ import annotations
 import difflib
 import hashlib
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import timm
 import torch
+from timm.layers import PatchEmbed, to_2tuple
 from timm.models import register_model
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
@@ -25,18 +27,24 @@ from .errors import BadInput
 DEFAULT_MODEL = "vit_digits"
 
 
-@register_model
-def vit_digits(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """The embedded default: a small ViT for 8x8 single-channel images (scikit-learn's digits).
+class OverlappingPatchEmbed(PatchEmbed):
+    """Patches of `patch_size` pixels every `stride` pixels (timm's PatchEmbed cuts them side by side)."""
 
-    Trained from a seeded random initialisation, so it needs no download."""
-    if pretrained:
-        raise BadInput("vit_digits has no pretrained weights: it is built from a seeded random initialisation")
-    args = dict(img_size=8, patch_size=4, in_chans=1, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0)
+    def __init__(self, img_size: int = 8, patch_size: int = 5, stride: int = 1, **kwargs) -> None:
+        super().__init__(img_size=img_size, patch_size=stride, **kwargs)
+        self.kernel = to_2tuple(patch_size)
+        self.grid_size = tuple((s - k) // stride + 1 for s, k in zip(self.img_size, self.kernel, strict=True))
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        old = self.proj
+        self.proj = nn.Conv2d(old.in_channels, old.out_channels, self.kernel, stride, bias=old.bias is not None)
+
+
+def _digits_vit(**kwargs) -> VisionTransformer:
+    args = dict(img_size=8, in_chans=1, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0)
     kwargs = {k: v for k, v in kwargs.items() if k not in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")}
     model = VisionTransformer(**{**args, **kwargs})
     model.pretrained_cfg = {
-        "input_size": (args["in_chans"], args["img_size"], args["img_size"]),
+        "input_size": (model.patch_embed.proj.in_channels, *model.patch_embed.img_size),
         "mean": (0.5,),
         "std": (0.5,),
         "interpolation": "bilinear",
@@ -45,17 +53,11 @@ def vit_digits(pretrained: bool = False, **kwargs) -> VisionTransformer:
     return model
 
 
-@register_model
-def vit_digits_p2(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """vit_digits with 2-pixel patches: 4x4 attention maps (the default's 4-pixel patches give 2x2).
-
-    Opt-in, for attention figures (`p2pnode attention`): 17 tokens cost about 4x the default's
-    compute. Its position embedding is the fixed 2-D sin-cos one (part of the frozen trunk): a
-    random one left the 16 patches hard to tell apart and P2P-FT far below central. Trains best
-    with `--optimizer adam --lr 0.001` (bench/attention_similarity.py)."""
+def _sincos_position_embedding(model: VisionTransformer) -> VisionTransformer:
+    """The fixed 2-D sin-cos position embedding (part of the frozen trunk): with 16 patch tokens a
+    random one leaves them hard to tell apart, and P2P-FT far below central (bench/patch_grid.py)."""
     from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 
-    model = vit_digits(pretrained, **{"patch_size": 2, **kwargs})
     grid = model.patch_embed.grid_size
     with torch.no_grad():
         model.pos_embed[:, model.num_prefix_tokens :] = build_sincos2d_pos_embed(list(grid), model.embed_dim)
@@ -63,13 +65,48 @@ def vit_digits_p2(pretrained: bool = False, **kwargs) -> VisionTransformer:
     return model
 
 
+def _no_weights(name: str, pretrained: bool) -> None:
+    if pretrained:
+        raise BadInput(f"{name} has no pretrained weights: it is built from a seeded random initialisation")
+
+
+@register_model
+def vit_digits(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """The embedded default: a small ViT for 8x8 single-channel images (scikit-learn's digits).
+
+    16 patch tokens of 5x5 pixels at stride 1 (a 4x4 attention map) with a fixed 2-D sin-cos position
+    embedding. Trained from a seeded random initialisation, so it needs no download."""
+    _no_weights("vit_digits", pretrained)
+    embed = partial(OverlappingPatchEmbed, stride=1)
+    return _sincos_position_embedding(_digits_vit(**{"patch_size": 5, "embed_layer": embed, **kwargs}))
+
+
+@register_model
+def vit_digits_4px(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """The default digits model before 2026-12: four 4-pixel patches (a 2x2 attention map, whose four
+    weights are all near 0.25), a random position embedding. The README's tables measured before
+    then ran it (with --lr 0.005)."""
+    _no_weights("vit_digits_4px", pretrained)
+    return _digits_vit(**{"patch_size": 4, **kwargs})
+
+
+@register_model
+def vit_digits_p2(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """vit_digits_4px with 2-pixel patches and the sin-cos position embedding (a 4x4 map).
+
+    17 tokens of 4 pixels each; trains best with `--optimizer adam --lr 0.001`
+    (bench/attention_similarity.py)."""
+    _no_weights("vit_digits_p2", pretrained)
+    return _sincos_position_embedding(_digits_vit(**{"patch_size": 2, **kwargs}))
+
+
 @register_model
 def vit_digits_s(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """vit_digits at ViT-S's width (384, 6 heads, MLP ratio 4): its trainable tail (last block, norm
+    """vit_digits_4px at ViT-S's width (384, 6 heads, MLP ratio 4): its trainable tail (last block, norm
     and a 10-class head) is 1.78M floats, the size of `vit_small_patch16_224`'s, so a round moves what
     a ViT-S run moves over the network, while a step costs a CPU what ViT-S's block costs a GPU
     (5 tokens, not 197). For network benchmarks (bench/wan.py)."""
-    return vit_digits(pretrained, **{"embed_dim": 384, "num_heads": 6, "mlp_ratio": 4.0, **kwargs})
+    return vit_digits_4px(pretrained, **{"embed_dim": 384, "num_heads": 6, "mlp_ratio": 4.0, **kwargs})
 
 
 class _ViTTrunk(nn.Module):

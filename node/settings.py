@@ -62,7 +62,7 @@ class RunSettings:
     # training. Defaults found by bench/reproduce_table1.py on digits (see README): they bring every
     # P2P-FT node within 2 points of central fine-tuning at the same number of passes over the data.
     epochs: int = opt(40, "passes over all training data")
-    lr: float = opt(0.005, "step size alpha")
+    lr: float = opt(0.01, "step size alpha")
     schedule: str = opt("cosine", "cosine or constant step size")
     momentum: float = opt(0.9, "heavy-ball momentum, 0 for plain SGD")
     optimizer: str = opt("sgd", "local optimizer: sgd (with --momentum) or adam")

@@ -13,7 +13,7 @@ from p2pnode.node.models import FineTuneModel, build_model
 
 # model name -> (trainable blocks, shape of a batch of random trainable-block inputs)
 MODELS = {
-    "vit_digits": (2, (64, 5, 64)),
+    "vit_digits": (2, (64, 17, 64)),
     "vit_small_patch16_224": (1, (4, 197, 384)),
     "deit_small_patch16_224": (1, (4, 197, 384)),
     "swin_small_patch4_window7_224": (1, (8, 7, 7, 768)),

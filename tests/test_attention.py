@@ -290,7 +290,7 @@ def test_attention_command_writes_the_png(saved_dir, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert out.is_file() and json.loads((tmp_path / "j.json").read_text())["columns"][0] == "original"
-    assert "2x2 maps" in result.output and "--model vit_digits_p2" in result.output  # the default model: a hint
+    assert "4x4 maps" in result.output and "note:" not in result.output  # the default model's maps are fine enough
 
 
 def test_state_dirs_and_save_folders_mix_in_one_report(saved_dir, tmp_path, digits_model):
@@ -306,28 +306,39 @@ def test_state_dirs_and_save_folders_mix_in_one_report(saved_dir, tmp_path, digi
     assert report["sources"]["p2pft"] == str(state_dir) and report["node_classes"] == [2, 3]
 
 
-def test_vit_digits_p2_gives_a_4x4_map_with_a_fixed_sincos_position_embedding():
-    model = build_model("vit_digits_p2", num_classes=10)
+@pytest.mark.parametrize("name", ["vit_digits", "vit_digits_p2"])
+def test_the_digits_models_give_a_4x4_map_with_a_fixed_sincos_position_embedding(name):
+    model = build_model(name, num_classes=10)
     maps = attention_maps(model.model, torch.randn(3, 1, 8, 8))
     assert maps.shape == (3, 4, 4)
     assert torch.allclose(maps.sum((1, 2)), torch.ones(3), atol=1e-5)  # the class token's row over the patches
-    again = build_model("vit_digits_p2", num_classes=10, seed=1)  # another seed, the same position embedding
+    again = build_model(name, num_classes=10, seed=1)  # another seed, the same position embedding
     assert torch.equal(model.model.pos_embed, again.model.pos_embed)
     assert not torch.equal(model.model.blocks[0].attn.qkv.weight, again.model.blocks[0].attn.qkv.weight)
 
 
-def test_the_attention_command_suggests_finer_maps_only_where_the_grid_is_coarse(tmp_path):
+def test_the_attention_command_suggests_finer_maps_where_the_grid_is_coarse(tmp_path):
     import typer
     from typer.testing import CliRunner
 
     from p2pnode.cli.attention_command import attention
 
-    model = build_model("vit_digits_p2", num_classes=10)
-    settings = SimulateSettings(model="vit_digits_p2")
-    save_models(tmp_path / "p2", "p2pft", perturbed(model, 4, 0.05, 2), model, settings, SPLIT)
-    save_models(tmp_path / "p2", "central", perturbed(model, 1, 0.05, 3), model, settings, [list(range(10))])
+    model = build_model("vit_digits_4px", num_classes=10)
+    settings = SimulateSettings(model="vit_digits_4px")
+    save_models(tmp_path / "p4", "p2pft", perturbed(model, 4, 0.05, 2), model, settings, SPLIT)
+    save_models(tmp_path / "p4", "central", perturbed(model, 1, 0.05, 3), model, settings, [list(range(10))])
     app = typer.Typer()
     app.command()(attention)
-    result = CliRunner().invoke(app, [str(tmp_path / "p2"), "--out", str(tmp_path / "p2.png"), "--images", "2"])
+    result = CliRunner().invoke(app, [str(tmp_path / "p4"), "--out", str(tmp_path / "p4.png"), "--images", "2"])
     assert result.exit_code == 0, result.output
-    assert "4x4 maps" in result.output and "note:" not in result.output
+    assert "2x2 maps" in result.output and "note:" in result.output and "--model vit_digits" in result.output
+
+
+def test_each_map_cell_is_drawn_centred_on_the_pixels_its_patch_sees():
+    from p2pnode.node.attention import map_extent
+
+    # vit_digits: 5x5-pixel patches every pixel, so the 4 cells of a row are centred on pixels 2, 3, 4, 5
+    assert map_extent(build_model("vit_digits", num_classes=10).model, 8, 8) == (1.5, 5.5, 5.5, 1.5)
+    # side-by-side 4-pixel patches tile the image: cell centres on pixels 1.5 and 5.5
+    assert map_extent(build_model("vit_digits_4px", num_classes=10).model, 8, 8) == (-0.5, 7.5, 7.5, -0.5)
+    assert map_extent(build_model("vit_digits_p2", num_classes=10).model, 8, 8) == (-0.5, 7.5, 7.5, -0.5)
