@@ -2,16 +2,18 @@
 Local-FT's is, most of all on images of classes a node never trained on.
 
     .venv/bin/python bench/attention_similarity.py [--seeds 0,1,2] [--epochs 40] [--images 40] [--grid PATH]
-        [--model vit_digits_p2] [--optimizer adam] [--lr 0.001]
+        [--model vit_digits] [--optimizer sgd] [--lr LR]
 
-Per seed: the simulator's digits run (4 nodes, the paper's split 0-1,2-3,4-6,7-9) on `vit_digits_p2`,
-whose 2-pixel patches give 4x4 maps (the default `vit_digits` gives 2x2 maps, all four patches
-weighted within 0.25 +- 0.01, and every similarity is then about 0.9999: it says nothing), trains
-Local-FT, P2P-FT and central, saves the models (`node/saved_models.py`, what `simulate --save`
-writes) and `p2pnode attention`'s report (`node/attention.py`) is taken for every node on `--images`
-test images, half of classes that node never saw. For each node, algorithm and image group (never
-seen / seen) the mean cosine similarity of the last block's attention map to the central model's
-map on the same image; then the mean over the 4 nodes, per seed, and mean ± std over seeds.
+Per seed: the simulator's digits run (4 nodes, the paper's split 0-1,2-3,4-6,7-9) on the default
+`vit_digits` (4x4 maps) at the simulator's defaults unless the flags say otherwise (the README's
+earlier figures: `--model vit_digits_p2 --optimizer adam --lr 0.001`; the former default
+`vit_digits_4px` gives 2x2 maps, all four patches weighted within 0.25 +- 0.01, so every similarity
+is about 0.9999 and says nothing), trains Local-FT, P2P-FT and central, saves the models
+(`node/saved_models.py`, what `simulate --save` writes) and `p2pnode attention`'s report
+(`node/attention.py`) is taken for every node on `--images` test images, half of classes that node
+never saw. For each node, algorithm and image group (never seen / seen) the mean cosine similarity
+of the last block's attention map to the central model's map on the same image; then the mean over
+the 4 nodes, per seed, and mean ± std over seeds.
 `--grid` keeps the PNG grid of seed 0's node 0 (the README's picture).
 """
 
@@ -52,9 +54,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--images", type=int, default=40)
     parser.add_argument("--grid", type=Path, default=None)
-    parser.add_argument("--model", default="vit_digits_p2")
-    parser.add_argument("--optimizer", default="adam")
-    parser.add_argument("--lr", type=float, default=0.001)
+    parser.add_argument("--model", default="vit_digits")
+    parser.add_argument("--optimizer", default="sgd")
+    parser.add_argument("--lr", type=float, default=SimulateSettings.lr, help="default: the simulator's")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     started = time.perf_counter()

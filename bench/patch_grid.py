@@ -1,11 +1,12 @@
-"""Why the default digits model keeps its 2x2 attention map: what a 4x4 map costs P2P-FT against central.
+"""How the default digits model got its 4x4 attention map: what each 4x4 variant costs P2P-FT against central.
 
     .venv/bin/python bench/patch_grid.py [--seed 0] [--json PATH] [--runs "overlap;overlap, lr 0.02"]
 
-The default `vit_digits` cuts an 8x8 digit into four 4-pixel patches (a 2x2 map). Each variant below
-gives a 4x4 map (16 patch tokens) and runs the default digits settings (simulator, 4 nodes, the
-paper's split, directed ring, SGD lr 0.005 momentum 0.9, batch 16, 40 epochs) unless it says
-otherwise; P2P-FT's mean over the nodes against central fine-tuning. Variants:
+The former default `vit_digits_4px` cuts an 8x8 digit into four 4-pixel patches (a 2x2 map). Each
+variant below gives a 4x4 map (16 patch tokens) and runs the digits settings (simulator, 4 nodes, the
+paper's split, directed ring, SGD momentum 0.9, batch 16, 40 epochs) at the former default lr 0.005
+unless it says otherwise; P2P-FT's mean over the nodes against central fine-tuning. The default
+`vit_digits` is `5px, sin-cos` (its own random draw), at lr 0.01. Variants:
 - `p2`: 2-pixel patches (`vit_digits_p2` without its sin-cos position embedding);
 - `overlap`: 4-pixel patches at stride 2 (a 4x4 convolution, stride 2, padding 1), so each token
   sees as many pixels as the default's;
@@ -26,7 +27,7 @@ import numpy as np
 from timm.models import register_model
 from torch import nn
 
-from p2pnode.node.models import vit_digits, vit_digits_p2
+from p2pnode.node.models import vit_digits_4px, vit_digits_p2
 from p2pnode.node.settings import SimulateSettings
 from p2pnode.node.simulator import Simulation
 
@@ -39,27 +40,27 @@ def _overlapping(model, kernel: int = 4, stride: int = 2, padding: int = 1):
 
 @register_model
 def bench_vit_digits_p2_plain(pretrained: bool = False, **kwargs):
-    return vit_digits(pretrained, **{"patch_size": 2, **kwargs})
+    return vit_digits_4px(pretrained, **{"patch_size": 2, **kwargs})
 
 
 @register_model
 def bench_vit_digits_overlap(pretrained: bool = False, **kwargs):
-    return _overlapping(vit_digits(pretrained, **{"patch_size": 2, **kwargs}))
+    return _overlapping(vit_digits_4px(pretrained, **{"patch_size": 2, **kwargs}))
 
 
 @register_model
 def bench_vit_digits_overlap_avg(pretrained: bool = False, **kwargs):
-    return _overlapping(vit_digits(pretrained, **{"patch_size": 2, "global_pool": "avg", **kwargs}))
+    return _overlapping(vit_digits_4px(pretrained, **{"patch_size": 2, "global_pool": "avg", **kwargs}))
 
 
 @register_model
 def bench_vit_digits_5px(pretrained: bool = False, **kwargs):
-    return _overlapping(vit_digits(pretrained, **{"patch_size": 2, **kwargs}), kernel=5, stride=1, padding=0)
+    return _overlapping(vit_digits_4px(pretrained, **{"patch_size": 2, **kwargs}), kernel=5, stride=1, padding=0)
 
 
 @register_model
 def bench_vit_digits_6px(pretrained: bool = False, **kwargs):
-    return _overlapping(vit_digits(pretrained, **{"patch_size": 2, **kwargs}), kernel=6, stride=2, padding=2)
+    return _overlapping(vit_digits_4px(pretrained, **{"patch_size": 2, **kwargs}), kernel=6, stride=2, padding=2)
 
 
 @register_model
@@ -73,27 +74,29 @@ def bench_vit_digits_6px_sincos(pretrained: bool = False, **kwargs):
 
 
 RUNS = [
-    ("default vit_digits (2x2)", {}),
-    ("p2", {"model": "bench_vit_digits_p2_plain"}),
-    ("overlap", {"model": "bench_vit_digits_overlap"}),
+    ("default vit_digits (5px, sin-cos)", {}),
+    ("vit_digits, lr 0.005", {"lr": 0.005}),
+    ("former default vit_digits_4px (2x2)", {"model": "vit_digits_4px", "lr": 0.005}),
+    ("p2", {"model": "bench_vit_digits_p2_plain", "lr": 0.005}),
+    ("overlap", {"model": "bench_vit_digits_overlap", "lr": 0.005}),
     ("overlap, lr 0.01", {"model": "bench_vit_digits_overlap", "lr": 0.01}),
     ("overlap, lr 0.02", {"model": "bench_vit_digits_overlap", "lr": 0.02}),
     ("overlap, lr 0.04", {"model": "bench_vit_digits_overlap", "lr": 0.04}),
-    ("overlap, batch 8 (twice the rounds)", {"model": "bench_vit_digits_overlap", "batch_size": 8}),
-    ("overlap, 80 epochs (twice the rounds)", {"model": "bench_vit_digits_overlap", "epochs": 80}),
+    ("overlap, batch 8 (twice the rounds)", {"model": "bench_vit_digits_overlap", "batch_size": 8, "lr": 0.005}),
+    ("overlap, 80 epochs (twice the rounds)", {"model": "bench_vit_digits_overlap", "epochs": 80, "lr": 0.005}),
     ("overlap, adam lr 0.001", {"model": "bench_vit_digits_overlap", "optimizer": "adam", "lr": 0.001}),
-    ("overlap-avg", {"model": "bench_vit_digits_overlap_avg"}),
+    ("overlap-avg", {"model": "bench_vit_digits_overlap_avg", "lr": 0.005}),
     (
         "overlap-avg, complete graph, iid",
-        {"model": "bench_vit_digits_overlap_avg", "topology": "complete", "split": "iid"},
+        {"model": "bench_vit_digits_overlap_avg", "topology": "complete", "split": "iid", "lr": 0.005},
     ),
-    ("5px", {"model": "bench_vit_digits_5px"}),
-    ("6px", {"model": "bench_vit_digits_6px"}),
+    ("5px", {"model": "bench_vit_digits_5px", "lr": 0.005}),
+    ("6px", {"model": "bench_vit_digits_6px", "lr": 0.005}),
     ("6px, lr 0.01", {"model": "bench_vit_digits_6px", "lr": 0.01}),
-    ("5px, sin-cos", {"model": "bench_vit_digits_5px_sincos"}),
+    ("5px, sin-cos", {"model": "bench_vit_digits_5px_sincos", "lr": 0.005}),
     ("5px, sin-cos, lr 0.0075", {"model": "bench_vit_digits_5px_sincos", "lr": 0.0075}),
     ("5px, sin-cos, lr 0.01", {"model": "bench_vit_digits_5px_sincos", "lr": 0.01}),
-    ("6px, sin-cos", {"model": "bench_vit_digits_6px_sincos"}),
+    ("6px, sin-cos", {"model": "bench_vit_digits_6px_sincos", "lr": 0.005}),
 ]
 
 

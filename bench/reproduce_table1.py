@@ -1,6 +1,6 @@
 """Reproduce the shape of Table I of the P2P-FT paper on scikit-learn's digits.
 
-    .venv/bin/python bench/reproduce_table1.py [--seeds 0,1,2] [--json results/table1.json]
+    .venv/bin/python bench/reproduce_table1.py [--seeds 0,1,2] [--json results/table1.json] [--model M] [--lr LR]
 
 Runs `p2pnode simulate` with its defaults (4 nodes, split 0-1,2-3,4-6,7-9, the default topology)
 for p2pft, central, local and dsgd, once per seed, prints a per-node table per seed and a summary,
@@ -45,12 +45,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (partition and sampling)")
     parser.add_argument("--json", type=Path, default=None, help="write every run's results here")
+    parser.add_argument("--model", default=SimulateSettings.model, help="the former default: vit_digits_4px")
+    parser.add_argument("--lr", type=float, default=SimulateSettings.lr, help="the former default: 0.005")
     args = parser.parse_args()
     console = Console()
     seeds = [int(s) for s in args.seeds.split(",")]
     rows, runs, all_ok = [], {}, True
     for seed in seeds:
-        settings = SimulateSettings(seed=seed, compare=["central", "local", "dsgd"])
+        settings = SimulateSettings(seed=seed, compare=["central", "local", "dsgd"], model=args.model, lr=args.lr)
         start = time.perf_counter()
         result = simulate(settings)
         wall = time.perf_counter() - start
@@ -62,7 +64,7 @@ def main() -> int:
         console.print(f"  seed {seed}: {wall:.0f} s wall for all four algorithms")
         rows.append({k: [100 * a for a in v.accuracy] for k, v in result.results.items()} | {"wall_s": wall})
         runs[str(seed)] = result.to_json()
-    s = SimulateSettings().validate()
+    s = SimulateSettings(model=args.model, lr=args.lr).validate()
     console.print(
         f"\nSettings: {s.model}, {s.data}, split {s.split}, topology {s.topology}, epochs {s.epochs}, "
         f"lr {s.lr} ({s.schedule}), momentum {s.momentum}, batch {s.batch_size} per node"

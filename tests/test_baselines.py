@@ -99,7 +99,15 @@ def test_dimat_merges_at_the_end_of_every_merge_every_th_epoch_after_the_warmup(
 @pytest.mark.parametrize("algorithm", ["dimat", "wa", "wm"])
 def test_dimat_family_trains_on_digits_and_sends_only_at_merges(algorithm):
     settings = SimulateSettings(
-        algorithm=algorithm, nodes=3, split="iid", topology="ring", epochs=2, batch_size=64, lr=0.05, merge_every=1
+        algorithm=algorithm,
+        nodes=3,
+        split="iid",
+        topology="ring",
+        epochs=2,
+        batch_size=64,
+        lr=0.05,
+        merge_every=1,
+        model="vit_digits_4px",  # 2 epochs are too few for the default vit_digits to pass 50%
     ).validate()
     sim = Simulation(settings)
     result = sim.run(algorithm)

@@ -374,6 +374,7 @@ def test_a_daemon_survives_thousands_of_hostile_messages_and_refuses_a_foreign_t
 def test_dimat_merge_rounds_run_over_the_daemon_testnet_and_match_the_simulator(tmp_path):
     # 3 nodes, iid, ring (every node has 2 neighbours); batch 96: 5 rounds an epoch, a merge each epoch
     common = dict(nodes=3, split="iid", topology="ring", algorithm="dimat", epochs=2, batch_size=96, lr=0.05)
+    common["model"] = "vit_digits_4px"  # 2 epochs are too few for the default vit_digits to leave chance
     result = run_testnet(TestnetSettings(workdir=str(tmp_path), run_id="dimat", timeout=240, **common).validate())
     daemons = result.results["dimat"]
     assert daemons.iterations == 10
