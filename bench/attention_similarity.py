@@ -14,7 +14,8 @@ is about 0.9999 and says nothing), trains Local-FT, P2P-FT and central, saves th
 never saw. For each node, algorithm and image group (never seen / seen) the mean cosine similarity
 of the last block's attention map to the central model's map on the same image; then the mean over
 the 4 nodes, per seed, and mean ± std over seeds.
-`--grid` keeps the PNG grid of seed 0's node 0 (the README's picture).
+`--grid` keeps the PNG grid of seed 0's node 0, every one of its `--images` (the README's 8-image picture comes
+from `p2pnode attention --images 8` on the same seed's saved models).
 """
 
 from __future__ import annotations
