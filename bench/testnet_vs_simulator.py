@@ -1,6 +1,7 @@
 """Wall time of the same run in the daemon testnet and in the simulator.
 
     .venv/bin/python bench/testnet_vs_simulator.py [--epochs N] [--batch-size B] [--nodes N] [--split S] [--codec C]
+        [--model M] [--lr LR]
 
 Runs `p2pnode simulate --algorithm p2pft` and `p2pnode testnet` with the same settings (default: the
 built-in 4-node digits job), and prints both wall times, their ratio, and the agreement of the
@@ -31,6 +32,7 @@ def main() -> None:
     parser.add_argument("--codec")
     parser.add_argument("--model")
     parser.add_argument("--trainable-blocks", type=int)
+    parser.add_argument("--lr", type=float)
     args = parser.parse_args()
     shared = {k: v for k, v in vars(args).items() if v is not None}
     overrides = dict(shared)
