@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/heterogeneous.py [--factors 2,5,10] [--repeats 3] [--epochs 10] [--hosts loopback]
         [--base-slowdown 1] [--sim-epochs 40] [--sim-seeds 0] [--syncs wait,async,async-paced]
-        [--clean-syncs wait[,async]] [--seeds 0] [--json PATH]
+        [--clean-syncs wait[,async]] [--seeds 0] [--json PATH] [--model M] [--lr LR]
 
 Testnet (4 daemons, the paper's split, node 3 made FACTOR times slower with `--slow 3:FACTOR`: its
 gradients of the full batch sleep FACTOR - 1 times their own duration, smaller ones with
@@ -18,6 +18,7 @@ times as long (node 3's B x FACTOR): a heavier model's step, where the default o
 round that the exchange dominates. `--seeds 0,1,2` runs repeat i of every case with the
 (i mod 3)-th seed (`--seed`: the mini-batches drawn; the initialisation stays `--model-seed 0`),
 the same seeds for every case, so each row compares with the clean row seed by seed.
+The README's figures were measured on the former default model: `--model vit_digits_4px --lr 0.005`.
 """
 
 from __future__ import annotations
@@ -40,7 +41,17 @@ def pace(sync: str) -> dict:
     return {"sync": "async", "pace_batch": True} if sync == "async-paced" else {"sync": sync}
 
 
-def testnet_run(sync: str, factor: float | None, epochs: int, hosts: str, base: float, seed: int, extra: dict) -> dict:
+def testnet_run(
+    sync: str,
+    factor: float | None,
+    epochs: int,
+    hosts: str,
+    base: float,
+    seed: int,
+    extra: dict,
+    model: str,
+    lr: float,
+) -> dict:
     with tempfile.TemporaryDirectory(prefix="p2pnode-hetero-") as workdir:
         slowdown = {i: base for i in range(4) if base > 1} | ({SLOW: base * factor} if factor else {})
         slow = [f"{i}:{f}" for i, f in sorted(slowdown.items())]
@@ -51,6 +62,8 @@ def testnet_run(sync: str, factor: float | None, epochs: int, hosts: str, base: 
             slow=slow,
             hosts=hosts,
             seed=seed,
+            model=model,
+            lr=lr,
             timeout=900,
             **pace(sync),
             **extra,
@@ -77,11 +90,13 @@ def median_run(runs: list[dict]) -> dict:
     return chosen
 
 
-def simulated(sync: str, factor: float | None, epochs: int, seeds: list[int]) -> list[float]:
+def simulated(sync: str, factor: float | None, epochs: int, seeds: list[int], model: str, lr: float) -> list[float]:
     """Each node's accuracy, mean over `seeds`."""
     slow = [f"{SLOW}:{factor}"] if factor else []
     runs = [
-        Simulation(SimulateSettings(epochs=epochs, slow=slow, seed=seed, **pace(sync)).validate()).run("p2pft")
+        Simulation(
+            SimulateSettings(epochs=epochs, slow=slow, seed=seed, model=model, lr=lr, **pace(sync)).validate()
+        ).run("p2pft")
         for seed in seeds
     ]
     return [statistics.mean(r.accuracy[i] for r in runs) for i in range(len(runs[0].accuracy))]
@@ -101,6 +116,8 @@ def main() -> None:
     parser.add_argument("--syncs", default="wait,async,async-paced", help="wait, async, async-paced: with a slow node")
     parser.add_argument("--clean-syncs", default="wait", help="runs without a slow node (the first is the baseline)")
     parser.add_argument("--json", default=None, help="also write every row here")
+    parser.add_argument("--model", default=SimulateSettings.model, help="the former default: vit_digits_4px")
+    parser.add_argument("--lr", type=float, default=SimulateSettings.lr, help="the former default: 0.005")
     args = parser.parse_args()
     extra = {"rate": args.rate} if args.rate else {}
     factors = [float(f) for f in args.factors.split(",")]
@@ -111,12 +128,12 @@ def main() -> None:
     rows: list[dict] = []
     for sync, factor in cases:
         runs = [
-            testnet_run(sync, factor, args.epochs, args.hosts, args.base_slowdown, seed, extra)
+            testnet_run(sync, factor, args.epochs, args.hosts, args.base_slowdown, seed, extra, args.model, args.lr)
             for seed in (testnet_seeds[i % len(testnet_seeds)] for i in range(args.repeats))
         ]
         row = {"sync": sync, "factor": factor, **median_run(runs)}
         if args.sim_epochs and (sync != "wait" or not rows):
-            row["simulated_accuracy"] = simulated(sync, factor, args.sim_epochs, seeds)
+            row["simulated_accuracy"] = simulated(sync, factor, args.sim_epochs, seeds, args.model, args.lr)
         elif args.sim_epochs:  # in lockstep a slow node changes the time, not the arithmetic
             row["simulated_accuracy"] = rows[0]["simulated_accuracy"]
         rows.append(row)

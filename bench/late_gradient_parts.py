@@ -1,5 +1,8 @@
 """What a slow node's late gradients cost is made of: lateness, reuse, or both (simulator).
 
+    .venv/bin/python bench/late_gradient_parts.py [--factor 5] [--epochs 40] [--seeds 0,1,2] [--cases LIST]
+        [--json PATH] [--model M] [--lr LR]
+
 `simulate --sync async --slow 3:FACTOR` gives node 3 one gradient per FACTOR rounds, taken at the
 parameters of FACTOR rounds before and reused until the next one arrives: it is both late and
 reused. Each case below keeps one of the two (P2P-FT, digits, the paper's split, 40 epochs):
@@ -16,7 +19,8 @@ reused. Each case below keeps one of the two (P2P-FT, digits, the paper's split,
 - `adam-clean`, `adam-late`: `clean` and `late` with `--optimizer adam --lr 0.001`.
 
 The `delayed`, `reused` and `matched` objectives exist only here: the simulator's own slow node is
-swapped for them while a case runs.
+swapped for them while a case runs. The README's figures were measured on the former default model:
+`--model vit_digits_4px --lr 0.005`.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ SLOW = 3
 NODES = 4
 CASES = ("clean", "late", "delayed", "reused", "paced", "matched")
 CASES += ("plain-clean", "plain-late", "adam-clean", "adam-late")
-STEPS = {"plain": {"momentum": 0.0, "lr": 0.05}, "adam": {"optimizer": "adam", "lr": 0.001}}  # else the defaults
+STEPS = {"plain": {"momentum": 0.0, "lr": 0.05}, "adam": {"optimizer": "adam", "lr": 0.001}}  # else --lr
 
 
 class DelayedGradients(_Wrapper):
@@ -84,7 +88,7 @@ def slow_node_as(make: Callable[[Objective, float, bool], Objective]) -> Iterato
         simulator.slow_objective = original
 
 
-def run_case(case: str, factor: int, epochs: int, seed: int) -> list[float]:
+def run_case(case: str, factor: int, epochs: int, seed: int, model: str, lr: float) -> list[float]:
     step, _, case = case.rpartition("-")
     slow, pace_batch = [f"{SLOW}:{factor}"], False
     make: Callable[[Objective, float, bool], Objective] = simulator.slow_objective
@@ -99,8 +103,9 @@ def run_case(case: str, factor: int, epochs: int, seed: int) -> list[float]:
     elif case == "matched":  # the fast nodes are named slow with factor 1: late by `factor`, not slower
         slow = [f"{i}:1" for i in range(NODES) if i != SLOW] + slow
         make = lambda objective, f, _: DelayedGradients(objective, factor)  # noqa: E731
+    steps = {"lr": lr} | STEPS.get(step, {})  # the plain and adam rows keep their own lr
     settings = SimulateSettings(
-        epochs=epochs, slow=slow, seed=seed, sync="async", pace_batch=pace_batch, **STEPS.get(step, {})
+        epochs=epochs, slow=slow, seed=seed, sync="async", pace_batch=pace_batch, model=model, **steps
     )
     with slow_node_as(make):
         return simulator.Simulation(settings.validate()).run("p2pft").accuracy
@@ -113,13 +118,19 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, one run per seed and case")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
     parser.add_argument("--json", help="also write every run here")
+    parser.add_argument("--model", default=SimulateSettings.model, help="the former default: vit_digits_4px")
+    parser.add_argument("--lr", type=float, default=SimulateSettings.lr, help="the former default: 0.005")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     cases = args.cases.split(",")
     unknown = sorted(set(cases) - set(CASES))
     if unknown:
         parser.error(f"unknown case(s) {', '.join(unknown)}: use {', '.join(CASES)}")
-    runs = [{"case": c, "seed": s, "accuracy": run_case(c, args.factor, args.epochs, s)} for c in cases for s in seeds]
+    runs = [
+        {"case": c, "seed": s, "accuracy": run_case(c, args.factor, args.epochs, s, args.model, args.lr)}
+        for c in cases
+        for s in seeds
+    ]
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"factor": args.factor, "epochs": args.epochs, "runs": runs}, f, indent=1)
