@@ -15,6 +15,7 @@ import argparse
 import time
 
 import numpy as np
+from _model_flags import add_model_flags
 
 from p2pnode.node.settings import SimulateSettings
 from p2pnode.node.simulator import Simulation
@@ -25,8 +26,7 @@ def main() -> None:
     parser.add_argument("--codecs", default="none,fp16,bf16,int8,topk:0.3,topk:0.1")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds; the table shows means over them")
     parser.add_argument("--gamma-topk", type=float, default=1.0, help="consensus step for top-k codecs")
-    parser.add_argument("--model", default=SimulateSettings.model, help="the former default: vit_digits_4px")
-    parser.add_argument("--lr", type=float, default=SimulateSettings.lr, help="the former default: 0.005")
+    add_model_flags(parser)
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     rows = []

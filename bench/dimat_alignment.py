@@ -23,6 +23,7 @@ import statistics
 import time
 
 import numpy as np
+from _model_flags import add_model_flags
 
 from p2pnode.node import alignment
 from p2pnode.node.algorithms.dimat import FEATURE_SAMPLES
@@ -104,8 +105,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--margins", default="0,0.1")
-    parser.add_argument("--model", default=SimulateSettings.model, help="the former default: vit_digits_4px")
-    parser.add_argument("--lr", type=float, default=SimulateSettings.lr, help="the former default: 0.005")
+    add_model_flags(parser)
     args = parser.parse_args()
     margins = [float(m) for m in args.margins.split(",")]
     started = time.perf_counter()

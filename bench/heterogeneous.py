@@ -29,6 +29,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from _model_flags import add_model_flags
+
 from p2pnode.node.settings import SimulateSettings, TestnetSettings
 from p2pnode.node.simulator import Simulation
 from p2pnode.node.testnet import run_testnet
@@ -41,17 +43,7 @@ def pace(sync: str) -> dict:
     return {"sync": "async", "pace_batch": True} if sync == "async-paced" else {"sync": sync}
 
 
-def testnet_run(
-    sync: str,
-    factor: float | None,
-    epochs: int,
-    hosts: str,
-    base: float,
-    seed: int,
-    extra: dict,
-    model: str,
-    lr: float,
-) -> dict:
+def testnet_run(sync: str, factor: float | None, epochs: int, hosts: str, base: float, seed: int, extra: dict) -> dict:
     with tempfile.TemporaryDirectory(prefix="p2pnode-hetero-") as workdir:
         slowdown = {i: base for i in range(4) if base > 1} | ({SLOW: base * factor} if factor else {})
         slow = [f"{i}:{f}" for i, f in sorted(slowdown.items())]
@@ -62,8 +54,6 @@ def testnet_run(
             slow=slow,
             hosts=hosts,
             seed=seed,
-            model=model,
-            lr=lr,
             timeout=900,
             **pace(sync),
             **extra,
@@ -90,13 +80,13 @@ def median_run(runs: list[dict]) -> dict:
     return chosen
 
 
-def simulated(sync: str, factor: float | None, epochs: int, seeds: list[int], model: str, lr: float) -> list[float]:
-    """Each node's accuracy, mean over `seeds`."""
+def simulated(sync: str, factor: float | None, epochs: int, seeds: list[int], shared: dict) -> list[float]:
+    """Each node's accuracy, mean over `seeds` (`shared`: the model and lr)."""
     slow = [f"{SLOW}:{factor}"] if factor else []
     runs = [
-        Simulation(
-            SimulateSettings(epochs=epochs, slow=slow, seed=seed, model=model, lr=lr, **pace(sync)).validate()
-        ).run("p2pft")
+        Simulation(SimulateSettings(epochs=epochs, slow=slow, seed=seed, **shared, **pace(sync)).validate()).run(
+            "p2pft"
+        )
         for seed in seeds
     ]
     return [statistics.mean(r.accuracy[i] for r in runs) for i in range(len(runs[0].accuracy))]
@@ -116,10 +106,10 @@ def main() -> None:
     parser.add_argument("--syncs", default="wait,async,async-paced", help="wait, async, async-paced: with a slow node")
     parser.add_argument("--clean-syncs", default="wait", help="runs without a slow node (the first is the baseline)")
     parser.add_argument("--json", default=None, help="also write every row here")
-    parser.add_argument("--model", default=SimulateSettings.model, help="the former default: vit_digits_4px")
-    parser.add_argument("--lr", type=float, default=SimulateSettings.lr, help="the former default: 0.005")
+    add_model_flags(parser)
     args = parser.parse_args()
-    extra = {"rate": args.rate} if args.rate else {}
+    shared = {"model": args.model, "lr": args.lr}
+    extra = shared | ({"rate": args.rate} if args.rate else {})
     factors = [float(f) for f in args.factors.split(",")]
     seeds = [int(x) for x in args.sim_seeds.split(",")]
     testnet_seeds = [int(x) for x in args.seeds.split(",")]
@@ -128,12 +118,12 @@ def main() -> None:
     rows: list[dict] = []
     for sync, factor in cases:
         runs = [
-            testnet_run(sync, factor, args.epochs, args.hosts, args.base_slowdown, seed, extra, args.model, args.lr)
+            testnet_run(sync, factor, args.epochs, args.hosts, args.base_slowdown, seed, extra)
             for seed in (testnet_seeds[i % len(testnet_seeds)] for i in range(args.repeats))
         ]
         row = {"sync": sync, "factor": factor, **median_run(runs)}
         if args.sim_epochs and (sync != "wait" or not rows):
-            row["simulated_accuracy"] = simulated(sync, factor, args.sim_epochs, seeds, args.model, args.lr)
+            row["simulated_accuracy"] = simulated(sync, factor, args.sim_epochs, seeds, shared)
         elif args.sim_epochs:  # in lockstep a slow node changes the time, not the arithmetic
             row["simulated_accuracy"] = rows[0]["simulated_accuracy"]
         rows.append(row)

@@ -33,6 +33,7 @@ import statistics
 from collections.abc import Callable, Iterator
 
 import torch
+from _model_flags import add_model_flags
 
 import p2pnode.node.simulator as simulator
 from p2pnode.node.algorithms.base import Objective
@@ -118,8 +119,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, one run per seed and case")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
     parser.add_argument("--json", help="also write every run here")
-    parser.add_argument("--model", default=SimulateSettings.model, help="the former default: vit_digits_4px")
-    parser.add_argument("--lr", type=float, default=SimulateSettings.lr, help="the former default: 0.005")
+    add_model_flags(parser)
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     cases = args.cases.split(",")

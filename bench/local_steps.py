@@ -18,6 +18,7 @@ import json
 import time
 
 import numpy as np
+from _model_flags import add_model_flags
 
 from p2pnode.node.settings import SimulateSettings
 from p2pnode.node.simulator import Simulation
@@ -48,8 +49,7 @@ def main() -> None:
     parser.add_argument("--ks", default="2,4")
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--json", default=None)
-    parser.add_argument("--model", default=SimulateSettings.model, help="the former default: vit_digits_4px")
-    parser.add_argument("--lr", type=float, default=SimulateSettings.lr, help="the former default: 0.005")
+    add_model_flags(parser)
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     base = SimulateSettings()

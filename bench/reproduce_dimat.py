@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _model_flags import add_model_flags
 
 from p2pnode.node.settings import SimulateSettings
 from p2pnode.node.simulator import Simulation
@@ -35,8 +36,7 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, default=None)
     parser.add_argument("--algorithms", default=",".join(ALGORITHMS), help="a subset of " + ",".join(ALGORITHMS))
     parser.add_argument("--splits", default=",".join(SPLITS), help="a subset of " + ",".join(SPLITS))
-    parser.add_argument("--model", default=SimulateSettings.model, help="the former default: vit_digits_4px")
-    parser.add_argument("--lr", type=float, default=SimulateSettings.lr, help="the former default: 0.005")
+    add_model_flags(parser)
     args = parser.parse_args()
     algorithms = [a for a in args.algorithms.split(",") if a]
     unknown = sorted(set(algorithms) - set(ALGORITHMS))

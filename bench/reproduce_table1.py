@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _model_flags import add_model_flags
 from rich.console import Console
 
 from p2pnode.node.report import results_table
@@ -45,8 +46,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (partition and sampling)")
     parser.add_argument("--json", type=Path, default=None, help="write every run's results here")
-    parser.add_argument("--model", default=SimulateSettings.model, help="the former default: vit_digits_4px")
-    parser.add_argument("--lr", type=float, default=SimulateSettings.lr, help="the former default: 0.005")
+    add_model_flags(parser)
     args = parser.parse_args()
     console = Console()
     seeds = [int(s) for s in args.seeds.split(",")]

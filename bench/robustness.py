@@ -22,6 +22,8 @@ import argparse
 import statistics
 import time
 
+from _model_flags import add_model_flags
+
 from p2pnode.node.attacks import parse_attacks
 from p2pnode.node.churn import parse_churn
 from p2pnode.node.settings import SimulateSettings
@@ -82,7 +84,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=0.02)
-    parser.add_argument("--model", default=SimulateSettings.model, help="the former default: vit_digits_4px")
+    add_model_flags(parser, lr=False)
     parser.add_argument("--seeds", default="0,1,2")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]

@@ -20,6 +20,7 @@ import json
 import statistics
 
 import torch
+from _model_flags import add_model_flags
 
 from p2pnode.node.settings import SimulateSettings
 from p2pnode.node.simulator import Simulation
@@ -82,8 +83,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=40, help="passes over the data of each run")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, one run per seed and case")
     parser.add_argument("--json", help="also write every run here")
-    parser.add_argument("--model", default=SimulateSettings.model, help="the former default: vit_digits_4px")
-    parser.add_argument("--lr", type=float, default=SimulateSettings.lr, help="the former default: 0.005")
+    add_model_flags(parser)
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     cases = (("wait", None), ("async", args.factor))
