@@ -79,7 +79,15 @@ class FeatureBank:
 
 
 class VisionObjective:
-    """One node's cross-entropy on its own samples; `gradient` draws the next shuffled mini-batch."""
+    """One node's cross-entropy on its own samples; `gradient` draws the next shuffled mini-batch.
+
+    Every pass draws each sample once, in a new random order. While the batch is below the one it was
+    built with (a slow node's `--pace-batch`), the samples left in the pass are drawn class by class
+    in turn (stratified reshuffling): a batch of 3 from classes 7-9 holds one of each, and a batch of 1
+    cycles through them. Each pass still weighs every sample once, so the objective is unchanged; what
+    changes is that a few consecutive small batches see the node's classes in their proportions, where
+    random ones leave the momentum buffer leaning on one class for rounds (README: slow volunteers).
+    """
 
     def __init__(
         self,
@@ -93,18 +101,36 @@ class VisionObjective:
         self.model, self.bank = model, bank
         self.indices = np.asarray(indices)
         self.batch_size = min(batch_size, len(self.indices))
+        self.full_batch = self.batch_size  # a paced (smaller) batch draws class by class
         self.weight_decay = weight_decay
         self.rng = np.random.default_rng(seed)
         self.dim = model.num_trainable
         self._order = np.empty(0, dtype=np.int64)
+        self._by_class = False  # whether the samples left in `_order` are interleaved by class
         self.samples_seen = 0
 
     def next_batch(self) -> np.ndarray:
+        paced = self.batch_size < self.full_batch
+        if paced and not self._by_class:
+            self._order, self._by_class = self.interleave_classes(self._order), True
+        elif not paced:
+            self._by_class = False
         if len(self._order) < self.batch_size:
-            self._order = np.concatenate([self._order, self.rng.permutation(self.indices)])
+            new_pass = self.rng.permutation(self.indices)
+            self._order = np.concatenate([self._order, self.interleave_classes(new_pass) if paced else new_pass])
         batch, self._order = self._order[: self.batch_size], self._order[self.batch_size :]
         self.samples_seen += len(batch)
         return batch
+
+    def interleave_classes(self, order: np.ndarray) -> np.ndarray:
+        """`order` with its classes taken in turn, each in proportion to its count and in its own order
+        within `order`: sample r of a class of n goes to position key (r + u) / n, u uniform per class."""
+        labels = self.bank.labels.numpy()[order]
+        keys = np.empty(len(order))
+        for label in np.unique(labels):
+            members = np.flatnonzero(labels == label)
+            keys[members] = (np.arange(len(members)) + self.rng.random()) / len(members)
+        return order[np.argsort(keys, kind="stable")]
 
     def loss(self, params: torch.Tensor, batch: np.ndarray) -> torch.Tensor:
         x, y = self.bank.get(batch)
