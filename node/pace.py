@@ -19,12 +19,13 @@ take local steps (D-SGD, SGP, DIMAT, Local-FT) whether the gradient they got is 
   on with the latest gradient while the computation carries on.
 
 Paced batches (`--pace-batch`, with `--sync async`; off by default): a slow node first shrinks its
-mini-batch until a gradient takes no longer than the other members' (`paced_batch`), and only what
-that cannot absorb (a batch of one is still too slow) is left to late gradients. A smaller batch is
-an unbiased estimate of the same local gradient, so the objective and the tracker's sum are
-unchanged; its noise per sample seen is the same, while a gradient FACTOR rounds late pulls every
-node towards where the run was FACTOR rounds ago. In the simulator (3 seeds) a node 5x slower ended
-3.8 points below the clean run with late gradients and 0.6 below with a paced batch (README).
+mini-batch until a gradient fits its budget (`paced_batch`; the daemon's budget is the other
+members' time plus a tenth of a round, so the node waits for it), and only what that cannot absorb
+(a batch of one is still too slow) is left to late gradients. A smaller batch is an unbiased
+estimate of the same local gradient, so the objective and the tracker's sum are unchanged, and it
+draws the node's classes in turn (`VisionObjective`), so a few consecutive small batches cover them
+as a full one would; a gradient FACTOR rounds late pulls every node towards where the run was
+FACTOR rounds ago. Figures: README, "A slow node's batch".
 """
 
 from __future__ import annotations
@@ -177,14 +178,15 @@ class BackgroundGradients(TimedGradients):
         self,
         objective: Objective,
         behind: Callable[[], bool],
-        pace: Callable[[], float | None] | None = None,
+        budget: Callable[[], float | None] | None = None,
         slow_ratio: float = SLOW_RATIO,
     ) -> None:
-        """`pace()`: the seconds the other members' gradients take (None while unknown); given, a
-        gradient that takes `slow_ratio` times that or longer shrinks the batch (`paced_batch`)."""
+        """`budget()`: the seconds a gradient may take (None while unknown; the daemon's is the other
+        members' time plus a tenth of a round, `RoundDriver.gradient_budget`); given, a gradient that takes
+        `slow_ratio` times that or longer shrinks the batch (`paced_batch`)."""
         super().__init__(objective)
         self.behind = behind
-        self.pace = pace
+        self.budget = budget
         self.slow_ratio = slow_ratio
         self.base = unwrapped(objective)  # the data-drawing objective: its batch is what pacing sets
         self.full_batch = self.base.batch_size
@@ -206,11 +208,11 @@ class BackgroundGradients(TimedGradients):
 
     def _pace_batch(self, took: float) -> None:
         """Every PACE_WINDOW gradients (past the first few, which carry warm-up costs), compare their
-        median time with the others': a machine `slow_ratio` times slower or more in SLOW_WINDOWS windows
-        in a row shrinks its batch, and a paced one moves it towards their time. If one sample still
+        median time with the budget: a machine `slow_ratio` times over it or more in SLOW_WINDOWS windows
+        in a row shrinks its batch, and a paced one moves it towards the budget. If one sample still
         takes that long, or a batch a quarter smaller took as long (fixed costs dominate), pacing cannot
         help: back to --batch-size for good, and the gradients come late."""
-        target = self.pace() if self.pace is not None else None
+        target = self.budget() if self.budget is not None else None
         base = self.base
         self.timed += 1
         if self.timed <= WARMUP_GRADIENTS or self.gave_up or not target:
@@ -232,7 +234,7 @@ class BackgroundGradients(TimedGradients):
         shrunk_in_vain = last is not None and base.batch_size <= 0.75 * last[0] and typical >= 0.9 * last[1]
         if slow and (base.batch_size == 1 or shrunk_in_vain):
             logger.warning(
-                "gradients of %d sample(s) still take %.3f s (the others' %.3f s): fixed costs, not samples, make "
+                "gradients of %d sample(s) still take %.3f s (the aim: %.3f s): fixed costs, not samples, make "
                 "this machine slow, so pacing cannot keep up; back to --batch-size %d, its gradients come late",
                 base.batch_size,
                 typical,
@@ -243,7 +245,7 @@ class BackgroundGradients(TimedGradients):
             return
         batch = paced_batch(base.batch_size, self.full_batch, typical, target)
         if batch != base.batch_size:
-            logger.info("gradients take %.3f s, the others' %.3f s: mini-batch %d", typical, target, batch)
+            logger.info("gradients take %.3f s, the aim %.3f s: mini-batch %d", typical, target, batch)
         base.batch_size = batch
 
     def gradient(self, params: torch.Tensor) -> tuple[torch.Tensor, float]:

@@ -323,6 +323,41 @@ def test_the_pace_a_slow_node_matches_leaves_out_members_that_pace_their_own_bat
     assert driver.pace() is None  # only this node is at the full batch: no pace to aim at
 
 
+def test_a_paced_gradient_may_take_the_others_time_plus_a_tenth_of_a_round_so_that_it_is_waited_for():
+    """`--pace-batch`: with the default model a gradient is mostly fixed costs (5 ms, one sample 8-11 ms on a
+    loaded machine). Aimed at the others' 5 ms alone, a 5x node gave up pacing and sent late gradients of
+    16 samples, though its 39 ms rounds could wait for a batch of 4. The budget is the others' time plus
+    half the share of a round a node waits for its own gradient, and a gradient within it is waited for."""
+    from types import SimpleNamespace
+
+    from p2pnode.node.driver import WAIT_SHARE, RoundDriver
+    from p2pnode.protocol.membership import MemberInfo
+
+    node = SimpleNamespace(
+        peer_id="D",
+        round=10,
+        record=SimpleNamespace(members=("A", "B", "C", "D")),
+        settings=SimpleNamespace(batch_size=16),
+        algorithm=SimpleNamespace(objective=SimpleNamespace(seconds=0.0)),
+        agent=SimpleNamespace(
+            infos=[MemberInfo(p, "f", "s", 1, round=11, step_seconds=0.005, batch=16) for p in "ABC"],
+            round_times=[],
+        ),
+        inbox=SimpleNamespace(newest_round=11),
+    )
+    driver = RoundDriver(node)
+    assert driver.gradient_budget() == pytest.approx(0.005)  # no round timed yet: the others' time
+    node.agent.round_times = [0.040, 0.039, 0.038]
+    budget = driver.gradient_budget()
+    assert budget == pytest.approx(0.005 + WAIT_SHARE / 2 * 0.039)
+    node.algorithm.objective.seconds = budget  # a gradient that takes the whole budget is waited for
+    assert not driver.behind()
+    node.algorithm.objective.seconds = 0.027  # the full batch of the 5x node is not
+    assert driver.behind()
+    node.agent.infos = []
+    assert driver.gradient_budget() is None  # nobody's pace known: nothing to aim at
+
+
 def test_gradients_in_lockstep_are_timed_and_counted_like_asynchronous_ones():
     class Sleepy:
         batch_size = 16
