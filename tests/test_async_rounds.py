@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -264,12 +265,25 @@ def test_a_value_older_than_max_staleness_leaves_the_mix_but_its_pushed_mass_sti
     assert torch.allclose(node.params, torch.full((2,), 0.5 * -0.05 + 0.5 * 1.0))  # a fresh value is mixed
 
 
+def node_d_in_round_10(others: list[MemberInfo], seconds: float, round_times: list[float]) -> SimpleNamespace:
+    """What `RoundDriver.behind` and `gradient_budget` read of node D (members A-D, batch 16), in round 10
+    with an in-neighbour already in round 11; its gradients take `seconds`."""
+    return SimpleNamespace(
+        peer_id="D",
+        round=10,
+        record=SimpleNamespace(members=("A", "B", "C", "D")),
+        settings=SimpleNamespace(batch_size=16),
+        algorithm=SimpleNamespace(objective=SimpleNamespace(seconds=seconds)),
+        agent=SimpleNamespace(infos=others, round_times=round_times),
+        inbox=SimpleNamespace(newest_round=11),
+    )
+
+
 def test_a_node_waits_for_its_own_gradient_unless_that_would_make_its_rounds_much_longer():
     """`--sync async`: a node goes on with its last gradient only when an in-neighbour is ahead, its
     gradients take 1.5x the others' or longer, and waiting would add a fifth of a round or more. On a
     loaded machine gradients of a few ms vary 2x from one to the next: without the last condition a node
     as fast as the others went on without its gradient in 2-5% of its rounds."""
-    from types import SimpleNamespace
 
     from p2pnode.node.driver import RoundDriver
     from p2pnode.protocol.membership import MemberInfo
@@ -277,15 +291,7 @@ def test_a_node_waits_for_its_own_gradient_unless_that_would_make_its_rounds_muc
     def others(step: float, round_: int = 10) -> list[MemberInfo]:
         return [MemberInfo(p, "f", "s", 1, round=round_, step_seconds=step) for p in ("A", "B", "C")]
 
-    node = SimpleNamespace(
-        peer_id="D",
-        round=10,
-        record=SimpleNamespace(members=("A", "B", "C", "D")),
-        settings=SimpleNamespace(batch_size=16),
-        algorithm=SimpleNamespace(objective=SimpleNamespace(seconds=0.007)),
-        agent=SimpleNamespace(infos=others(0.004), round_times=[0.020] * 5),
-        inbox=SimpleNamespace(newest_round=11),  # an in-neighbour is already in round 11
-    )
+    node = node_d_in_round_10(others(0.004), seconds=0.007, round_times=[0.020] * 5)
     driver = RoundDriver(node)
     assert not driver.behind()  # 1.75x the others, but 3 ms on a 20 ms round: it waits
     node.algorithm.objective.seconds = 0.020  # 5x: 16 ms more a round
@@ -301,7 +307,6 @@ def test_the_pace_a_slow_node_matches_leaves_out_members_that_pace_their_own_bat
     to the others' pace made that target fall with every shrink: in a testnet with one 5x node the three
     equal ones went down to batches of 3-5 and the slow one to 1-2. Only gradients of the full
     --batch-size (or of a peer that does not say its batch) set the pace."""
-    from types import SimpleNamespace
 
     from p2pnode.node.driver import RoundDriver
     from p2pnode.protocol.membership import MemberInfo
@@ -328,23 +333,12 @@ def test_a_paced_gradient_may_take_the_others_time_plus_a_tenth_of_a_round_so_th
     loaded machine). Aimed at the others' 5 ms alone, a 5x node gave up pacing and sent late gradients of
     16 samples, though its 39 ms rounds could wait for a batch of 4. The budget is the others' time plus
     half the share of a round a node waits for its own gradient, and a gradient within it is waited for."""
-    from types import SimpleNamespace
 
     from p2pnode.node.driver import WAIT_SHARE, RoundDriver
     from p2pnode.protocol.membership import MemberInfo
 
-    node = SimpleNamespace(
-        peer_id="D",
-        round=10,
-        record=SimpleNamespace(members=("A", "B", "C", "D")),
-        settings=SimpleNamespace(batch_size=16),
-        algorithm=SimpleNamespace(objective=SimpleNamespace(seconds=0.0)),
-        agent=SimpleNamespace(
-            infos=[MemberInfo(p, "f", "s", 1, round=11, step_seconds=0.005, batch=16) for p in "ABC"],
-            round_times=[],
-        ),
-        inbox=SimpleNamespace(newest_round=11),
-    )
+    others = [MemberInfo(p, "f", "s", 1, round=11, step_seconds=0.005, batch=16) for p in "ABC"]
+    node = node_d_in_round_10(others, seconds=0.0, round_times=[])
     driver = RoundDriver(node)
     assert driver.gradient_budget() == pytest.approx(0.005)  # no round timed yet: the others' time
     node.agent.round_times = [0.040, 0.039, 0.038]
@@ -397,7 +391,6 @@ def test_an_asynchronous_round_waits_for_each_phase_of_its_own_and_a_push_does_n
     round k has come (per sender, as before, a push let a later wait for a pull end early), and a frame
     held for an epoch counts as come once the node enters it (else the node would wait out its limit)."""
     import asyncio
-    from types import SimpleNamespace
 
     from p2pnode.node.rounds import Inbox
     from p2pnode.protocol.message import Message
@@ -428,7 +421,6 @@ def test_an_asynchronous_round_waits_for_pushed_mass_only_while_every_member_kee
     """A slow member's push goes out only after its gradient, and waiting for the pushes around it chains
     every round through its wait for that gradient: with a slow member no round waits for pushed mass
     (first-phase messages, sent at the run's pace, are still waited for)."""
-    from types import SimpleNamespace
 
     from p2pnode.node.driver import RoundDriver
 
@@ -482,7 +474,6 @@ def test_asynchronous_rounds_in_which_nobody_sends_do_not_count_as_missed():
     """Asynchronous DIMAT sends only at merge rounds; counting the rounds between as missed reported live
     neighbours silent once an epoch took longer than SILENT_SECONDS (and the coordinator then dropped them)."""
     import asyncio
-    from types import SimpleNamespace
 
     from p2pnode.node.driver import RoundDriver
     from p2pnode.node.rounds import Inbox
@@ -527,7 +518,6 @@ def test_a_slowed_machines_extra_time_scales_with_the_batch_it_computes(monkeypa
     not slowed F - 1 times more); a quarter of the batch a quarter of that, even though the digits
     model's own gradient takes as long at any batch (fixed costs), so `--pace-batch` can pace an
     emulated slow node."""
-    from types import SimpleNamespace
 
     from p2pnode.node import pace
     from p2pnode.node.pace import SlowedGradients
