@@ -284,9 +284,7 @@ def test_a_node_waits_for_its_own_gradient_unless_that_would_make_its_rounds_muc
     gradients take 1.5x the others' or longer, and waiting would add a fifth of a round or more. On a
     loaded machine gradients of a few ms vary 2x from one to the next: without the last condition a node
     as fast as the others went on without its gradient in 2-5% of its rounds."""
-
     from p2pnode.node.driver import RoundDriver
-    from p2pnode.protocol.membership import MemberInfo
 
     def others(step: float, round_: int = 10) -> list[MemberInfo]:
         return [MemberInfo(p, "f", "s", 1, round=round_, step_seconds=step) for p in ("A", "B", "C")]
@@ -307,9 +305,7 @@ def test_the_pace_a_slow_node_matches_leaves_out_members_that_pace_their_own_bat
     to the others' pace made that target fall with every shrink: in a testnet with one 5x node the three
     equal ones went down to batches of 3-5 and the slow one to 1-2. Only gradients of the full
     --batch-size (or of a peer that does not say its batch) set the pace."""
-
     from p2pnode.node.driver import RoundDriver
-    from p2pnode.protocol.membership import MemberInfo
 
     def info(peer: str, seconds: float, batch: int) -> MemberInfo:
         return MemberInfo(peer, "f", "s", 1, step_seconds=seconds, batch=batch)
@@ -333,9 +329,7 @@ def test_a_paced_gradient_may_take_the_others_time_plus_a_tenth_of_a_round_so_th
     loaded machine). Aimed at the others' 5 ms alone, a 5x node gave up pacing and sent late gradients of
     16 samples, though its 39 ms rounds could wait for a batch of 4. The budget is the others' time plus
     half the share of a round a node waits for its own gradient, and a gradient within it is waited for."""
-
     from p2pnode.node.driver import WAIT_SHARE, RoundDriver
-    from p2pnode.protocol.membership import MemberInfo
 
     others = [MemberInfo(p, "f", "s", 1, round=11, step_seconds=0.005, batch=16) for p in "ABC"]
     node = node_d_in_round_10(others, seconds=0.0, round_times=[])
@@ -421,7 +415,6 @@ def test_an_asynchronous_round_waits_for_pushed_mass_only_while_every_member_kee
     """A slow member's push goes out only after its gradient, and waiting for the pushes around it chains
     every round through its wait for that gradient: with a slow member no round waits for pushed mass
     (first-phase messages, sent at the run's pace, are still waited for)."""
-
     from p2pnode.node.driver import RoundDriver
 
     def infos(steps: dict[str, float]) -> list[MemberInfo]:
@@ -518,7 +511,6 @@ def test_a_slowed_machines_extra_time_scales_with_the_batch_it_computes(monkeypa
     not slowed F - 1 times more); a quarter of the batch a quarter of that, even though the digits
     model's own gradient takes as long at any batch (fixed costs), so `--pace-batch` can pace an
     emulated slow node."""
-
     from p2pnode.node import pace
     from p2pnode.node.pace import SlowedGradients
 
