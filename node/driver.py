@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from ..protocol.membership import EpochRecord, MemberInfo
 from . import epochs
 from .algorithms.base import on_device
+from .finish import FINISHED_WITHOUT_THIS_NODE
 from .pace import SLOW_RATIO, unwrapped
 from .topology import make_topology
 
@@ -201,7 +202,8 @@ class RoundDriver:
 
     async def train(self, record: EpochRecord) -> str:
         """Rounds until the end ('done'), a stop ('stopped'), a graceful leave ('left') or an epoch that
-        leaves this node out ('left out')."""
+        leaves this node out ('left out'); FINISHED_WITHOUT_THIS_NODE when it woke from a stall to find
+        nobody else of the run."""
         node = self.node
         loop = asyncio.get_running_loop()
         s = node.settings
@@ -236,6 +238,8 @@ class RoundDriver:
                     self.enter_epoch(latest, latest.start_round)
                     await self.jump(k, latest.start_round)
                     k = latest.start_round
+            if node.agent.deserted:  # it slept, and woke to find no trace of the others (node/membership.py)
+                return FINISHED_WITHOUT_THIS_NODE
             if self.finished_without_this_node():  # it rejoins, learns that the run finished, writes its result
                 logger.warning("members of this node's epoch finished the run in an epoch it has not read: left out")
                 return "left out"

@@ -176,7 +176,10 @@ def test_a_node_that_slept_through_the_end_of_the_run_writes_its_result_and_exit
         log = (tmp_path / "n2.log").read_text()
         assert result["outcome"] == "finished without this node", result["outcome"]
         assert result["rounds"] < 140 and 0.0 <= result["accuracy"] <= 1.0
-        assert "has finished" in log and "finished without this node (left out)" in log, log[-3000:]
+        # it learns the end from the others' done records, or (when their DHT processes exited with them)
+        # finds no record of them at all after its wake grace: it ends either way, never trains on alone
+        learned = "has finished" in log or "no record of the other 2 member(s)" in log
+        assert learned and "finished without this node (left out)" in log, log[-3000:]
     finally:
         stop_processes(procs)
 

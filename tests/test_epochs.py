@@ -12,6 +12,7 @@ import pytest
 from p2pnode.node import epochs
 from p2pnode.node.driver import RoundDriver
 from p2pnode.node.errors import BadInput, RunFinished
+from p2pnode.node.finish import FINISHED_WITHOUT_THIS_NODE
 from p2pnode.node.membership import WAKE_GRACE_BEATS, MembershipAgent
 from p2pnode.protocol.membership import EpochRecord, MemberInfo
 
@@ -313,7 +314,7 @@ def node_c_at_round_40(old: EpochRecord, latest: EpochRecord, rounds: int, infos
         info=SimpleNamespace(incarnation="iC", round=40),
         stop_requested=asyncio.Event(),
         leave_by=None,
-        agent=SimpleNamespace(record=latest, lead_rounds=lambda: 20, round_times=[], infos=infos),
+        agent=SimpleNamespace(record=latest, lead_rounds=lambda: 20, round_times=[], infos=infos, deserted=False),
         in_record=lambda r: r.includes("C", "iC"),
         settings=SimpleNamespace(checkpoint_every=1000),
         algorithm=SimpleNamespace(objective=None, asynchronous=False),
@@ -427,11 +428,10 @@ def test_one_read_that_misses_everyone_does_not_leave_a_woken_node_alone():
     assert coordinator_a_whose_reads_find([[], done, done], heartbeat=0.2) == [[], [], []]
 
 
-def test_a_node_that_just_woke_from_a_stall_does_not_go_on_alone_before_the_dht_had_time_to_answer():
-    """The woken sleeper's race once more: in CI two reads 2 s apart right after the wake both found
-    nobody. After a gap of STALL_BEATS heartbeats in its own loops, reads finding nobody count towards
-    going on alone only WAKE_GRACE_BEATS heartbeats later."""
-    heartbeat = 0.1
+def coordinator_a_that_stalls_then_reads(others: list[MemberInfo], heartbeat: float):
+    """A coordinates epoch ABC proposed by B; its first read finds nobody, then its process stops for
+    4 heartbeats (a machine asleep) and 20 reads heartbeat / 2 apart find `others`. (agent, epochs
+    proposed, [(seconds since the wake, epochs proposed, deserted) after each read])."""
     r = record("ABC", proposer="B")
     me = info("A", round_=100, record=r)
     membership = RecordedMembership([me], [r])
@@ -439,21 +439,54 @@ def test_a_node_that_just_woke_from_a_stall_does_not_go_on_alone_before_the_dht_
     membership.propose = lambda rec, ttl: proposed.append(rec) or True
     agent = MembershipAgent(membership, me, heartbeat=heartbeat)
 
-    async def scenario() -> tuple[float, list[tuple[float, int]]]:
+    async def scenario() -> list[tuple[float, int, bool]]:
         await agent.refresh()  # finds nobody: the first read of the window
         await asyncio.sleep(4 * heartbeat)  # the process is stopped: neither loop turns
+        membership.infos = [me, *others]
         woke = time.monotonic()
         seen = []
         for _ in range(20):
             await agent.refresh()
-            seen.append((time.monotonic() - woke, len(proposed)))
+            seen.append((time.monotonic() - woke, len(proposed), agent.deserted))
             await asyncio.sleep(heartbeat / 2)
-        return woke, seen
+        return seen
 
-    _, seen = asyncio.run(scenario())
-    early = [n for since, n in seen if since < WAKE_GRACE_BEATS * heartbeat]
-    assert early and not any(early), seen  # before: it went on alone at the first read after the wake
-    assert [p.members for p in proposed] == [("A",)], seen
+    return agent, proposed, asyncio.run(scenario())
+
+
+def test_a_node_that_woke_from_a_stall_to_find_nobody_ends_instead_of_training_alone():
+    """The woken sleeper's race: in CI two reads 2 s apart right after the wake both found nobody, and
+    once (the others' DHT processes had exited with their done records) every read did, and it trained
+    the rest of the run alone. After a gap of STALL_BEATS heartbeats in its own loops, reads finding
+    nobody count only WAKE_GRACE_BEATS heartbeats later, and then the node is `deserted` (its driver
+    ends with its own parameters): it never proposes an epoch of its own."""
+    heartbeat = 0.1
+    agent, proposed, seen = coordinator_a_that_stalls_then_reads([], heartbeat)
+    early = [d for since, _, d in seen if since < WAKE_GRACE_BEATS * heartbeat]
+    assert early and not any(early), seen  # before the grace: neither gone on alone nor ended
+    assert agent.deserted and proposed == [], seen
+
+
+def test_a_woken_node_that_reads_its_peers_left_goes_on_alone_as_an_awake_one_would():
+    """Records that say the others left are no ambiguity: the woken node goes on alone, as it would had
+    it been awake when they left."""
+    r = record("ABC", proposer="B")
+    left = [info(p, "left", record=r) for p in "BC"]
+    agent, proposed, _ = coordinator_a_that_stalls_then_reads(left, heartbeat=0.1)
+    assert not agent.deserted and [p.members for p in proposed] == [("A",)]
+
+
+def test_a_woken_node_that_reads_a_live_peer_neither_ends_nor_goes_on_alone():
+    r = record("ABC", proposer="B")
+    agent, proposed, _ = coordinator_a_that_stalls_then_reads([info("B", record=r)], heartbeat=0.1)
+    assert not agent.deserted and [p.members for p in proposed] == [("A", "B")]
+
+
+def test_a_deserted_node_ends_with_its_own_parameters_before_any_round():
+    old = record("ABC")
+    driver, node, ran = node_c_at_round_40(old, old, 140, [])
+    node.agent.deserted = True
+    assert asyncio.run(driver.train(old)) == FINISHED_WITHOUT_THIS_NODE and ran == []
 
 
 def test_dropping_a_member_while_others_remain_is_not_delayed():
