@@ -187,13 +187,17 @@ class MembershipAgent:
             else:
                 await self.propose(proposal)
 
+    def _leaves_alone(self, record: EpochRecord, proposal: EpochRecord) -> bool:
+        """Whether `proposal` leaves this node alone where `record` had others."""
+        return proposal.members == (self.info.peer_id,) and len(record.members) > 1
+
     def _confirmed_alone(self, record: EpochRecord, proposal: EpochRecord) -> bool:
         """False until reads a heartbeat apart agree that everyone else left, the first of them
         WAKE_GRACE_BEATS heartbeats or more after this process last resumed from a stall. A node that
         wakes from sleep reads the DHT through a routing table of peers that have exited: one read, and
         in CI once two reads 2 s apart, found neither the others' heartbeats nor their done records, and
         it trained the rest of the run alone."""
-        if proposal.members != (self.info.peer_id,) or len(record.members) == 1:
+        if not self._leaves_alone(record, proposal):
             self._alone_since = None
             return True
         now = time.monotonic()
@@ -211,7 +215,7 @@ class MembershipAgent:
         records lived in their own DHT processes; once those exit, a node that slept through the end of
         the run cannot tell a finished run from one whose members crashed. Either way, training the rest
         alone gives a model nobody shares (in CI it did so, to 33.6%)."""
-        if proposal.members != (self.info.peer_id,) or len(record.members) == 1 or self._woke_at < self._followed_at:
+        if not self._leaves_alone(record, proposal) or self._woke_at < self._followed_at:
             return False
         others = set(record.members) - {self.info.peer_id}
         return not any(m.peer_id in others for m in self.infos)
