@@ -192,6 +192,11 @@ class SimulateSettings(RunSettings):
         "make a node Byzantine, NODE:KIND with KIND signflip, scale:FACTOR, noise, alie or stale (e.g. 2:signflip)",
     )
     slow: list[str] = opt([], "make a node slower, NODE:FACTOR: it computes one step per FACTOR rounds of the others")
+    late_mass: float = opt(
+        0.0,
+        "with --sync async: the chance that a message of pushed mass (P2P-FT's push phase) arrives a round late, "
+        "as in the daemons once a member is slow; 0: every message in its round",
+    )
 
     def validate(self) -> SimulateSettings:
         from .attacks import parse_attacks
@@ -201,6 +206,10 @@ class SimulateSettings(RunSettings):
         parse_churn(self.churn, self.nodes)
         parse_attacks(self.attack, self.nodes)
         parse_slow(self.slow, self.nodes)
+        if not 0 <= self.late_mass <= 1:
+            raise BadInput(f"--late-mass must be a probability in [0, 1] (got {self.late_mass})")
+        if self.late_mass and self.sync != "async":
+            raise BadInput("--late-mass needs --sync async (with --sync wait every round waits for every message)")
         return self
 
 

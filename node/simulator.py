@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from .algorithms.base import Algorithm
 from .attacks import Poisoner, parse_attacks
 from .churn import ChurnEvent, initial_members, parse_churn
 from .data import parse_split, partition
-from .engine import InMemoryNetwork
+from .engine import Delay, InMemoryNetwork
 from .errors import BadInput
 from .pace import slow_objective, unwrapped
 from .settings import RunSettings, SimulateSettings, parse_slow
@@ -35,6 +35,8 @@ from .training import FeatureBank, VisionObjective, accuracy, prepare_model_and_
 EpochCallback = Callable[[str, int, int, float], None]
 # (round, network) before each round runs, after that round's membership changes (tests, analysis)
 RoundCallback = Callable[[int, InMemoryNetwork], None]
+
+LATE_MASS_STREAM = 7  # --late-mass draws from its own stream of the run's seed: batches and partitions stay the same
 
 # Rounds from a crash to the epoch without the crashed node: its neighbours report it after 3 silent
 # rounds, then the coordinator announces the new epoch 2 rounds ahead, as the daemon does.
@@ -311,7 +313,9 @@ class Simulation:
         nodes: list[Algorithm | None] = [None] * len(shards)
         for position, i in enumerate(members):
             nodes[i] = build(i, self.initial, topo, position)
-        net = InMemoryNetwork(nodes, members=members)
+        net = InMemoryNetwork(
+            nodes, members=members, delay=_late_mass(getattr(s, "late_mass", 0.0), cls.phases, s.seed)
+        )
         if attacks:  # Byzantine nodes: what they send is rewritten on its way
             net.deliver = Poisoner(attacks, net, s.codec, s.seed)
         attackers = sorted(a.node for a in attacks)
@@ -355,6 +359,17 @@ class Simulation:
             samples=[getattr(unwrapped(n.objective), "samples_seen", 0) if n is not None else 0 for n in net.nodes],
             duration_steps=float(total if s.sync == "async" else total * max(slow.values(), default=1.0)),
         )
+
+
+def _late_mass(probability: float, phases: Sequence[str], seed: int) -> Delay | None:
+    """`--late-mass`: messages of the phases after the first (P2P-FT's pushed mass) arrive a round late with
+    this probability, drawn from the run's seed. The daemons' asynchronous rounds wait for their
+    in-neighbours' values of the round but, once a member is slow, take pushed mass as it comes."""
+    if probability <= 0 or len(phases) < 2:
+        return None
+    rng = np.random.default_rng([seed, LATE_MASS_STREAM])
+    later = set(phases[1:])
+    return lambda m: int(m.phase in later and rng.random() < probability)
 
 
 def _mean_losses(losses: list[list[float | None]]) -> list[float | None]:

@@ -31,6 +31,8 @@ from p2pnode.protocol.membership import MemberInfo
         (["simulate", "--sync", "sometimes"], "unknown --sync 'sometimes'"),
         (["simulate", "--max-staleness", "0"], "--max-staleness must be at least 1"),
         (["simulate", "--pace-batch"], "--pace-batch needs --sync async"),
+        (["simulate", "--late-mass", "0.5"], "--late-mass needs --sync async"),
+        (["simulate", "--sync", "async", "--late-mass", "1.5"], "--late-mass must be a probability in [0, 1]"),
         (["testnet", "--pace-batch", "--sync", "wait", "--slow", "3:5"], "--pace-batch needs --sync async"),
         (["testnet", "--slow", "x:2"], "give NODE:FACTOR"),
         (["start", "--slowdown", "0.5"], "--slowdown must be a factor >= 1"),
@@ -69,6 +71,23 @@ def test_a_paced_slow_node_takes_a_fresh_gradient_every_round_on_a_batch_that_fi
     assert result.steps == [rounds] * 4 and result.duration_steps == rounds
     draws = rounds + 1  # and tau^0 = g^0
     assert result.samples[:3] == [16 * draws] * 3 and result.samples[3] == 3 * draws  # 16 // 5 samples a round
+    assert max(result.accuracy) - min(result.accuracy) <= 0.02
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("late", [0.0, 1.0])
+def test_late_mass_holds_each_pushed_message_back_one_round_and_never_a_pulled_value(late):
+    settings = SimulateSettings(epochs=1, sync="async", late_mass=late).validate()
+    in_flight: dict[int, list[tuple[str, int]]] = {}
+
+    def before_round(k, net):
+        if k in (1, 2):
+            in_flight[k] = sorted((m.phase, m.round) for m in net.in_flight())
+
+    result = Simulation(settings).run("p2pft", on_round=before_round)
+    links = 4  # directed ring: one out-link each
+    late_pushes = [("push", 0)] * links, [("push", 1)] * links
+    assert (in_flight[1], in_flight[2]) == (late_pushes if late else ([], []))
     assert max(result.accuracy) - min(result.accuracy) <= 0.02
 
 
