@@ -3,9 +3,10 @@
     .venv/bin/p2pnode testnet --sync async --pace-batch --slow 3:5 --epochs 40 --workdir W
     .venv/bin/python bench/paced_batches.py W/node3.log [W/node0.log ...]
 
-A node with `--pace-batch` logs "... mini-batch N" each time it changes its batch (node/pace.py); each
-batch is held from that line to the next one, the last one to the log's last timestamped line. The
-simulator's paced node keeps one batch for the whole run (16 // FACTOR samples: 3 at 5x).
+A node with `--pace-batch` logs "... mini-batch N" each time it changes its batch, and "... back to
+--batch-size N" when it gives pacing up (node/pace.py); each batch is held from that line to the next
+one, the last one to the log's last timestamped line. The simulator's paced node keeps one batch for
+the whole run (16 // FACTOR samples: 3 at 5x).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from collections import defaultdict
 from datetime import datetime
 
 STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
-BATCH = re.compile(r"mini-batch (\d+)")
+# a pacing step ("... mini-batch N") or giving pacing up ("... back to --batch-size N, ...")
+BATCH = re.compile(r"(?:mini-batch|back to --batch-size) (\d+)")
 
 
 def held_batches(lines: list[str]) -> dict[int, float]:
@@ -31,9 +33,9 @@ def held_batches(lines: list[str]) -> dict[int, float]:
         batch = BATCH.search(line)
         if batch is not None:
             changes.append((last, int(batch.group(1))))
-    held: dict[int, float] = defaultdict(float)
     if not changes:
         return {}
+    held: dict[int, float] = defaultdict(float)
     for (start, batch), (end, _) in zip(changes, [*changes[1:], (last, 0)], strict=True):
         held[batch] += end - start
     return dict(held)
