@@ -345,7 +345,8 @@ class Node:
             objective = SlowedGradients(objective, s.slowdown)
         if s.sync == "async":  # rounds go on at the run's pace; the gradient comes when it is ready
             budget = self.driver.gradient_budget if s.pace_batch else None
-            objective = BackgroundGradients(objective, self.driver.behind, budget)
+            pace = self.driver.pace if s.pace_batch else None
+            objective = BackgroundGradients(objective, self.driver.behind, budget, pace=pace)
         else:  # timed all the same: every member's record says how long its gradients take
             objective = TimedGradients(objective)
         codec = None if s.codec == "none" else get_codec(s.codec)

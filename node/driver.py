@@ -122,12 +122,16 @@ class RoundDriver:
         """Asynchronous rounds: in-neighbours not to wait for in a later phase (P2P-FT's push, which a node
         sends after its gradient). While every member keeps pace, those of `excluded`: a round takes its
         neighbours' mass of that round, as with `wait` (taken as it came, a round late, it cost 0.6 points
-        on equal machines). Once a member's gradients take SLOW_RATIO times the members' median or longer
-        (their DHT records), none: waiting for the mass of the members around it chained every round
-        through the slow one's wait for its own gradient (fast nodes' rounds 1.41x the clean run's instead
-        of 1.14x), so mass is added as it comes, and the running sums lose none of it."""
+        on equal machines). Once a member that does not pace its batch takes SLOW_RATIO times the members'
+        median or longer for its gradients (their DHT records), none: waiting for the mass of the members
+        around it chained every round through the slow one's wait for its own gradient (fast nodes' rounds
+        1.41x the clean run's instead of 1.14x), so mass is added as it comes, and the running sums lose
+        none of it. A member pacing its batch (`--pace-batch`) sends its push about on time, and its mass
+        taken a round late cost more than the wait (README: "A slow node's batch")."""
+        full = self.node.settings.batch_size
         times = [m.step_seconds for m in self._timed_members(with_own=True)]
-        if len(times) >= 2 and max(times) >= SLOW_RATIO * statistics.median(times):
+        late = [m.step_seconds for m in self._timed_members(with_own=True) if not 0 < m.batch < full]
+        if len(times) >= 2 and late and max(late) >= SLOW_RATIO * statistics.median(times):
             return set(range(len(self.node.record.members)))
         return self.excluded()
 
@@ -287,7 +291,7 @@ class RoundDriver:
                     skip = self.excluded if phase == algo.phases[0] else self.excluded_in_later_phases
                     await node.inbox.wait_for_lag(phase, k, algo.hood.in_neighbours, MAX_LAG, limit, skip)
                 # a round in which nobody sends (DIMAT between merges) is no round an in-neighbour missed
-                arrived = node.inbox.take(phase, algo.hood.in_neighbours if expected else ())
+                arrived = node.inbox.take(phase, k, algo.hood.in_neighbours if expected else ())
             else:
                 wait = bool(algo.hood.in_neighbours) and algo.expects_messages(phase, k)
                 arrived = await node.inbox.collect(

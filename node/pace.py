@@ -20,12 +20,13 @@ take local steps (D-SGD, SGP, DIMAT, Local-FT) whether the gradient they got is 
 
 Paced batches (`--pace-batch`, with `--sync async`; off by default): a slow node first shrinks its
 mini-batch until a gradient fits its budget (`paced_batch`; the daemon's budget is the other
-members' time plus a tenth of a round, so the node waits for it), and only what that cannot absorb
-(a batch of one is still too slow) is left to late gradients. A smaller batch is an unbiased
-estimate of the same local gradient, so the objective and the tracker's sum are unchanged, and it
-draws the node's classes in turn (`VisionObjective`), so a few consecutive small batches cover them
-as a full one would; a gradient FACTOR rounds late pulls every node towards where the run was
-FACTOR rounds ago. Figures: README, "A slow node's batch".
+members' time plus a tenth of a round, so the node waits for it), but never below what the others'
+time buys at its own time per sample (16 // FACTOR, `BackgroundGradients.floor`), and only what that
+cannot absorb (fixed costs per gradient, or a batch of one still too slow) is left to late gradients.
+A smaller batch is an unbiased estimate of the same local gradient, so the objective and the
+tracker's sum are unchanged, and it draws the node's classes in turn (`VisionObjective`), so a few
+consecutive small batches cover them as a full one would; a gradient FACTOR rounds late pulls
+every node towards where the run was FACTOR rounds ago. Figures: README, "A slow node's batch".
 """
 
 from __future__ import annotations
@@ -180,21 +181,25 @@ class BackgroundGradients(TimedGradients):
         behind: Callable[[], bool],
         budget: Callable[[], float | None] | None = None,
         slow_ratio: float = SLOW_RATIO,
+        pace: Callable[[], float | None] | None = None,
     ) -> None:
         """`budget()`: the seconds a gradient may take (None while unknown; the daemon's is the other
         members' time plus a tenth of a round, `RoundDriver.gradient_budget`); given, a gradient that takes
-        `slow_ratio` times that or longer shrinks the batch (`paced_batch`)."""
+        `slow_ratio` times that or longer shrinks the batch (`paced_batch`). `pace()`: the other members'
+        time (`RoundDriver.pace`; the budget if not given), which sets the smallest batch (`floor`)."""
         super().__init__(objective)
         self.behind = behind
         self.budget = budget
+        self.pace = pace or budget
         self.slow_ratio = slow_ratio
         self.base = unwrapped(objective)  # the data-drawing objective: its batch is what pacing sets
         self.full_batch = self.base.batch_size
         self.timed = 0  # gradients computed so far
         self.window: list[float] = []  # seconds of the gradients since the last pacing decision
-        self.gave_up = False  # one sample was still too slow: pacing is off for good
+        self.gave_up = False  # a smaller batch took as long as the full one: pacing is off for good
         self.slow_windows = 0  # windows in a row at the full batch that were slow
-        self.last: tuple[int, float] | None = None  # (batch, median seconds) of the previous window
+        self.full_seconds: float | None = None  # the median gradient of the full batch when pacing began
+        self.vain_windows = 0  # windows in a row at a smaller batch that took as long as the full batch
         self.lock = threading.Lock()  # the model is shared with evaluation and DIMAT's alignment
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="gradient")
         self.running: Future | None = None
@@ -209,9 +214,14 @@ class BackgroundGradients(TimedGradients):
     def _pace_batch(self, took: float) -> None:
         """Every PACE_WINDOW gradients (past the first few, which carry warm-up costs), compare their
         median time with the budget: a machine `slow_ratio` times over it or more in SLOW_WINDOWS windows
-        in a row shrinks its batch, and a paced one moves it towards the budget. If one sample still
-        takes that long, or a batch a quarter smaller took as long (fixed costs dominate), pacing cannot
-        help: back to --batch-size for good, and the gradients come late."""
+        in a row shrinks its batch, and a paced one moves it towards the budget, never below the batch
+        its full batch's time affords in proportion (`floor`: 16 // FACTOR on a FACTOR-times slower
+        machine, the simulator's paced batch). Fixed costs per gradient make a batch at the floor take
+        longer than the budget; shrinking on from there to 1-2 samples and then giving up had left the
+        5x testnet node late gradients of 16 for 81% of its run, where the simulator's 3 fresh samples
+        cost 0.1 points and 1 sample 2.1. If the shrink from the full batch bought under a tenth of its
+        time in SLOW_WINDOWS windows in a row (fixed costs, not samples, make the machine slow), pacing
+        cannot help: back to --batch-size for good, and the gradients come late."""
         target = self.budget() if self.budget is not None else None
         base = self.base
         self.timed += 1
@@ -230,23 +240,38 @@ class BackgroundGradients(TimedGradients):
             if self.slow_windows < SLOW_WINDOWS:
                 return
             self.slow_windows = 0  # counted afresh should it come back to the full batch
-        last, self.last = self.last, (base.batch_size, typical)
-        shrunk_in_vain = last is not None and base.batch_size <= 0.75 * last[0] and typical >= 0.9 * last[1]
-        if slow and (base.batch_size == 1 or shrunk_in_vain):
+            self.full_seconds = typical
+        else:
+            in_vain = slow and self.full_seconds is not None and typical >= 0.9 * self.full_seconds
+            # one window as slow as the full batch is often a loaded one (4 daemons on 2 cores gave one)
+            self.vain_windows = self.vain_windows + 1 if in_vain else 0
+        if self.vain_windows >= SLOW_WINDOWS:
             logger.warning(
-                "gradients of %d sample(s) still take %.3f s (the aim: %.3f s): fixed costs, not samples, make "
-                "this machine slow, so pacing cannot keep up; back to --batch-size %d, its gradients come late",
+                "gradients of %d sample(s) take %.3f s, those of %d took %.3f s (the aim: %.3f s): fixed costs, "
+                "not samples, make this machine slow, so pacing cannot keep up; back to --batch-size %d, its "
+                "gradients come late",
                 base.batch_size,
                 typical,
+                self.full_batch,
+                self.full_seconds,
                 target,
                 self.full_batch,
             )
             self.gave_up, base.batch_size = True, self.full_batch
             return
-        batch = paced_batch(base.batch_size, self.full_batch, typical, target)
+        batch = max(self.floor(), paced_batch(base.batch_size, self.full_batch, typical, target))
         if batch != base.batch_size:
             logger.info("gradients take %.3f s, the aim %.3f s: mini-batch %d", typical, target, batch)
         base.batch_size = batch
+
+    def floor(self) -> int:
+        """The smallest batch pacing sets: what the other members' time buys at this machine's full batch's
+        time per sample (16 // FACTOR, as in the simulator; the budget's extra tenth of a round bought 4-6
+        samples, whose fixed costs made the fast nodes' rounds 1.46x the clean run's)."""
+        pace = self.pace() if self.pace is not None else None
+        if not (self.full_seconds and pace):
+            return 1
+        return max(1, min(self.full_batch, int(self.full_batch * pace / self.full_seconds)))
 
     def gradient(self, params: torch.Tensor) -> tuple[torch.Tensor, float]:
         if self.running is None:

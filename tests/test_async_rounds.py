@@ -151,15 +151,31 @@ def test_a_daemons_gradient_thread_shrinks_the_batch_only_when_it_is_slower_than
 
     stuck = warmed_up()
     assert timed(stuck, 10.0, 10.0) == 1 and not stuck.gave_up  # 40x slower: one sample
-    assert timed(stuck, 1.0) == 64 and stuck.gave_up  # one sample still 4x the others': fixed costs dominate
-    assert timed(stuck, 1.0) == 64  # and it stays so
+    # one sample still takes 4x the others' but a tenth of the full batch's time: late by 4 budgets, not 40
+    assert timed(stuck, 1.0, 1.0) == 1 and not stuck.gave_up
     in_vain = warmed_up()
     assert timed(in_vain, 1.0, 1.0) == 16  # 4x the others': a quarter of the batch
-    assert timed(in_vain, 0.95) == 64 and in_vain.gave_up  # a quarter of the batch took as long: not samples
+    assert timed(in_vain, 0.95) == 16 and not in_vain.gave_up  # as long as the full batch once: a loaded window
+    assert timed(in_vain, 0.95) == 64 and in_vain.gave_up  # and again: fixed costs, not samples, are slow
+    assert timed(in_vain, 1.0, 1.0) == 64  # and it stays so
+
+    fixed_costs = warmed_up()
+    assert timed(fixed_costs, 1.0, 1.0) == 16  # 4x the others': what a quarter of the time buys in proportion
+    # a quarter of the batch takes half the full batch's time (fixed costs): twice the budget, yet it keeps
+    # the batch its per-sample speed affords; shrinking on to 1-2 samples and giving up cost the daemons
+    assert timed(fixed_costs, 0.5, 0.5, 0.5) == 16 and not fixed_costs.gave_up
+
+    # the floor is what the others' time buys (0.2 s of a full batch's 1.0: 12 of 64), not the budget (0.3)
+    floored = BackgroundGradients(Objective(), lambda: False, lambda: 0.3, slow_ratio=1.5, pace=lambda: 0.2)
+    for _ in range(WARMUP_GRADIENTS):
+        floored._pace_batch(9.0)
+    assert timed(floored, 1.0, 1.0) == 19  # towards the budget first: 0.3 of 1.0
+    assert timed(floored, 0.6) == 12  # twice the budget: shrinks, but not below 12
+    assert timed(floored, 0.6, 0.6) == 12 and not floored.gave_up
 
     unpaced = BackgroundGradients(Objective(), lambda: False, None)
     assert timed(unpaced, 1.0, 1.0) == 64
-    for g in (fast, slow, back, stuck, unpaced):
+    for g in (fast, slow, back, stuck, in_vain, fixed_costs, floored, unpaced):
         g.shutdown()
 
 
@@ -433,14 +449,18 @@ def test_an_asynchronous_round_waits_for_each_phase_of_its_own_and_a_push_does_n
 def test_an_asynchronous_round_waits_for_pushed_mass_only_while_every_member_keeps_pace():
     """A slow member's push goes out only after its gradient, and waiting for the pushes around it chains
     every round through its wait for that gradient: with a slow member no round waits for pushed mass
-    (first-phase messages, sent at the run's pace, are still waited for)."""
+    (first-phase messages, sent at the run's pace, are still waited for). A member that paces its batch
+    keeps pace however long its gradients take: its pushes are waited for (taken a round late, half of
+    them cost 1.2 points in the simulator, `simulate --late-mass 0.5`)."""
     from p2pnode.node.driver import RoundDriver
 
-    def infos(steps: dict[str, float]) -> list[MemberInfo]:
-        return [MemberInfo(p, "f", "s", 1, step_seconds=s) for p, s in steps.items()]
+    def infos(steps: dict[str, float], batches: dict[str, int] | None = None) -> list[MemberInfo]:
+        batches = batches or {}
+        return [MemberInfo(p, "f", "s", 1, step_seconds=s, batch=batches.get(p, 16)) for p, s in steps.items()]
 
     node = SimpleNamespace(
         peer_id="A",
+        settings=SimpleNamespace(batch_size=16),
         record=SimpleNamespace(members=("A", "B", "C", "D"), rank=(0,)),
         agent=SimpleNamespace(infos=infos({"A": 0.005, "B": 0.005, "C": 0.006, "D": 0.007}), record=None),
         transport=SimpleNamespace(index_of={"A": 0, "B": 1, "C": 2, "D": 3}),
@@ -450,6 +470,10 @@ def test_an_asynchronous_round_waits_for_pushed_mass_only_while_every_member_kee
     assert driver.excluded_in_later_phases() == set()  # 1.4x the median: every member keeps pace
     node.agent.infos = infos({"A": 0.005, "B": 0.005, "C": 0.006, "D": 0.025})
     assert driver.excluded_in_later_phases() == {0, 1, 2, 3}  # D is 5x the median
+    node.agent.infos = infos({"A": 0.005, "B": 0.005, "C": 0.006, "D": 0.012}, {"D": 3})
+    assert driver.excluded_in_later_phases() == set()  # D paces its batch: its pushes are waited for
+    node.agent.infos = infos({"A": 0.005, "B": 0.005, "C": 0.006, "D": 0.012}, {"D": 0})
+    assert driver.excluded_in_later_phases() == {0, 1, 2, 3}  # an older peer that does not say its batch
     node.agent.infos = infos({"A": 0.030, "B": 0.005, "C": 0.006, "D": 0.007})
     assert driver.excluded_in_later_phases() == {0, 1, 2, 3}  # so is this node itself
     node.agent.infos = infos({"A": 0.0, "B": 0.0, "C": 0.0, "D": 0.025})
@@ -473,13 +497,32 @@ def test_an_asynchronous_round_gives_an_in_neighbour_that_missed_its_last_deadli
         first = await waited(inbox, "pull", 0, 0.6)  # nothing from node 1: it misses the deadline
         second = await waited(inbox, "pull", 1, 0.6)  # it missed the last one: the short grace only
         inbox.put(Message(1, 0, 2, "pull", "value", {"v": torch.zeros(1)}))
-        inbox.take("pull", (1,))
+        inbox.take("pull", 2, (1,))
         present_again = await waited(inbox, "pull", 3, 0.6)  # it sent again: the whole limit once more
         return first, second, present_again
 
     first, second, present_again = asyncio.run(scenario())
     assert first >= 0.55 and present_again >= 0.55
     assert second < 0.4
+
+
+def test_an_asynchronous_round_holds_a_neighbours_next_round_messages_for_their_round():
+    """A neighbour ahead has sent rounds k and k + 1 when this node mixes round k: it takes round k's value
+    and mass only (taken early, the next round's cost about a point on digits) and finds round k + 1's in
+    its own round k + 1; none is dropped, and a neighbour heard only in a later round still misses round k."""
+    from p2pnode.node.rounds import Inbox
+    from p2pnode.protocol.message import Message
+
+    inbox = Inbox()
+    for r in (3, 4, 5):
+        inbox.put(Message(1, 0, r, "push", "mass", {"s": torch.full((1,), float(r))}))
+    inbox.put(Message(2, 0, 6, "push", "mass", {"s": torch.zeros(1)}))
+
+    assert [(m.src, m.round) for m in inbox.take("push", 3, (1, 2))] == [(1, 3)]
+    assert inbox.late() == {2}  # node 2 sent only a later round's mass: it missed round 3
+    assert [(m.src, m.round) for m in inbox.take("push", 4, (1,))] == [(1, 4)]
+    assert [(m.src, m.round) for m in inbox.take("push", 6, (1, 2))] == [(1, 5), (2, 6)]
+    assert inbox.take("push", 7, ()) == []
 
 
 def test_asynchronous_rounds_in_which_nobody_sends_do_not_count_as_missed():
