@@ -129,8 +129,9 @@ class RoundDriver:
         none of it. A member pacing its batch (`--pace-batch`) sends its push about on time, and its mass
         taken a round late cost more than the wait (README: "A slow node's batch")."""
         full = self.node.settings.batch_size
-        times = [m.step_seconds for m in self._timed_members(with_own=True)]
-        late = [m.step_seconds for m in self._timed_members(with_own=True) if not 0 < m.batch < full]
+        members = self._timed_members(with_own=True)
+        times = [m.step_seconds for m in members]
+        late = [m.step_seconds for m in members if not 0 < m.batch < full]  # a pacing member keeps pace
         if len(times) >= 2 and late and max(late) >= SLOW_RATIO * statistics.median(times):
             return set(range(len(self.node.record.members)))
         return self.excluded()

@@ -145,9 +145,7 @@ class Inbox:
         round before its sender's own tau did and pulled values ran a round ahead of this node's (1-7% of
         messages; holding them gained 0.6-1.1 points on digits). An in-neighbour that sent none up to
         round k since the last call misses a round (silence is still noticed)."""
-        inbox = self.by_phase.get(phase, [])
-        self.by_phase[phase] = [m for m in inbox if m.round > k]
-        taken = [m for m in inbox if m.round <= k]
+        taken = self._up_to(phase, k)
         heard = {m.src for m in taken}
         for j in in_neighbours:
             if j not in heard:
@@ -190,6 +188,10 @@ class Inbox:
                 logger.warning("round %d %s: going on without node(s) %s", k, phase, newly)
             for j in waiting:
                 self.misses[j] = self.misses.get(j, 0) + 1
+        return self._up_to(phase, k)
+
+    def _up_to(self, phase: str, k: int) -> list[Message]:
+        """Removes and returns the messages of `phase` up to round k; those of later rounds stay."""
         inbox = self.by_phase.get(phase, [])
         self.by_phase[phase] = [m for m in inbox if m.round > k]
         return [m for m in inbox if m.round <= k]

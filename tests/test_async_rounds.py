@@ -508,7 +508,7 @@ def test_an_asynchronous_round_gives_an_in_neighbour_that_missed_its_last_deadli
 
 def test_an_asynchronous_round_holds_a_neighbours_next_round_messages_for_their_round():
     """A neighbour ahead has sent rounds k and k + 1 when this node mixes round k: it takes round k's value
-    and mass only (taken early, the next round's cost about a point on digits) and finds round k + 1's in
+    and mass only (taken early, the next round's cost 0.6-1.1 points on digits) and finds round k + 1's in
     its own round k + 1; none is dropped, and a neighbour heard only in a later round still misses round k."""
     from p2pnode.node.rounds import Inbox
     from p2pnode.protocol.message import Message
