@@ -54,6 +54,7 @@ WARMUP_GRADIENTS = 3  # a daemon's first gradients carry one-off costs: they nev
 PACE_WINDOW = 5  # gradients timed at one batch size before the next pacing decision (their median counts)
 SLOW_WINDOWS = 2  # windows in a row a machine at the full batch must be slow before it paces (not a passing load)
 TIMED_GRADIENTS = 15  # a node's pace is the median time of its last this many gradients
+EMULATED_HISTORY = 255  # `--slowdown` sleeps by the median of this many full-batch gradients (a machine's speed)
 
 
 def paced_batch(batch: int, full: int, seconds: float, target: float) -> int:
@@ -128,15 +129,19 @@ class SlowedGradients(_Wrapper):
     that difference scaled by its share of the full batch, as on a machine whose gradients take time
     in proportion to the batch (a ViT block); the digits model's own gradient is mostly fixed costs,
     so scaling what it measured would make a smaller batch look no faster. The sleep follows the median
-    of recent full-batch gradients, not the last one: daemons sharing a few cores slow a gradient now
-    and then, and multiplying that by `factor - 1` made machines as fast as the others look slow."""
+    of the run's full-batch gradients (up to EMULATED_HISTORY), not recent ones: daemons sharing a few
+    cores slow each other's gradients for a while, and multiplying that by `factor - 1` made a machine as
+    fast as the others look slow. With the last 15, one of three equal nodes in a testnet (`--slow
+    0:10,1:10,2:10,3:50 --pace-batch`) paced to 9-15 samples from 18 s into its 70 s run until its
+    last second: while it is paced its sleep stays at the loaded figure (a paced batch adds nothing to
+    the history)."""
 
     def __init__(self, objective: Objective, factor: float) -> None:
         super().__init__(objective)
         self.factor = factor
         self.base = unwrapped(objective)
         self.full_batch = self.base.batch_size
-        self.full_seconds: deque[float] = deque(maxlen=TIMED_GRADIENTS)  # recent gradients of the full batch
+        self.full_seconds: deque[float] = deque(maxlen=EMULATED_HISTORY)  # the run's gradients of the full batch
 
     def gradient(self, params: torch.Tensor) -> tuple[torch.Tensor, float]:
         batch = self.base.batch_size

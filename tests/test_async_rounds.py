@@ -599,3 +599,35 @@ def test_a_slowed_machines_extra_time_scales_with_the_batch_it_computes(monkeypa
     base.batch_size, base.seconds = 16, 0.030
     slowed.gradient(torch.zeros(1))  # a full batch slowed to 30 ms by other work on the machine
     assert clock.slept[4] == pytest.approx(0.040)  # the median's extra time, not 4 x 30 ms
+
+
+def test_a_slowed_machine_does_not_multiply_a_passing_load_into_its_speed(monkeypatch):
+    """`--slowdown F`'s sleep follows the run's full-batch gradients, not the last few: two windows of
+    gradients slowed by the other daemons on the machine (10 of them at 1.7x) must not make an emulated
+    machine as fast as the others 1.7x slower (F - 1 times the load), or it paces its batch for nothing.
+    With the median of the last 15 the sleep jumped to (F - 1) x 17 ms."""
+    from p2pnode.node import pace
+    from p2pnode.node.pace import SlowedGradients
+
+    clock = SimpleNamespace(now=0.0, slept=[])
+    monkeypatch.setattr(pace, "time", SimpleNamespace(perf_counter=lambda: clock.now, sleep=clock.slept.append))
+
+    class Loaded:
+        batch_size = 16
+        seconds = 0.010
+
+        def gradient(self, params: torch.Tensor) -> tuple[torch.Tensor, float]:
+            clock.now += self.seconds
+            return params, 0.0
+
+    base = Loaded()
+    slowed = SlowedGradients(base, factor=10.0)
+    for _ in range(100):  # the machine's usual speed
+        slowed.gradient(torch.zeros(1))
+    base.seconds = 0.017  # a passing load: two pacing windows' worth of slow gradients
+    for _ in range(10):
+        slowed.gradient(torch.zeros(1))
+    assert clock.slept[-1] == pytest.approx(9 * 0.010)
+    base.seconds, base.batch_size = 0.010, 8  # paced: half the batch sleeps half the usual extra time
+    slowed.gradient(torch.zeros(1))
+    assert clock.slept[-1] == pytest.approx(9 * 0.010 / 2)
