@@ -88,8 +88,9 @@ class RunSettings:
     )
     pace_batch: bool = opt(
         False,
-        "with --sync async: a node whose gradients take 1.5x the others' or longer shrinks its mini-batch (down "
-        "to 1 sample) to keep their pace, so its gradients stay fresh; off: it keeps --batch-size and they come late",
+        "with --sync async: a node whose gradients take 1.5x the others' or longer shrinks its mini-batch to keep "
+        "their pace (not below what their time buys at its own time per sample), so its gradients stay fresh; "
+        "off: it keeps --batch-size and they come late",
     )
 
     def validate(self) -> RunSettings:
