@@ -567,28 +567,34 @@ def test_asynchronous_rounds_in_which_nobody_sends_do_not_count_as_missed():
     assert node.inbox.misses == {} and reported == []
 
 
-def test_a_slowed_machines_extra_time_scales_with_the_batch_it_computes(monkeypatch):
-    """`--slowdown F` emulates a machine F times slower per sample: the full batch sleeps (F - 1) times
-    its gradients' time (the median of recent ones, so a gradient slowed by other work on the machine is
-    not slowed F - 1 times more); a quarter of the batch a quarter of that, even though the digits
-    model's own gradient takes as long at any batch (fixed costs), so `--pace-batch` can pace an
-    emulated slow node."""
+def _fixed_cost_objective(monkeypatch) -> tuple[SimpleNamespace, object]:
+    """A fake clock for node/pace.py (what it slept is recorded) and an objective of --batch-size 16
+    whose gradient advances that clock by its `seconds` (10 ms) whatever its batch."""
     from p2pnode.node import pace
-    from p2pnode.node.pace import SlowedGradients
 
     clock = SimpleNamespace(now=0.0, slept=[])
-    fake_time = SimpleNamespace(perf_counter=lambda: clock.now, sleep=clock.slept.append)
-    monkeypatch.setattr(pace, "time", fake_time)
+    monkeypatch.setattr(pace, "time", SimpleNamespace(perf_counter=lambda: clock.now, sleep=clock.slept.append))
 
     class FixedCost:
         batch_size = 16
-        seconds = 0.010  # whatever the batch
+        seconds = 0.010
 
         def gradient(self, params: torch.Tensor) -> tuple[torch.Tensor, float]:
             clock.now += self.seconds
             return params, 0.0
 
-    base = FixedCost()
+    return clock, FixedCost()
+
+
+def test_a_slowed_machines_extra_time_scales_with_the_batch_it_computes(monkeypatch):
+    """`--slowdown F` emulates a machine F times slower per sample: the full batch sleeps (F - 1) times
+    its gradients' time (the median of the run's, so a gradient slowed by other work on the machine is
+    not slowed F - 1 times more); a quarter of the batch a quarter of that, even though the digits
+    model's own gradient takes as long at any batch (fixed costs), so `--pace-batch` can pace an
+    emulated slow node."""
+    from p2pnode.node.pace import SlowedGradients
+
+    clock, base = _fixed_cost_objective(monkeypatch)  # 10 ms whatever the batch
     slowed = SlowedGradients(base, factor=5.0)
     for _ in range(3):
         slowed.gradient(torch.zeros(1))
@@ -606,21 +612,9 @@ def test_a_slowed_machine_does_not_multiply_a_passing_load_into_its_speed(monkey
     gradients slowed by the other daemons on the machine (10 of them at 1.7x) must not make an emulated
     machine as fast as the others 1.7x slower (F - 1 times the load), or it paces its batch for nothing.
     With the median of the last 15 the sleep jumped to (F - 1) x 17 ms."""
-    from p2pnode.node import pace
     from p2pnode.node.pace import SlowedGradients
 
-    clock = SimpleNamespace(now=0.0, slept=[])
-    monkeypatch.setattr(pace, "time", SimpleNamespace(perf_counter=lambda: clock.now, sleep=clock.slept.append))
-
-    class Loaded:
-        batch_size = 16
-        seconds = 0.010
-
-        def gradient(self, params: torch.Tensor) -> tuple[torch.Tensor, float]:
-            clock.now += self.seconds
-            return params, 0.0
-
-    base = Loaded()
+    clock, base = _fixed_cost_objective(monkeypatch)
     slowed = SlowedGradients(base, factor=10.0)
     for _ in range(100):  # the machine's usual speed
         slowed.gradient(torch.zeros(1))
