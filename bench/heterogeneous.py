@@ -11,8 +11,8 @@ over nodes 0-2 and over repeats) against the run without a slow node, and every 
 accuracy (of the median repeat by time). Simulator (`simulate --sync async --slow 3:FACTOR`,
 deterministic, `--sim-epochs` passes, mean over `--sim-seeds`): each node's accuracy. With `async`
 the slow node keeps its batch and gets one gradient per FACTOR rounds, each computed at the
-parameters of FACTOR rounds before; `async-paced` adds `--pace-batch` (its batch shrinks to fit a
-round: 16 // FACTOR samples in the simulator). `--hosts netns` puts
+parameters of FACTOR rounds before (`--no-pace-batch`); `async-paced` is `--pace-batch`, the default
+of `--sync async` (its batch shrinks to fit a round: 16 // FACTOR samples in the simulator). `--hosts netns` puts
 every daemon on its own namespaced host (root). `--base-slowdown B` makes every node's gradient B
 times as long (node 3's B x FACTOR): a heavier model's step, where the default one is a few ms of a
 round that the exchange dominates. `--seeds 0,1,2` runs repeat i of every case with the
@@ -39,8 +39,9 @@ SLOW = 3
 
 
 def pace(sync: str) -> dict:
-    """`async-paced` is `--sync async --pace-batch`."""
-    return {"sync": "async", "pace_batch": True} if sync == "async-paced" else {"sync": sync}
+    """`async-paced` is `--sync async --pace-batch` (the default of `--sync async`); `async` is `--sync async
+    --no-pace-batch`, late gradients."""
+    return {"sync": "async" if sync.startswith("async") else sync, "pace_batch": sync == "async-paced"}
 
 
 def testnet_run(sync: str, factor: float | None, epochs: int, hosts: str, base: float, seed: int, extra: dict) -> dict:

@@ -5,7 +5,7 @@
 
 Runs P2P-FT on digits with the paper's split (node 3 alone holds classes 7-9) once in lockstep
 (`--sync wait`: a slow node changes only the time, so this is the clean run) and once with
-`--sync async --slow 3:FACTOR` (node 3's gradients come FACTOR rounds late), per seed, and prints
+`--sync async --no-pace-batch --slow 3:FACTOR` (node 3's gradients come FACTOR rounds late), per seed, and prints
 node 0's accuracy on the slow node's own classes and on everyone else's, where its errors fall
 (another node's class taken for one of node 3's, the reverse, or a mix-up within one group), and
 each node's training loss in the last epoch. Every node ends in consensus in both, so node 0
@@ -55,7 +55,8 @@ def error_groups(predicted: torch.Tensor, y: torch.Tensor, slow_classes: list[in
 
 def run(sync: str, factor: float | None, epochs: int, seed: int, model: str, lr: float) -> dict:
     slow = [f"{SLOW}:{factor}"] if factor else []
-    sim = Simulation(SimulateSettings(epochs=epochs, slow=slow, seed=seed, sync=sync, model=model, lr=lr).validate())
+    settings = SimulateSettings(epochs=epochs, slow=slow, seed=seed, sync=sync, pace_batch=False, model=model, lr=lr)
+    sim = Simulation(settings.validate())
     result = sim.run("p2pft")
     slow_classes = sorted(set(int(c) for c in sim.data.train_labels[sim.parts[SLOW]]))
     predicted, y = predictions(sim, sim.nodes[0].params)

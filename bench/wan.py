@@ -232,7 +232,8 @@ def main() -> None:
         runs: list[tuple[str, dict]] = []
         for codec in [c for c in args.codecs.split(",") if c]:
             for sync in args.syncs.split(","):
-                settings = TestnetSettings(**{**base.__dict__, "codec": codec, "sync": sync}).validate()
+                chosen = {"codec": codec, "sync": sync, "pace_batch": None}  # pacing: the default of each --sync
+                settings = TestnetSettings(**{**base.__dict__, **chosen}).validate()
                 workdir = Path(args.workdir) / f"{rate}-p2pft-{codec.replace(':', '')}-{sync}"
                 name = f"P2P-FT {codec}" + (f" {sync}" if sync != "wait" else "")
                 runs.append((name, run_p2pft(settings, rate, workdir, args.timeout, stop)))

@@ -22,12 +22,12 @@ def _option(f: dataclasses.Field, hint: Any) -> tuple[object, object]:
     shown = ",".join(default) if isinstance(default, list) else default
     help_text = f.metadata.get("help", "") + (f" [default: {shown}]" if shown not in (None, "", []) else "")
     kw = {"help": help_text, "envvar": f"P2PNODE_{f.name.upper()}", "show_default": False}
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
     if hint is bool:
         return bool | None, typer.Option(f"{flag}/--no-{flag[2:]}", **kw)
     if typing.get_origin(hint) is list:
         return list[str] | None, typer.Option(flag, **kw)
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
     return hint | None, typer.Option(flag, **kw)
 
 

@@ -18,8 +18,8 @@ take local steps (D-SGD, SGP, DIMAT, Local-FT) whether the gradient they got is 
   1.5x the other members' or longer, and waiting would add a fifth of a round or more): then it goes
   on with the latest gradient while the computation carries on.
 
-Paced batches (`--pace-batch`, with `--sync async`; off by default): a slow node first shrinks its
-mini-batch until a gradient fits its budget (`paced_batch`; the daemon's budget is the other
+Paced batches (`--pace-batch`, the default of `--sync async`; `--no-pace-batch` turns it off): a slow
+node first shrinks its mini-batch until a gradient fits its budget (`paced_batch`; the daemon's budget is the other
 members' time plus a tenth of a round, so the node waits for it), but never below what the others'
 time buys at its own time per sample (16 // FACTOR, `BackgroundGradients.floor`), and only what that
 cannot absorb (fixed costs per gradient, or a batch of one still too slow) is left to late gradients.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import Field, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -86,11 +86,11 @@ class RunSettings:
     max_staleness: int = opt(
         50, "with --sync async: a neighbour's value over N rounds old is left out of the mix (its mass is kept)"
     )
-    pace_batch: bool = opt(
-        False,
-        "with --sync async: a node whose gradients take 1.5x the others' or longer shrinks its mini-batch to keep "
-        "their pace (not below what their time buys at its own time per sample), so its gradients stay fresh; "
-        "off: it keeps --batch-size and they come late",
+    pace_batch: bool | None = opt(
+        None,
+        "with --sync async (on by default there): a node whose gradients take 1.5x the others' or longer shrinks "
+        "its mini-batch to keep their pace (not below what their time buys at its own time per sample), so its "
+        "gradients stay fresh; --no-pace-batch: it keeps --batch-size and they come late",
     )
 
     def validate(self) -> RunSettings:
@@ -129,6 +129,8 @@ class RunSettings:
             raise BadInput(f"unknown --sync {self.sync!r}: use {' or '.join(SYNC_MODES)}")
         if self.pace_batch and self.sync != "async":
             raise BadInput("--pace-batch needs --sync async (with --sync wait every round waits for every gradient)")
+        if self.pace_batch is None:  # not given: a slow node paces its batch wherever it can (README: slow volunteers)
+            self.pace_batch = self.sync == "async"
         if self.max_staleness < 1:
             raise BadInput(f"--max-staleness must be at least 1 round (got {self.max_staleness})")
         if self.robust not in ROBUST_RULES:
@@ -297,6 +299,11 @@ def load_config(path: str | Path) -> dict:
     return {k.replace("-", "_"): v for k, v in raw.items()}
 
 
+def _is_bool(f: Field) -> bool:
+    """Whether a settings field is a switch (`bool`, or `bool | None` where None means "by the other settings")."""
+    return isinstance(f.default, bool) or str(f.type) in ("bool", "bool | None")
+
+
 def build_settings(cls: type[RunSettings], values: dict, config: str | Path | None = None) -> RunSettings:
     """Merge flags (`values`, None = not given) over the config file over the defaults; validate."""
     names = {f.name: f for f in fields(cls)}
@@ -306,7 +313,7 @@ def build_settings(cls: type[RunSettings], values: dict, config: str | Path | No
         raise BadInput(f"config file {config} has unknown setting {unknown[0]!r}")
     merged.update({k: v for k, v in values.items() if v is not None})
     for k, v in merged.items():
-        if isinstance(names[k].default, bool) and not isinstance(v, bool):
+        if _is_bool(names[k]) and not isinstance(v, bool):
             raise BadInput(f"setting {k} must be true or false (got {v!r})")
         if "list" in str(names[k].type) and isinstance(v, str):
             merged[k] = [x for x in v.split(",") if x]

@@ -44,6 +44,39 @@ def test_bad_pace_flags_exit_2_with_one_line(argv, says, capsys):
     assert says in err and len(err.splitlines()) == 1, err
 
 
+@pytest.mark.parametrize(
+    ("argv", "paced"),
+    [
+        (["--sync", "async"], True),
+        (["--sync", "async", "--no-pace-batch"], False),
+        (["--sync", "wait"], False),
+        ([], False),
+    ],
+)
+def test_a_slow_node_paces_its_batch_by_default_with_sync_async_and_only_there(argv, paced, tmp_path):
+    from p2pnode.node.settings import build_settings
+
+    flags = {"sync": argv[1] if argv else None, "pace_batch": False if "--no-pace-batch" in argv else None}
+    assert build_settings(SimulateSettings, flags).pace_batch is paced
+    # a testnet hands the resolved choice to every daemon, which would otherwise resolve it by its own --sync
+    testnet = build_settings(TestnetSettings, flags)
+    command = node_command(testnet, 0, ["/ip4/127.0.0.1/tcp/1/p2p/x"], tmp_path / "0")
+    assert ("--pace-batch" in command) is paced and ("--no-pace-batch" in command) is not paced
+
+
+def test_a_pace_batch_switch_that_is_not_true_or_false_is_refused_in_one_line(monkeypatch, tmp_path, capsys):
+    from p2pnode.node.settings import BadInput, build_settings
+
+    config = tmp_path / "run.toml"
+    config.write_text('sync = "async"\npace-batch = "yes"\n')
+    with pytest.raises(BadInput, match="pace_batch must be true or false"):
+        build_settings(SimulateSettings, {}, config)
+    monkeypatch.setenv("P2PNODE_PACE_BATCH", "maybe")
+    assert main(["simulate", "--sync", "async"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "P2PNODE_PACE_BATCH" in err and len(err.splitlines()) == 1, err
+
+
 def test_the_testnet_makes_only_the_named_node_slower(tmp_path):
     settings = TestnetSettings(slow=["2:3.5"]).validate()
     commands = [node_command(settings, i, ["/ip4/127.0.0.1/tcp/1/p2p/x"], tmp_path / str(i)) for i in range(4)]
@@ -52,7 +85,7 @@ def test_the_testnet_makes_only_the_named_node_slower(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_an_asynchronous_simulation_gives_the_slow_node_one_gradient_per_factor_rounds_and_keeps_consensus():
-    settings = SimulateSettings(epochs=2, sync="async", slow=["3:5"]).validate()
+    settings = SimulateSettings(epochs=2, sync="async", slow=["3:5"], pace_batch=False).validate()
     result = Simulation(settings).run("p2pft")
     rounds = result.iterations
     assert result.steps[:3] == [rounds] * 3
@@ -65,7 +98,7 @@ def test_an_asynchronous_simulation_gives_the_slow_node_one_gradient_per_factor_
 
 @pytest.mark.timeout(300)
 def test_a_paced_slow_node_takes_a_fresh_gradient_every_round_on_a_batch_that_fits_the_round():
-    settings = SimulateSettings(epochs=2, sync="async", slow=["3:5"], batch_size=16, pace_batch=True).validate()
+    settings = SimulateSettings(epochs=2, sync="async", slow=["3:5"], batch_size=16).validate()  # paced by default
     result = Simulation(settings).run("p2pft")
     rounds = result.iterations
     assert result.steps == [rounds] * 4 and result.duration_steps == rounds
@@ -264,7 +297,7 @@ def test_a_slow_local_learner_steps_only_on_a_new_gradient():
 @pytest.mark.timeout(300)
 def test_asynchronous_dimat_with_a_slow_node_still_merges_every_epoch():
     common = dict(algorithm="dimat", nodes=3, split="iid", topology="ring", epochs=2, batch_size=64, lr=0.05)
-    sim = Simulation(SimulateSettings(sync="async", slow=["2:4"], **common).validate())
+    sim = Simulation(SimulateSettings(sync="async", slow=["2:4"], pace_batch=False, **common).validate())
     result = sim.run("dimat")
     assert [n.merges for n in sim.nodes] == [2, 2, 2]
     assert result.steps[2] < result.steps[0] / 3
