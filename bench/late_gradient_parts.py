@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import json
 import statistics
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from _model_flags import add_model_flags
+from _slow_node import slow_node_as
 
 import p2pnode.node.simulator as simulator
 from p2pnode.node.algorithms.base import Objective
@@ -76,17 +76,6 @@ class ReusedGradients(_Wrapper):
         self.rounds += 1
         assert self.latest is not None
         return self.latest
-
-
-@contextlib.contextmanager
-def slow_node_as(make: Callable[[Objective, float, bool], Objective]) -> Iterator[None]:
-    """Let the simulator build its slow nodes' objectives with `make` while the block runs."""
-    original = simulator.slow_objective
-    simulator.slow_objective = make
-    try:
-        yield
-    finally:
-        simulator.slow_objective = original
 
 
 def run_case(case: str, factor: int, epochs: int, seed: int, model: str, lr: float) -> list[float]:

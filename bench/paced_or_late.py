@@ -18,8 +18,10 @@ import statistics
 from concurrent.futures import ProcessPoolExecutor
 
 import torch
+from _slow_node import slow_node_as
 
 from p2pnode.node import simulator
+from p2pnode.node.algorithms.base import Objective
 from p2pnode.node.pace import StaleGradients
 from p2pnode.node.settings import SimulateSettings
 
@@ -30,16 +32,16 @@ def run(case: tuple[float, int, int, int]) -> dict:
     factor, batch, seed, epochs = case
     torch.set_num_threads(1)
 
-    def slowed(objective, factor_: float, pace_batch: bool):
+    def slowed(objective: Objective, factor_: float, pace_batch: bool) -> Objective:
         objective.batch_size = batch
         rounds = factor_ * batch / FULL_BATCH
         return StaleGradients(objective, rounds) if rounds > 1 else objective
 
-    simulator.slow_objective = slowed  # this worker process only
     settings = SimulateSettings(
         epochs=epochs, seed=seed, sync="async", slow=[f"3:{factor:g}"], batch_size=FULL_BATCH, pace_batch=False
     )
-    result = simulator.Simulation(settings.validate()).run("p2pft")
+    with slow_node_as(slowed):
+        result = simulator.Simulation(settings.validate()).run("p2pft")
     return {"factor": factor, "batch": batch, "seed": seed, "accuracy": result.accuracy, "samples": result.samples}
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import Field, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -299,11 +299,6 @@ def load_config(path: str | Path) -> dict:
     return {k.replace("-", "_"): v for k, v in raw.items()}
 
 
-def _is_bool(f: Field) -> bool:
-    """Whether a settings field is a switch (`bool`, or `bool | None` where None means "by the other settings")."""
-    return isinstance(f.default, bool) or str(f.type) in ("bool", "bool | None")
-
-
 def build_settings(cls: type[RunSettings], values: dict, config: str | Path | None = None) -> RunSettings:
     """Merge flags (`values`, None = not given) over the config file over the defaults; validate."""
     names = {f.name: f for f in fields(cls)}
@@ -313,7 +308,7 @@ def build_settings(cls: type[RunSettings], values: dict, config: str | Path | No
         raise BadInput(f"config file {config} has unknown setting {unknown[0]!r}")
     merged.update({k: v for k, v in values.items() if v is not None})
     for k, v in merged.items():
-        if _is_bool(names[k]) and not isinstance(v, bool):
+        if "bool" in str(names[k].type) and not isinstance(v, bool):  # bool, or bool | None: set by others
             raise BadInput(f"setting {k} must be true or false (got {v!r})")
         if "list" in str(names[k].type) and isinstance(v, str):
             merged[k] = [x for x in v.split(",") if x]
