@@ -7,8 +7,14 @@
 Testnet (4 daemons, the paper's split, node 3 made FACTOR times slower with `--slow 3:FACTOR`: its
 gradients of the full batch sleep FACTOR - 1 times their own duration, smaller ones with
 `--pace-batch` their share of that): the fast nodes' seconds per round (median
-over nodes 0-2 and over repeats) against the run without a slow node, and every node's final
-accuracy (of the median repeat by time). Simulator (`simulate --sync async --slow 3:FACTOR`,
+over nodes 0-2, the median repeat) against the run without a slow node, and every node's final
+accuracy (of the median repeat by time). Seconds per round are a round's own time (`round_seconds`:
+with `wait` the evaluation after each pass runs between rounds, outside it; with `async` beside the
+rounds, inside their time) and the wall time (`seconds`, from the first round to result.json,
+evaluations and the run's end included in both) over the rounds, the median of the repeats: the
+like-for-like one. The repeats run repeat-major (every case's first run, then every case's second),
+so a spell in which the machine runs slower falls on every row alike.
+Simulator (`simulate --sync async --slow 3:FACTOR`,
 deterministic, `--sim-epochs` passes, mean over `--sim-seeds`): each node's accuracy. With `async`
 the slow node keeps its batch and gets one gradient per FACTOR rounds, each computed at the
 parameters of FACTOR rounds before (`--no-pace-batch`); `async-paced` is `--pace-batch`, the default
@@ -62,8 +68,10 @@ def testnet_run(sync: str, factor: float | None, epochs: int, hosts: str, base: 
         run_testnet(settings)
         nodes = [json.loads(p.read_text()) for p in sorted(Path(workdir).glob("node*/result.json"))]
     per_round = [n["round_seconds"] / n["rounds"] for n in nodes]
+    wall = [n["seconds"] / n["rounds"] for n in nodes]
     return {
         "fast_seconds_per_round": statistics.median(per_round[:SLOW] + per_round[SLOW + 1 :]),
+        "fast_wall_seconds_per_round": statistics.median(wall[:SLOW] + wall[SLOW + 1 :]),
         "slow_seconds_per_round": per_round[SLOW],
         "accuracy": [n["accuracy"] for n in nodes],
         "training_seconds": max(n["seconds"] for n in nodes),
@@ -76,6 +84,8 @@ def median_run(runs: list[dict]) -> dict:
     ordered = sorted(runs, key=lambda r: r["fast_seconds_per_round"])
     chosen = dict(ordered[len(ordered) // 2])
     chosen["fast_seconds_per_round_all"] = [r["fast_seconds_per_round"] for r in runs]
+    chosen["fast_wall_seconds_per_round_all"] = [r["fast_wall_seconds_per_round"] for r in runs]
+    chosen["median_fast_wall_seconds_per_round"] = statistics.median(chosen["fast_wall_seconds_per_round_all"])
     chosen["accuracy_all"] = [statistics.mean(r["accuracy"]) for r in runs]
     chosen["median_accuracy"] = statistics.median(chosen["accuracy_all"])
     return chosen
@@ -116,31 +126,38 @@ def main() -> None:
     testnet_seeds = [int(x) for x in args.seeds.split(",")]
     clean = [(sync, None) for sync in args.clean_syncs.split(",")]
     cases = clean + [(sync, f) for f in factors for sync in args.syncs.split(",")]
+    # repeat-major: every case's i-th run comes before any case's (i+1)-th, so a machine that slows
+    # down for a few minutes slows every row alike instead of one row's three runs
+    runs: dict[tuple[str, float | None], list[dict]] = {case: [] for case in cases}
+    for i in range(args.repeats):
+        for sync, factor in cases:
+            seed = testnet_seeds[i % len(testnet_seeds)]
+            run = testnet_run(sync, factor, args.epochs, args.hosts, args.base_slowdown, seed, extra)
+            runs[sync, factor].append(run)
+            print(json.dumps({"sync": sync, "factor": factor, "repeat": i, **run}), flush=True)
     rows: list[dict] = []
     for sync, factor in cases:
-        runs = [
-            testnet_run(sync, factor, args.epochs, args.hosts, args.base_slowdown, seed, extra)
-            for seed in (testnet_seeds[i % len(testnet_seeds)] for i in range(args.repeats))
-        ]
-        row = {"sync": sync, "factor": factor, **median_run(runs)}
+        row = {"sync": sync, "factor": factor, **median_run(runs[sync, factor])}
         if args.sim_epochs and (sync != "wait" or not rows):
             row["simulated_accuracy"] = simulated(sync, factor, args.sim_epochs, seeds, shared)
         elif args.sim_epochs:  # in lockstep a slow node changes the time, not the arithmetic
             row["simulated_accuracy"] = rows[0]["simulated_accuracy"]
         rows.append(row)
-        print(json.dumps(row), flush=True)
     base = rows[0]["fast_seconds_per_round"]
+    wall_base = rows[0]["median_fast_wall_seconds_per_round"]
     print(f"\n{args.hosts}, {args.epochs} epochs, base slowdown {args.base_slowdown:g}, medians of {args.repeats};")
     print(f"simulator: {args.sim_epochs} epochs, mean over seeds {args.sim_seeds}")
-    print("| slow node | sync | fast nodes' s/round | vs no slow node | testnet accuracy (nodes 0-3) | "
-          "every repeat (mean of nodes) | simulator |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
+    print("| slow node | sync | fast nodes' s/round | vs no slow node | wall s/round | vs no slow node | "
+          "testnet accuracy (nodes 0-3) | every repeat (mean of nodes) | simulator |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         acc = ", ".join(f"{100 * a:.1f}" for a in r["accuracy"])
         repeats = ", ".join(f"{100 * a:.1f}" for a in r["accuracy_all"])
         sim = ", ".join(f"{100 * a:.1f}" for a in r.get("simulated_accuracy", []))
         name = f"{r['factor']:g}x" if r["factor"] else "none"
         pace = f"{r['fast_seconds_per_round']:.4f} | {r['fast_seconds_per_round'] / base:.2f}x"
+        wall = r["median_fast_wall_seconds_per_round"]
+        pace += f" | {wall:.4f} | {wall / wall_base:.2f}x"
         print(f"| {name} | {r['sync']} | {pace} | {acc} | {repeats} | {sim} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
