@@ -1,0 +1,83 @@
+"""A paced node's small-batch gradients averaged over its last W rounds (simulator, P2P-FT): less
+variance for a few rounds of lag, an experiment against plain `--pace-batch` (W = 1).
+
+    .venv/bin/python bench/paced_window.py [--cases 5:1,5:3,10:1,10:4,10:10] [--seeds 0,1,2] [--json PATH]
+
+Case FACTOR:W: node 3 of the paper's split is `simulate --sync async --slow 3:FACTOR` with
+`--pace-batch` (a fresh gradient of 16 // FACTOR samples every round) and reports the mean of its
+last W such gradients, each computed at its own round's parameters: W * (16 // FACTOR) samples
+behind every value, the oldest W - 1 rounds old. The tracker still sums each node's latest value
+(P2P-FT adds differences), so the fixed point is unchanged. 40 epochs, one torch thread per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
+from _slow_node import slow_node_as
+
+from p2pnode.node import simulator
+from p2pnode.node.algorithms.base import Objective
+from p2pnode.node.pace import slow_objective
+from p2pnode.node.settings import SimulateSettings
+
+
+class WindowedGradients:
+    """The mean of the wrapped objective's last `window` gradients; everything else delegated."""
+
+    def __init__(self, objective: Objective, window: int) -> None:
+        self.objective = objective
+        self.fresh = True
+        self.recent: deque[torch.Tensor] = deque(maxlen=window)
+
+    def __getattr__(self, name: str):
+        return getattr(self.objective, name)
+
+    def gradient(self, params: torch.Tensor) -> tuple[torch.Tensor, float]:
+        grad, loss = self.objective.gradient(params)
+        self.recent.append(grad)
+        return torch.stack(tuple(self.recent)).mean(0), loss
+
+
+def run(case: tuple[float, int, int, int]) -> dict:
+    factor, window, seed, epochs = case
+    torch.set_num_threads(1)
+
+    def windowed(objective: Objective, factor_: float, pace_batch: bool) -> Objective:
+        return WindowedGradients(slow_objective(objective, factor_, pace_batch=True), window)
+
+    settings = SimulateSettings(epochs=epochs, seed=seed, sync="async", slow=[f"3:{factor:g}"])
+    with slow_node_as(windowed):
+        result = simulator.Simulation(settings.validate()).run("p2pft")
+    return {"factor": factor, "window": window, "seed": seed, "accuracy": result.accuracy}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default="5:1,5:3,10:1,10:4,10:10", help="FACTOR:WINDOW, comma-separated")
+    parser.add_argument("--seeds", default="0,1,2", help="simulator seeds (mini-batches drawn)")
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--json", help="also write every run here")
+    args = parser.parse_args()
+    pairs = [(float(c.split(":")[0]), int(c.split(":")[1])) for c in args.cases.split(",") if c]
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    cases = [(f, w, seed, args.epochs) for f, w in pairs for seed in seeds]
+    with ProcessPoolExecutor(2) as pool:
+        runs = list(pool.map(run, cases))
+    print("| slow node | window (rounds) | seeds (%) | mean |")
+    print("|---|---|---|---|")
+    for f, w in pairs:
+        acc = [100 * statistics.mean(r["accuracy"]) for r in runs if r["factor"] == f and r["window"] == w]
+        print(f"| {f:g}x | {w} | {' / '.join(f'{a:.1f}' for a in acc)} | {statistics.mean(acc):.1f} |")
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(runs, out, indent=1)
+
+
+if __name__ == "__main__":
+    main()
