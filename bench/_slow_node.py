@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 
 import p2pnode.node.simulator as simulator
 from p2pnode.node.algorithms.base import Objective
@@ -18,3 +21,24 @@ def slow_node_as(make: Callable[[Objective, float, bool], Objective]) -> Iterato
         yield
     finally:
         simulator.slow_objective = original
+
+
+def run_factor_cases(
+    description: str, default_cases: str, second: str, run: Callable[[tuple[float, int, int, int]], dict]
+) -> tuple[list[tuple[float, int]], list[dict]]:
+    """Parse `--cases FACTOR:N,... --seeds --epochs --json`, run `run((factor, n, seed, epochs))` for every
+    case and seed in two processes, write the runs to `--json` if given; the (factor, n) pairs and the runs."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--cases", default=default_cases, help=f"FACTOR:{second}, comma-separated")
+    parser.add_argument("--seeds", default="0,1,2", help="simulator seeds (mini-batches drawn)")
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--json", help="also write every run here")
+    args = parser.parse_args()
+    pairs = [(float(c.split(":")[0]), int(c.split(":")[1])) for c in args.cases.split(",") if c]
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    with ProcessPoolExecutor(2) as pool:
+        runs = list(pool.map(run, [(f, n, seed, args.epochs) for f, n in pairs for seed in seeds]))
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(runs, out, indent=1)
+    return pairs, runs

@@ -12,13 +12,10 @@ thread per run (the thread count alone moves a run's last digit: README, "A slow
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
-from concurrent.futures import ProcessPoolExecutor
 
 import torch
-from _slow_node import slow_node_as
+from _slow_node import run_factor_cases, slow_node_as
 
 from p2pnode.node import simulator
 from p2pnode.node.algorithms.base import Objective
@@ -46,17 +43,7 @@ def run(case: tuple[float, int, int, int]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default="5:3,5:6,10:1,10:2,10:3", help="FACTOR:BATCH, comma-separated")
-    parser.add_argument("--seeds", default="0,1,2", help="simulator seeds (mini-batches drawn)")
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--json", help="also write every run here")
-    args = parser.parse_args()
-    pairs = [(float(c.split(":")[0]), int(c.split(":")[1])) for c in args.cases.split(",") if c]
-    seeds = [int(s) for s in args.seeds.split(",") if s]
-    cases = [(f, b, seed, args.epochs) for f, b in pairs for seed in seeds]
-    with ProcessPoolExecutor(2) as pool:
-        runs = list(pool.map(run, cases))
+    pairs, runs = run_factor_cases(__doc__.splitlines()[0], "5:3,5:6,10:1,10:2,10:3", "BATCH", run)
     print("| slow node | batch | a gradient per (rounds) | node 3's samples | seeds (%) | mean |")
     print("|---|---|---|---|---|---|")
     for f, b in pairs:
@@ -67,9 +54,6 @@ def main() -> None:
             f"| {f:g}x | {b} | {per:.3g} | {mine[0]['samples'][3]} | {' / '.join(f'{a:.1f}' for a in acc)} | "
             f"{statistics.mean(acc):.1f} |"
         )
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(runs, out, indent=1)
 
 
 if __name__ == "__main__":

@@ -12,14 +12,11 @@ behind every value, the oldest W - 1 rounds old. The tracker still sums each nod
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor
 
 import torch
-from _slow_node import slow_node_as
+from _slow_node import run_factor_cases, slow_node_as
 
 from p2pnode.node import simulator
 from p2pnode.node.algorithms.base import Objective
@@ -58,25 +55,12 @@ def run(case: tuple[float, int, int, int]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default="5:1,5:3,10:1,10:4,10:10", help="FACTOR:WINDOW, comma-separated")
-    parser.add_argument("--seeds", default="0,1,2", help="simulator seeds (mini-batches drawn)")
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--json", help="also write every run here")
-    args = parser.parse_args()
-    pairs = [(float(c.split(":")[0]), int(c.split(":")[1])) for c in args.cases.split(",") if c]
-    seeds = [int(s) for s in args.seeds.split(",") if s]
-    cases = [(f, w, seed, args.epochs) for f, w in pairs for seed in seeds]
-    with ProcessPoolExecutor(2) as pool:
-        runs = list(pool.map(run, cases))
+    pairs, runs = run_factor_cases(__doc__.splitlines()[0], "5:1,5:3,10:1,10:4,10:10", "WINDOW", run)
     print("| slow node | window (rounds) | seeds (%) | mean |")
     print("|---|---|---|---|")
     for f, w in pairs:
         acc = [100 * statistics.mean(r["accuracy"]) for r in runs if r["factor"] == f and r["window"] == w]
         print(f"| {f:g}x | {w} | {' / '.join(f'{a:.1f}' for a in acc)} | {statistics.mean(acc):.1f} |")
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(runs, out, indent=1)
 
 
 if __name__ == "__main__":
