@@ -13,10 +13,9 @@ with `wait` the evaluation after each pass runs between rounds, outside it; with
 rounds, inside their time) and the wall time (`seconds`, from the first round to result.json,
 evaluations and the run's end included in both) over the rounds, the median of the repeats: the
 like-for-like one. The repeats run repeat-major (every case's first run, then every case's second),
-so a spell in which the machine runs slower falls on every row alike.
-Simulator (`simulate --sync async --slow 3:FACTOR`,
-deterministic, `--sim-epochs` passes, mean over `--sim-seeds`): each node's accuracy. With `async`
-the slow node keeps its batch and gets one gradient per FACTOR rounds, each computed at the
+so a spell in which the machine runs slower falls on every row alike. Simulator (`simulate --sync
+async --slow 3:FACTOR`, deterministic, `--sim-epochs` passes, mean over `--sim-seeds`): each node's
+accuracy. With `async` the slow node keeps its batch and gets one gradient per FACTOR rounds, each computed at the
 parameters of FACTOR rounds before (`--no-pace-batch`); `async-paced` is `--pace-batch`, the default
 of `--sync async` (its batch shrinks to fit a round: 16 // FACTOR samples in the simulator). `--hosts netns` puts
 every daemon on its own namespaced host (root). `--base-slowdown B` makes every node's gradient B
@@ -50,6 +49,11 @@ def pace(sync: str) -> dict:
     return {"sync": "async" if sync.startswith("async") else sync, "pace_batch": sync == "async-paced"}
 
 
+def fast_median(per_node: list[float]) -> float:
+    """The median over the nodes other than the slow one."""
+    return statistics.median(per_node[:SLOW] + per_node[SLOW + 1 :])
+
+
 def testnet_run(sync: str, factor: float | None, epochs: int, hosts: str, base: float, seed: int, extra: dict) -> dict:
     with tempfile.TemporaryDirectory(prefix="p2pnode-hetero-") as workdir:
         slowdown = {i: base for i in range(4) if base > 1} | ({SLOW: base * factor} if factor else {})
@@ -70,8 +74,8 @@ def testnet_run(sync: str, factor: float | None, epochs: int, hosts: str, base: 
     per_round = [n["round_seconds"] / n["rounds"] for n in nodes]
     wall = [n["seconds"] / n["rounds"] for n in nodes]
     return {
-        "fast_seconds_per_round": statistics.median(per_round[:SLOW] + per_round[SLOW + 1 :]),
-        "fast_wall_seconds_per_round": statistics.median(wall[:SLOW] + wall[SLOW + 1 :]),
+        "fast_seconds_per_round": fast_median(per_round),
+        "fast_wall_seconds_per_round": fast_median(wall),
         "slow_seconds_per_round": per_round[SLOW],
         "accuracy": [n["accuracy"] for n in nodes],
         "training_seconds": max(n["seconds"] for n in nodes),

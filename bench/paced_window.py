@@ -20,20 +20,16 @@ from _slow_node import run_factor_cases, slow_node_as
 
 from p2pnode.node import simulator
 from p2pnode.node.algorithms.base import Objective
-from p2pnode.node.pace import slow_objective
+from p2pnode.node.pace import _Wrapper, slow_objective
 from p2pnode.node.settings import SimulateSettings
 
 
-class WindowedGradients:
-    """The mean of the wrapped objective's last `window` gradients; everything else delegated."""
+class WindowedGradients(_Wrapper):
+    """The mean of the wrapped objective's last `window` gradients (`_Wrapper` delegates the rest)."""
 
     def __init__(self, objective: Objective, window: int) -> None:
-        self.objective = objective
-        self.fresh = True
+        super().__init__(objective)
         self.recent: deque[torch.Tensor] = deque(maxlen=window)
-
-    def __getattr__(self, name: str):
-        return getattr(self.objective, name)
 
     def gradient(self, params: torch.Tensor) -> tuple[torch.Tensor, float]:
         grad, loss = self.objective.gradient(params)
