@@ -24,12 +24,12 @@ def slow_node_as(make: Callable[[Objective, float, bool], Objective]) -> Iterato
 
 
 def run_factor_cases(
-    description: str, default_cases: str, second: str, run: Callable[[tuple[float, int, int, int]], dict]
+    description: str, default_cases: str, second_name: str, run: Callable[[tuple[float, int, int, int]], dict]
 ) -> tuple[list[tuple[float, int]], list[dict]]:
     """Parse `--cases FACTOR:N,... --seeds --epochs --json`, run `run((factor, n, seed, epochs))` for every
     case and seed in two processes, write the runs to `--json` if given; the (factor, n) pairs and the runs."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--cases", default=default_cases, help=f"FACTOR:{second}, comma-separated")
+    parser.add_argument("--cases", default=default_cases, help=f"FACTOR:{second_name}, comma-separated")
     parser.add_argument("--seeds", default="0,1,2", help="simulator seeds (mini-batches drawn)")
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--json", help="also write every run here")

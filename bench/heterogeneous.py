@@ -15,9 +15,10 @@ evaluations and the run's end included in both) over the rounds, the median of t
 like-for-like one. The repeats run repeat-major (every case's first run, then every case's second),
 so a spell in which the machine runs slower falls on every row alike. Simulator (`simulate --sync
 async --slow 3:FACTOR`, deterministic, `--sim-epochs` passes, mean over `--sim-seeds`): each node's
-accuracy. With `async` the slow node keeps its batch and gets one gradient per FACTOR rounds, each computed at the
-parameters of FACTOR rounds before (`--no-pace-batch`); `async-paced` is `--pace-batch`, the default
-of `--sync async` (its batch shrinks to fit a round: 16 // FACTOR samples in the simulator). `--hosts netns` puts
+accuracy. With `async` the slow node keeps its batch and gets one gradient per FACTOR rounds, each
+computed at the parameters of FACTOR rounds before (`--no-pace-batch`); `async-paced` is
+`--pace-batch`, the default of `--sync async` (its batch shrinks to fit a round: 16 // FACTOR
+samples in the simulator). `--hosts netns` puts
 every daemon on its own namespaced host (root). `--base-slowdown B` makes every node's gradient B
 times as long (node 3's B x FACTOR): a heavier model's step, where the default one is a few ms of a
 round that the exchange dominates. `--seeds 0,1,2` runs repeat i of every case with the

@@ -37,7 +37,7 @@ from _slow_node import slow_node_as
 
 import p2pnode.node.simulator as simulator
 from p2pnode.node.algorithms.base import Objective
-from p2pnode.node.pace import _Wrapper
+from p2pnode.node.pace import ObjectiveWrapper
 from p2pnode.node.settings import SimulateSettings
 
 SLOW = 3
@@ -47,7 +47,7 @@ CASES += ("plain-clean", "plain-late", "adam-clean", "adam-late")
 STEPS = {"plain": {"momentum": 0.0, "lr": 0.05}, "adam": {"optimizer": "adam", "lr": 0.001}}  # else --lr
 
 
-class DelayedGradients(_Wrapper):
+class DelayedGradients(ObjectiveWrapper):
     """A gradient on a new mini-batch every round, at the parameters of `delay` rounds before."""
 
     def __init__(self, objective: Objective, delay: int) -> None:
@@ -60,7 +60,7 @@ class DelayedGradients(_Wrapper):
         return self.objective.gradient(self.history[0])
 
 
-class ReusedGradients(_Wrapper):
+class ReusedGradients(ObjectiveWrapper):
     """One gradient per `every` rounds at that round's parameters, reused until the next."""
 
     def __init__(self, objective: Objective, every: int) -> None:

@@ -20,12 +20,12 @@ from _slow_node import run_factor_cases, slow_node_as
 
 from p2pnode.node import simulator
 from p2pnode.node.algorithms.base import Objective
-from p2pnode.node.pace import _Wrapper, slow_objective
+from p2pnode.node.pace import ObjectiveWrapper, slow_objective
 from p2pnode.node.settings import SimulateSettings
 
 
-class WindowedGradients(_Wrapper):
-    """The mean of the wrapped objective's last `window` gradients (`_Wrapper` delegates the rest)."""
+class WindowedGradients(ObjectiveWrapper):
+    """The mean of the wrapped objective's last `window` gradients (`ObjectiveWrapper` delegates the rest)."""
 
     def __init__(self, objective: Objective, window: int) -> None:
         super().__init__(objective)

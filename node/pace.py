@@ -84,13 +84,14 @@ def slow_objective(objective: Objective, factor: float, pace_batch: bool) -> Obj
 
 def unwrapped(objective: Objective) -> Objective:
     """The data-drawing objective under any pace wrappers (its batch order is what checkpoints keep)."""
-    while isinstance(objective, _Wrapper):
+    while isinstance(objective, ObjectiveWrapper):
         objective = objective.objective
     return objective
 
 
-class _Wrapper:
-    """Delegates everything but `gradient` to the wrapped objective (its model, data, counters)."""
+class ObjectiveWrapper:
+    """Delegates everything but `gradient` to the wrapped objective (its model, data, counters); the base of
+    every pace wrapper here and of the benches' experimental ones."""
 
     def __init__(self, objective: Objective) -> None:
         self.objective = objective
@@ -101,7 +102,7 @@ class _Wrapper:
         return getattr(self.objective, name)
 
 
-class StaleGradients(_Wrapper):
+class StaleGradients(ObjectiveWrapper):
     def __init__(self, objective: Objective, factor: float) -> None:
         super().__init__(objective)
         self.factor = factor
@@ -123,7 +124,7 @@ class StaleGradients(_Wrapper):
         return self.latest
 
 
-class SlowedGradients(_Wrapper):
+class SlowedGradients(ObjectiveWrapper):
     """`--slowdown`: a machine `factor` times slower per sample. A gradient of the full batch takes
     `factor` times as long (it sleeps the difference). One of a smaller batch (`--pace-batch`) sleeps
     that difference scaled by its share of the full batch, as on a machine whose gradients take time
@@ -156,7 +157,7 @@ class SlowedGradients(_Wrapper):
         return result
 
 
-class TimedGradients(_Wrapper):
+class TimedGradients(ObjectiveWrapper):
     def __init__(self, objective: Objective) -> None:
         super().__init__(objective)
         self.recent: deque[float] = deque(maxlen=TIMED_GRADIENTS)
