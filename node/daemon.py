@@ -7,7 +7,8 @@ epoch that lets it in as a joiner, with parameters from its own checkpoint or a 
 round: for each phase it sends `send`, waits until every in-neighbour's message for the round has
 arrived or its deadline passed (`node/rounds.py`), and applies `receive` in a worker thread. Between
 rounds it enters the next epoch at the round that epoch names. SIGTERM makes it leave gracefully;
-a second signal stops it at once. Files in the state directory: `node/state_store.py`.
+a second signal stops it at once. Files in the state directory: `node/state_store.py`; which peers
+it lets in: `node/peer_gate.py`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from pathlib import Path
 import hivemind
 import numpy as np
 import torch
-from hivemind.p2p import PeerID
 
 from ..protocol.codecs import get_codec
 from ..protocol.envelope import max_frame_bytes
@@ -41,6 +41,7 @@ from .finish import FINISHED_WITHOUT_THIS_NODE, RunEnd
 from .membership import MembershipAgent
 from .metrics import NodeMetrics
 from .pace import BackgroundGradients, SlowedGradients, TimedGradients
+from .peer_gate import PeerGate
 from .rounds import Inbox
 from .run_log import RunLog
 from .settings import NodeSettings
@@ -51,8 +52,6 @@ from .training import FeatureBank, VisionObjective, accuracy, prepare_model_and_
 from .transport import Transport
 
 logger = logging.getLogger(__name__)
-
-ADMIT_WAIT_S = 5.0  # how long a stream from a peer not known yet waits, unread, for the membership reads
 
 
 class Node:
@@ -86,7 +85,7 @@ class Node:
         self.evaluations: list[asyncio.Task] = []
         self.info: MemberInfo | None = None
         self.contributions = Contributions()
-        self._refused_until: dict[str, float] = {}  # peers refused admission, until when
+        self.gate: PeerGate | None = None  # who may open a stream to this node
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -94,6 +93,7 @@ class Node:
     async def create(cls, settings: NodeSettings) -> Node:
         self = cls(settings)
         self.access = run_access(settings.run_id, settings.owner, settings.invite, settings.identity)
+        self.gate = PeerGate(self.access.admission, lambda: self.record, self.stop_requested.is_set)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         try:
             await self._prepare_training()
@@ -195,7 +195,7 @@ class Node:
             s.run_id,
             self.peer_id,
             self.inbox,
-            known_peers=self._known_peers,
+            known_peers=self.gate.known_peers,
             on_refused=self._on_refused,
             on_heard=self._on_heard,
             on_newer_epoch=self._on_newer_epoch,
@@ -207,9 +207,9 @@ class Node:
             # every message carries one vector of the trainable size and at most a float64 scalar
             max_bytes=max_frame_bytes({"v": (self.model.num_trainable,), "w": (1,)}, s.codec),
             timeout=max(30.0, s.round_timeout),
-            admit=self._admits,
+            admit=self.gate.admits,
         )
-        await serve_state(self.p2p, s.run_id, self._snapshot, admit=self._admits)
+        await serve_state(self.p2p, s.run_id, self._snapshot, admit=self.gate.admits)
         if s.metrics_port is not None:
             self.metrics = NodeMetrics(s.run_id)
             self.metrics.serve(s.metrics_port, s.metrics_addr)
@@ -225,7 +225,7 @@ class Node:
             contributions=self.contributions.view,
         )
         membership = Membership(self.dht, s.run_id, validators[0], ttl=4 * s.heartbeat, admission=self.access.admission)
-        self.agent = await MembershipAgent.create(membership, self.info, s.heartbeat)
+        self.agent = self.gate.agent = await MembershipAgent.create(membership, self.info, s.heartbeat)
         self.agent.on_change = lambda _record: self.inbox.arrival.set()  # wake a waiting round
         self.store.events.write("start", peer_id=self.peer_id, run_id=s.run_id, settings=s.to_dict())
         for addr in self.dht.get_visible_maddrs():
@@ -366,39 +366,6 @@ class Node:
             logger.info("resumed from %s at round %d", self.state_dir, checkpoint.round)
 
     # --- what the transport asks of the node ------------------------------------------------------
-
-    def _known_peers(self) -> set[str] | None:
-        """Peers that may send to this node: members of its epoch and of the record the run follows
-        (None while this node knows of no epoch yet: frames are then held back)."""
-        records = [r for r in (self.record, self.agent.record if self.agent else None) if r is not None]
-        return {p for r in records for p in r.members} if records else None
-
-    def _is_member(self, peer_id: str) -> bool:
-        """A member of the run as this node knows it now (in a closed run, with a valid, unrevoked invitation)."""
-        if self.access.closed and not self.access.admission.admitted(peer_id):
-            return False
-        heartbeats = {m.peer_id for m in self.agent.infos} if self.agent else set()
-        return peer_id in heartbeats | (self._known_peers() or set())
-
-    async def _admits(self, peer: PeerID) -> bool:
-        """Whether a peer may open a stream to this node, decided before anything is read from it. A
-        peer not known yet may be a member whose record this node has not read (it just started, or
-        the peer just joined): wait for the next membership reads, a few seconds at most."""
-        peer_id = str(peer)
-        loop = asyncio.get_running_loop()
-        if loop.time() < self._refused_until.get(peer_id, 0.0):
-            return False  # refused a moment ago: a stranger's streams cost nothing more
-        deadline = loop.time() + ADMIT_WAIT_S
-        if not self._is_member(peer_id) and self.agent is not None:
-            self.agent.wake()
-        while not self._is_member(peer_id):
-            if loop.time() >= deadline or self.stop_requested.is_set():
-                if len(self._refused_until) > 4096:
-                    self._refused_until.clear()
-                self._refused_until[peer_id] = loop.time() + ADMIT_WAIT_S
-                return False
-            await asyncio.sleep(0.25)
-        return True
 
     def _on_heard(self, sender: str, round_: int, nbytes: int) -> None:
         self.contributions.accepted(sender, round_, nbytes)
