@@ -199,7 +199,7 @@ def invite(
     peer: Annotated[str, typer.Option(help="peer id of the invited node (the peer-id line of its keygen)")],
     run_id: RunId = "default",
     expires: Annotated[str, typer.Option(help="how long it is valid: a number and s, m, h, d or w")] = "30d",
-    out: Annotated[Path | None, typer.Option(help="write the invitation here [default: stdout]")] = None,
+    out: Annotated[Path | None, typer.Option(help="write the invitation here (default: stdout)")] = None,
 ) -> None:
     """Write an invitation to a closed run, signed by the owner and bound to one peer id.
 

@@ -28,7 +28,7 @@ def attention(
     images: Annotated[int, typer.Option(help="test images, one row each")] = 8,
     classes: Annotated[
         str | None,
-        typer.Option(help="take the images from these classes, e.g. 2-3 or 0,7 [default: half never seen by --node]"),
+        typer.Option(help="take the images from these classes, e.g. 2-3 or 0,7 (default: half never seen by --node)"),
     ] = None,
     node: Annotated[
         int, typer.Option(help="the node whose models are compared (node<N> of --save, a daemon's --index; from 0)")

@@ -20,7 +20,7 @@ def _option(f: dataclasses.Field, hint: Any) -> tuple[object, object]:
     flag = "--" + f.name.replace("_", "-")
     default = f.default_factory() if f.default is dataclasses.MISSING else f.default
     shown = ",".join(default) if isinstance(default, list) else default
-    help_text = f.metadata.get("help", "") + (f" [default: {shown}]" if shown not in (None, "", []) else "")
+    help_text = f.metadata.get("help", "") + (f" (default: {shown})" if shown not in (None, "", []) else "")
     kw = {"help": help_text, "envvar": f"P2PNODE_{f.name.upper()}", "show_default": False}
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         hint = next(a for a in typing.get_args(hint) if a is not type(None))

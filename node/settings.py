@@ -48,7 +48,7 @@ class RunSettings:
     augment: bool = opt(False, "random crops and flips (turns the feature cache off)")
     cache_features: bool = opt(True, "compute the frozen trunk once per sample")
     split: str = opt("0-1,2-3,4-6,7-9", "class sets per node (0-1,2-3,4-6,7-9), iid, or dirichlet:ALPHA")
-    nodes: int | None = opt(None, "number of nodes [default: one per --split class set, else 4]")
+    nodes: int | None = opt(None, "number of nodes (default: one per --split class set, else 4)")
     # graph and algorithm
     topology: str = opt("directed-ring", "directed-ring, exponential, complete, ring, random:K, or an edge-list file")
     algorithm: str = opt("p2pft", "p2pft, sgp, dsgd, cdsgd, dimat, wa, wm, local or central (see README)")
@@ -327,7 +327,7 @@ class TestnetSettings(RunSettings):
 
     run_id: str = opt("testnet", "name of the run")
     compare: list[str] = opt([], "algorithms to run in-process on the same data for reference, e.g. local,central,dsgd")
-    workdir: str | None = opt(None, "folder for each node's state and log [default: a temporary folder]")
+    workdir: str | None = opt(None, "folder for each node's state and log (default: a temporary folder)")
     round_timeout: float = opt(60.0, "seconds a node waits for its in-neighbours each round")
     timeout: float = opt(1800.0, "give up (and tear everything down) after this many seconds")
     closed: bool = opt(False, "a closed run: an owner key in the workdir and an invitation for each node")

@@ -181,3 +181,14 @@ def test_simulate_plot_is_a_png(run):
     data = plot_path.read_bytes()
     assert len(data) > 1000
     assert data.startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_start_help_shows_each_settings_default(capsys, monkeypatch):
+    # Rich reads "[default: 50]" as a markup tag and drops it: the defaults must survive rendering
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["start", "--help"]) == 0
+    out, _ = capsys.readouterr()
+    text = " ".join(out.replace("│", " ").split())  # the help's words, without the table's wrapping
+    assert "left out of the mix (its mass is kept) (default: 50)" in text
+    assert "whatever mass has arrived (default: wait)" in text
+    assert "(default: stdout)" not in text  # another command's option
