@@ -63,14 +63,16 @@ class PeerGate:
         loop = asyncio.get_running_loop()
         if loop.time() < self.refused_until.get(peer_id, 0.0):
             return False
+        if self.is_member(peer_id):
+            return True
+        if self.agent is not None:
+            self.agent.wake()  # read the membership records now rather than at the next heartbeat
         deadline = loop.time() + self.wait_s
-        if not self.is_member(peer_id) and self.agent is not None:
-            self.agent.wake()
-        while not self.is_member(peer_id):
-            if loop.time() >= deadline or self.stopping():
-                if len(self.refused_until) >= REFUSED_MEMORY:
-                    self.refused_until.clear()
-                self.refused_until[peer_id] = loop.time() + self.wait_s
-                return False
+        while loop.time() < deadline and not self.stopping():
             await asyncio.sleep(self.poll_s)
-        return True
+            if self.is_member(peer_id):
+                return True
+        if len(self.refused_until) >= REFUSED_MEMORY:
+            self.refused_until.clear()
+        self.refused_until[peer_id] = loop.time() + self.wait_s
+        return False
