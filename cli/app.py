@@ -153,8 +153,10 @@ def start(settings: NodeSettings) -> None:
 Maddrs = Annotated[list[str] | None, typer.Option(help="multiaddrs (repeat or separate with commas)")]
 
 
-def _split_addrs(values: list[str] | None) -> list[str]:
-    return [a for v in values or [] for a in v.split(",") if a]
+def _split_addrs(values: list[str] | None, flag: str, peer_id: bool = False) -> list[str]:
+    from p2pnode.node.settings import check_multiaddrs
+
+    return check_multiaddrs(flag, [a for v in values or [] for a in v.split(",") if a], peer_id)
 
 
 Owner = Annotated[
@@ -240,7 +242,7 @@ def revoke(
     from p2pnode.node.access import publish_revocation
     from p2pnode.protocol.admission import AdmissionError, parse_duration
 
-    addrs = _split_addrs(peers)
+    addrs = _split_addrs(peers, "--peers", peer_id=True)
     if not addrs:
         raise BadInput("revoke needs --peers: the multiaddr of any peer of the run (e.g. the bootstrap peer)")
     try:
@@ -265,14 +267,16 @@ def bootstrap(
 
     from p2pnode.node.dht_process import start_dht, stop_dht
 
+    host_maddrs = _split_addrs(listen, "--listen") or ["/ip4/0.0.0.0/tcp/0"]
+    announce_maddrs = _split_addrs(announce, "--announce") or None
     validators = _validators(run_id, owner)
     _log_to_stderr(logging.WARNING)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     dht = start_dht(
-        host_maddrs=_split_addrs(listen) or ["/ip4/0.0.0.0/tcp/0"],
-        announce_maddrs=_split_addrs(announce) or None,
+        host_maddrs=host_maddrs,
+        announce_maddrs=announce_maddrs,
         identity_path=str(identity) if identity else None,
         record_validators=validators,
     )
@@ -293,7 +297,7 @@ def status(
     """List a run's epoch, coordinator and members (joined / leaving / gone) with their progress."""
     from p2pnode.node.run_status import read_run_status, status_tables
 
-    addrs = _split_addrs(peers)
+    addrs = _split_addrs(peers, "--peers", peer_id=True)
     if not addrs:
         raise BadInput("status needs --peers: the multiaddr of any peer of the run (e.g. the bootstrap peer)")
     for table in status_tables(read_run_status(addrs, run_id, owner)):

@@ -248,6 +248,9 @@ class NodeSettings(RunSettings):
         super().validate()
         if self.classes is not None:
             parse_class_set(self.classes)
+        check_multiaddrs("--peers", self.peers, peer_id=True)
+        check_multiaddrs("--listen", self.listen)
+        check_multiaddrs("--announce", self.announce)
         if not self.run_id or any(c in self.run_id for c in " /\\.:"):
             raise BadInput(f"bad --run-id {self.run_id!r}: use letters, digits, '-' and '_'")
         if self.checkpoint_every < 1:
@@ -261,6 +264,23 @@ class NodeSettings(RunSettings):
         if self.algorithm == "central" and self.nodes != 1:
             raise BadInput("central is the single-node reference: use it with simulate, or --nodes 1")
         return self
+
+
+def check_multiaddrs(flag: str, addrs: list[str], peer_id: bool = False) -> list[str]:
+    """`addrs` unchanged if each is a multiaddr (with /p2p/ID when `peer_id`); else one line on the first bad one."""
+    from hivemind.utils.multiaddr import Multiaddr
+
+    example = "/ip4/203.0.113.5/tcp/31337/p2p/12D3KooW..." if peer_id else "/ip4/0.0.0.0/tcp/31337"
+    for addr in addrs:
+        try:
+            protocols = [p.name for p in Multiaddr(addr).protocols()]
+        except Exception as e:  # the multiaddr parser raises several types, each with the reason
+            raise BadInput(f"bad {flag} {addr!r}: not a multiaddr ({e}); give e.g. {example}") from None
+        if peer_id and "p2p" not in protocols:
+            raise BadInput(
+                f"bad {flag} {addr!r}: no /p2p/PEER_ID at its end; copy the full address a peer prints, e.g. {example}"
+            )
+    return addrs
 
 
 def parse_slow(specs: list[str], nodes: int) -> dict[int, float]:

@@ -52,6 +52,28 @@ def test_bad_input_exits_2_with_one_error_line_and_no_traceback(case, tmp_path, 
     assert "Traceback" not in err + out
 
 
+ADDRESS_CASES = {
+    "start-peers-not-a-multiaddr": (["start", "--index", "0", "--peers", "203.0.113.5:31337"], "bad --peers"),
+    "start-peers-without-peer-id": (["start", "--index", "0", "--peers", "/ip4/127.0.0.1/tcp/1"], "no /p2p/PEER_ID"),
+    "start-peers-bad-peer-id": (["start", "--index", "0", "--peers", "/ip4/127.0.0.1/tcp/1/p2p/QmBad"], "bad --peers"),
+    "start-listen": (["start", "--index", "0", "--listen", "0.0.0.0:31337"], "bad --listen"),
+    "start-announce": (["start", "--index", "0", "--announce", "/ip4/1.2.3.4/tcp/x"], "bad --announce"),
+    "status-peers-without-peer-id": (["status", "--peers", "/ip4/127.0.0.1/tcp/1"], "no /p2p/PEER_ID"),
+    "bootstrap-listen": (["bootstrap", "--listen", "tcp://0.0.0.0:31337"], "bad --listen"),
+}
+
+
+@pytest.mark.parametrize("case", list(ADDRESS_CASES))
+def test_malformed_multiaddr_exits_2_naming_the_flag_before_anything_starts(case, capsys):
+    args, message = ADDRESS_CASES[case]
+    code = main(args)
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err and "e.g. /ip4/" in err
+    assert "Traceback" not in err + out
+
+
 def test_error_raised_inside_simulation_is_the_only_stderr_output(capsys):
     code = main(["simulate", *FAST, "--split", "0-1,2-3,4-6,7-12"])
     _, err = capsys.readouterr()

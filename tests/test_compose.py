@@ -30,6 +30,7 @@ from p2pnode.node.testnet import node_command
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+A_PEER_ID = "QmXfptdHU6hqG95JswxYVUH4bphcK8y18mhFcgUQFe6fCN"  # a well-formed peer id: --peers is parsed
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 RUN_ID = "compose"
 NODES = [f"node{i}" for i in range(4)]
@@ -98,7 +99,7 @@ def reference_settings() -> TestnetSettings:
 
 def reference_start_args(index: int) -> list[str]:
     """`node_command`'s arguments from `start` on (dropping `python -m p2pnode.cli.app`)."""
-    command = node_command(reference_settings(), index, ["/ip4/127.0.0.1/tcp/1/p2p/QmTestOnly"], Path("/tmp/state"))
+    command = node_command(reference_settings(), index, [f"/ip4/127.0.0.1/tcp/1/p2p/{A_PEER_ID}"], Path("/tmp/state"))
     return command[command.index("start") :]
 
 
@@ -270,7 +271,7 @@ def test_node_entrypoint_waits_for_the_bootstrap_address_then_passes_it_as_peers
 
 
 def test_p2pnode_start_reads_comma_separated_peers_from_the_environment(monkeypatch):
-    peers = "/dns4/bootstrap/tcp/1/p2p/QmA,/ip4/10.0.0.2/tcp/1/p2p/QmA"
+    peers = f"/dns4/bootstrap/tcp/1/p2p/{A_PEER_ID},/ip4/10.0.0.2/tcp/1/p2p/{A_PEER_ID}"
     settings = parse_start(["start", "--nodes", "4", "--index", "0"], {"P2PNODE_PEERS": peers}, monkeypatch)
     assert settings.peers == peers.split(",")
 
