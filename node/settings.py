@@ -319,6 +319,21 @@ def load_config(path: str | Path) -> dict:
     return {k.replace("-", "_"): v for k, v in raw.items()}
 
 
+_SCALARS = {"int": ((int,), "a whole number"), "float": ((int, float), "a number"), "str": ((str,), "a string")}
+
+
+def _check_scalar(name: str, annotation: str, value: Any) -> Any:
+    """A config file's value checked against the field's type (flags and environment variables arrive
+    typed); a whole number for a float field becomes a float, as the flag would give it."""
+    kind = annotation.removesuffix(" | None")
+    if kind not in _SCALARS or (value is None and annotation.endswith("None")):
+        return value
+    types, what = _SCALARS[kind]
+    if isinstance(value, bool) or not isinstance(value, types):
+        raise BadInput(f"setting {name} must be {what} (got {value!r})")
+    return float(value) if kind == "float" else value
+
+
 def build_settings(cls: type[RunSettings], values: dict, config: str | Path | None = None) -> RunSettings:
     """Merge flags (`values`, None = not given) over the config file over the defaults; validate."""
     names = {f.name: f for f in fields(cls)}
@@ -330,9 +345,12 @@ def build_settings(cls: type[RunSettings], values: dict, config: str | Path | No
     for k, v in merged.items():
         if "bool" in str(names[k].type) and not isinstance(v, bool):  # bool, or bool | None: set by others
             raise BadInput(f"setting {k} must be true or false (got {v!r})")
+        merged[k] = v = _check_scalar(k, str(names[k].type), v)
         if "list" in str(names[k].type) and isinstance(v, str):
             merged[k] = [x for x in v.split(",") if x]
         elif "list" in str(names[k].type):
+            if not isinstance(v, list | tuple):
+                raise BadInput(f"setting {k} must be a list or a comma-separated string (got {v!r})")
             merged[k] = [x for item in v for x in str(item).split(",") if x]
     try:
         settings = cls(**merged)

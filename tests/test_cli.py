@@ -214,3 +214,40 @@ def test_start_help_shows_each_settings_default(capsys, monkeypatch):
     assert "left out of the mix (its mass is kept) (default: 50)" in text
     assert "whatever mass has arrived (default: wait)" in text
     assert "(default: stdout)" not in text  # another command's option
+
+
+CONFIG_CASES = {
+    "text-for-a-whole-number": ('nodes = "four"\n', "setting nodes must be a whole number (got 'four')"),
+    "fraction-for-a-whole-number": ("epochs = 1.5\n", "setting epochs must be a whole number"),
+    "true-for-a-whole-number": ("epochs = true\n", "setting epochs must be a whole number"),
+    "text-for-a-number": ('lr = "fast"\n', "setting lr must be a number"),
+    "number-for-text": ("model = 5\n", "setting model must be a string"),
+    "number-for-a-list": ("compare = 5\n", "setting compare must be a list"),
+    "text-for-a-switch": ('pace-batch = "yes"\n', "setting pace_batch must be true or false"),
+    "unknown-key": ("nodez = 4\n", "unknown setting 'nodez'"),
+    "not-toml": ("epochs = = 1\n", "is not valid TOML"),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIG_CASES))
+def test_a_config_file_value_of_the_wrong_type_exits_2_in_one_line(case, tmp_path, capsys):
+    text, message = CONFIG_CASES[case]
+    config = tmp_path / "run.toml"
+    config.write_text(text)
+    code = main(["simulate", "--config", str(config)])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err
+    assert "Traceback" not in err + out
+
+
+def test_a_config_file_gives_the_same_settings_as_the_flags(tmp_path):
+    from p2pnode.node.settings import SimulateSettings, build_settings
+
+    config = tmp_path / "run.toml"
+    config.write_text('lr = 1\nepochs = 3\ncompare = ["local", "dsgd"]\nsync = "async"\nslow = "3:5"\n')
+    from_file = build_settings(SimulateSettings, {}, config)
+    flags = {"lr": 1.0, "epochs": 3, "compare": ["local,dsgd"], "sync": "async", "slow": ["3:5"]}
+    assert from_file == build_settings(SimulateSettings, flags)
+    assert isinstance(from_file.lr, float)
