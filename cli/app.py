@@ -265,21 +265,26 @@ def bootstrap(
     import signal
     import threading
 
+    from p2pnode.node.access import check_identity_file
     from p2pnode.node.dht_process import start_dht, stop_dht
 
     host_maddrs = _split_addrs(listen, "--listen") or ["/ip4/0.0.0.0/tcp/0"]
     announce_maddrs = _split_addrs(announce, "--announce") or None
+    check_identity_file(str(identity) if identity else None)
     validators = _validators(run_id, owner)
     _log_to_stderr(logging.WARNING)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    dht = start_dht(
-        host_maddrs=host_maddrs,
-        announce_maddrs=announce_maddrs,
-        identity_path=str(identity) if identity else None,
-        record_validators=validators,
-    )
+    try:
+        dht = start_dht(
+            host_maddrs=host_maddrs,
+            announce_maddrs=announce_maddrs,
+            identity_path=str(identity) if identity else None,
+            record_validators=validators,
+        )
+    except Exception as e:  # p2pd's own reason (address in use, no such interface, ...)
+        raise BadInput(f"could not start the DHT ({type(e).__name__}: {e})") from None
     try:
         for addr in dht.get_visible_maddrs():
             print(addr, flush=True)

@@ -38,12 +38,23 @@ class RunAccess:
         return self.admission is not None
 
 
+def check_identity_file(identity: str | None) -> None:
+    """An --identity file that exists is a key from `p2pnode keygen` (a missing one is written by the DHT's
+    start); else BadInput. p2pd itself would only say 'cannot parse invalid wire-format data'."""
+    if identity is not None and Path(identity).exists():
+        try:
+            load_private_key(identity)
+        except AdmissionError as e:
+            raise BadInput(f"--identity: {e}") from None
+
+
 def run_access(run_id: str, owner: str | None, invite: str | None, identity: str | None) -> RunAccess:
     """This node's access to the run: for a closed run, its identity key and a valid invitation for
     the peer id of that key. Raises BadInput with what to do."""
     if owner is None:
         if invite is not None:
             raise BadInput("--invite is for a closed run: also give the run's --owner PUBLIC_KEY")
+        check_identity_file(identity)
         logger.warning(
             "run %r is open: anyone who knows a bootstrap address and the run id can join it "
             "(close it with --owner and invitations: see `p2pnode invite --help`)",

@@ -231,9 +231,13 @@ def test_start_refuses_bad_closed_run_credentials_with_one_line(tmp_path, keys, 
     inv_path.write_text(make_invitation(keys["owner"], RUN, pid(keys["mallory"]), IN_A_DAY).to_json())
     identity = tmp_path / "alice.key"
     generate_key_file(identity)
+    not_a_key = tmp_path / "notes.txt"
+    not_a_key.write_text("not a key\n")
     owner = owner_token(keys)
     cases = [
         (["--invite", str(inv_path)], "also give the run's --owner"),
+        (["--identity", str(not_a_key)], "--identity: " + f"{not_a_key} is not an RSA key file"),
+        (["--owner", owner, "--invite", str(inv_path), "--identity", str(not_a_key)], "is not an RSA key file"),
         (["--owner", "rsa:AAAA", "--invite", str(inv_path)], "--owner is not a valid public key"),
         (["--owner", owner], "give your invitation with --invite"),
         (["--owner", owner, "--invite", str(inv_path)], "needs --identity"),
@@ -244,3 +248,11 @@ def test_start_refuses_bad_closed_run_credentials_with_one_line(tmp_path, keys, 
         code = main(["start", "--run-id", RUN, "--index", "0", "--state-dir", str(tmp_path / "s"), *flags])
         err = capsys.readouterr().err
         assert code == 2 and reason in err and "Traceback" not in err, (flags, err)
+
+
+def test_bootstrap_refuses_an_identity_that_is_not_a_key_before_starting_p2pd(tmp_path, capsys):
+    not_a_key = tmp_path / "notes.txt"
+    not_a_key.write_text("not a key\n")
+    assert main(["bootstrap", "--identity", str(not_a_key)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --identity: {not_a_key} is not an RSA key file from `p2pnode keygen`\n"
