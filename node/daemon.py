@@ -46,7 +46,7 @@ from .rounds import Inbox
 from .run_log import RunLog
 from .settings import NodeSettings
 from .simulator import iterations_per_epoch, local_steps, objective_seed, step_schedule
-from .state_store import StateStore
+from .state_store import StateStore, make_state_dir
 from .topology import make_topology
 from .training import FeatureBank, VisionObjective, accuracy, prepare_model_and_data
 from .transport import Transport
@@ -94,7 +94,7 @@ class Node:
         self = cls(settings)
         self.access = run_access(settings.run_id, settings.owner, settings.invite, settings.identity)
         self.gate = PeerGate(self.access.admission, lambda: self.record, self.stop_requested.is_set)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        make_state_dir(self.state_dir)
         try:
             await self._prepare_training()
             await self._join_network()

@@ -1,11 +1,15 @@
 """A daemon's files in its state directory: checkpoint, progress, result and the event log.
 
-- `state.safetensors` + `state.json`: the algorithm's state and what it belongs to (run, trunk,
-  settings, round, membership epoch). Written atomically (temporary file, then rename).
+- `state.safetensors`: the algorithm's state and, in its header, what it belongs to (run, trunk,
+  settings, round, membership epoch), written together by one rename, so a crash between two files
+  can never pair one checkpoint's tensors with another's round; `state.json`: a readable copy of
+  that header (the only place older checkpoints kept it).
 - `progress.json` after every pass over the data, `result.json` at the end of the run.
 - `events.jsonl` (see `node/events.py`).
 A restart is a join (DESIGN §8): it takes the checkpoint's parameters, optimizer state and data
-order, never its link state; `load` refuses a checkpoint of another run, trunk or settings.
+order, never its link state. A checkpoint of another run, trunk or settings (or one that cannot be
+read) is never resumed and never overwritten: opening the directory moves it, with that run's
+progress and result, into `set-aside-<time>/`.
 """
 
 from __future__ import annotations
@@ -13,19 +17,28 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .algorithms import Algorithm
+from .errors import BadInput
 from .events import EventLog
 from .pace import unwrapped
 
 logger = logging.getLogger(__name__)
 
 IDENTITY_FIELDS = ("run_id", "fingerprint", "settings_hash")
+HEADER_KEY = "p2pnode"  # the checkpoint's metadata (JSON) in state.safetensors' header
+RUN_FILES = ("state.safetensors", "state.json", "progress.json", "result.json")  # what one run leaves
+
+
+class UnreadableCheckpoint(Exception):
+    pass
 
 
 @dataclass
@@ -38,11 +51,24 @@ class Checkpoint:
         return int(self.meta.get("round", 0))
 
 
+def make_state_dir(state_dir: Path | str) -> Path:
+    """The state directory, created if missing; BadInput if it cannot be (a file there, no permission)."""
+    path = Path(state_dir)
+    if path.exists() and not path.is_dir():
+        raise BadInput(f"--state-dir {path} is a file: give a directory (it is created if missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BadInput(f"cannot use --state-dir {path}: {e.strerror or e}") from None
+    return path
+
+
 class StateStore:
     def __init__(self, state_dir: Path, identity: dict[str, str]) -> None:
-        self.dir = Path(state_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir = make_state_dir(state_dir)
         self.identity = identity  # run_id, fingerprint, settings_hash: what a checkpoint must match
+        self.set_aside: Path | None = None  # where another run's files went, if any
+        self._set_aside_other_runs()
         self.events = EventLog(self.dir / "events.jsonl")
 
     def write_json(self, name: str, payload: dict) -> None:
@@ -52,35 +78,36 @@ class StateStore:
         os.replace(tmp, path)
 
     def save(self, algorithm: Algorithm, meta: dict) -> None:
-        """Atomically write the whole algorithm state (safetensors) and its metadata (JSON)."""
+        """Atomically write the whole algorithm state and its metadata (one safetensors file), then
+        the metadata's readable copy (JSON)."""
         state = {k: v.detach().to("cpu").clone().contiguous() for k, v in algorithm.state_dict().items()}
         objective = unwrapped(algorithm.objective)
         if hasattr(objective, "_order"):
             state["objective.order"] = torch.as_tensor(objective._order.copy())
             meta = {**meta, "rng": objective.rng.bit_generator.state, "samples_seen": objective.samples_seen}
+        meta = {**self.identity, **meta}
         tmp = self.dir / "state.safetensors.tmp"
-        save_file(state, str(tmp))
+        save_file(state, str(tmp), metadata={HEADER_KEY: json.dumps(meta)})
         os.replace(tmp, self.dir / "state.safetensors")
-        self.write_json("state.json", {**self.identity, **meta})
+        self.write_json("state.json", meta)
 
     def saved_round(self) -> int:
-        """The round of this run's checkpoint, 0 if there is none (or it belongs to another run)."""
-        meta = self._meta()
+        """The round of this run's checkpoint, 0 if there is none."""
+        try:
+            meta = self._meta()
+        except UnreadableCheckpoint:
+            return 0
         return int(meta.get("round", 0)) if meta is not None and self._matches(meta) else 0
 
     def load(self, device: torch.device | str = "cpu") -> Checkpoint | None:
-        """This run's checkpoint, or None (none there, or another run's: then say which fields differ)."""
-        meta = self._meta()
-        if meta is None or not (self.dir / "state.safetensors").is_file():
-            return None
-        if not self._matches(meta):
-            differs = [k for k in IDENTITY_FIELDS if meta.get(k) != self.identity[k]]
-            logger.warning("not resuming from %s: its %s differ from this run's", self.dir, ", ".join(differs))
-            return None
+        """This run's checkpoint, or None (there is none; one that cannot be read is set aside)."""
         try:
+            meta = self._meta()
+            if meta is None or not (self.dir / "state.safetensors").is_file() or not self._matches(meta):
+                return None
             state = load_file(str(self.dir / "state.safetensors"), device=str(device))
-        except Exception as e:  # a torn or foreign file: start afresh rather than crash
-            logger.warning("not resuming from %s: the checkpoint cannot be read (%s)", self.dir, e)
+        except Exception as e:  # a torn or foreign file: start afresh, keeping it for a look
+            self._move_aside(f"the checkpoint cannot be read ({e})")
             return None
         return Checkpoint(state, meta)
 
@@ -95,14 +122,43 @@ class StateStore:
             objective.samples_seen = meta["samples_seen"]
 
     def _meta(self) -> dict | None:
-        path = self.dir / "state.json"
-        if not path.is_file():
-            return None
+        """The checkpoint's metadata: state.safetensors' header, else state.json (older checkpoints,
+        or the first checkpoint's tensors not yet written); None if there is no checkpoint."""
+        tensors, copy = self.dir / "state.safetensors", self.dir / "state.json"
         try:
-            return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            logger.warning("ignoring %s: not readable JSON", path)
-            return None
+            if tensors.is_file():
+                with safe_open(str(tensors), framework="pt") as f:
+                    header = (f.metadata() or {}).get(HEADER_KEY)
+                if header is not None:
+                    return json.loads(header)
+            return json.loads(copy.read_text()) if copy.is_file() else None
+        except Exception as e:
+            raise UnreadableCheckpoint(str(e)) from None
+
+    def _set_aside_other_runs(self) -> None:
+        """Move another run's (or an unreadable) checkpoint and its progress and result out of the way."""
+        try:
+            meta = self._meta()
+        except UnreadableCheckpoint as e:
+            self._move_aside(f"its checkpoint cannot be read ({e})")
+            return
+        if meta is not None and not self._matches(meta):
+            differs = [k for k in IDENTITY_FIELDS if meta.get(k) != self.identity[k]]
+            self._move_aside(f"its checkpoint's {', '.join(differs)} differ from this run's")
+
+    def _move_aside(self, why: str) -> None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        target = self.dir / f"set-aside-{stamp}"
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.dir / f"set-aside-{stamp}-{n}"
+        target.mkdir()
+        for name in RUN_FILES:
+            if (self.dir / name).is_file():
+                os.replace(self.dir / name, target / name)
+        self.set_aside = target
+        logger.warning("not resuming from %s: %s; its files are kept in %s", self.dir, why, target)
 
     def _matches(self, meta: dict) -> bool:
         return all(meta.get(k) == v for k, v in self.identity.items())

@@ -1,0 +1,79 @@
+"""A daemon's checkpoint: the tensors and the round they belong to are written as one, and a
+checkpoint of another run is set aside, never resumed and never overwritten."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from p2pnode.node.errors import BadInput
+from p2pnode.node.state_store import StateStore, make_state_dir
+
+RUN = {"run_id": "r", "fingerprint": "trunk", "settings_hash": "s1"}
+
+
+def algorithm(value: float) -> SimpleNamespace:
+    """What StateStore.save reads of an algorithm: its state and an objective (here without a batch order)."""
+    params = torch.full((4,), value)
+    return SimpleNamespace(state_dict=lambda: {"params": params}, objective=object())
+
+
+def test_a_checkpoint_resumes_with_the_round_it_was_saved_at(tmp_path):
+    StateStore(tmp_path, RUN).save(algorithm(1.0), {"round": 50})
+    checkpoint = StateStore(tmp_path, RUN).load()
+    assert checkpoint.round == 50 and torch.equal(checkpoint.state["params"], torch.full((4,), 1.0))
+
+
+def test_a_crash_between_the_tensors_and_their_json_copy_still_pairs_tensors_with_their_round(tmp_path, monkeypatch):
+    store = StateStore(tmp_path, RUN)
+    store.save(algorithm(1.0), {"round": 50})
+
+    def crash(name, payload):
+        raise KeyboardInterrupt  # the process dies after the tensors' rename, before state.json
+
+    monkeypatch.setattr(store, "write_json", crash)
+    with pytest.raises(KeyboardInterrupt):
+        store.save(algorithm(2.0), {"round": 100})
+    assert json.loads((tmp_path / "state.json").read_text())["round"] == 50  # the stale copy
+    checkpoint = StateStore(tmp_path, RUN).load()
+    assert checkpoint.round == 100 and torch.equal(checkpoint.state["params"], torch.full((4,), 2.0))
+
+
+def test_another_runs_checkpoint_is_set_aside_with_its_result_and_never_overwritten(tmp_path):
+    first = StateStore(tmp_path, RUN)
+    first.save(algorithm(1.0), {"round": 900})
+    first.write_json("result.json", {"accuracy": 0.96})
+    first.close()
+    other = StateStore(tmp_path, {**RUN, "settings_hash": "s2"})
+    assert other.load() is None and other.saved_round() == 0
+    other.save(algorithm(7.0), {"round": 50})
+    kept = other.set_aside
+    assert kept is not None and kept.parent == tmp_path
+    assert json.loads((kept / "result.json").read_text()) == {"accuracy": 0.96}
+    assert not (tmp_path / "result.json").exists()
+    old = StateStore(kept, RUN).load()  # the first run can still resume from where it was kept
+    assert old.round == 900 and torch.equal(old.state["params"], torch.full((4,), 1.0))
+
+
+def test_an_unreadable_checkpoint_is_set_aside_and_the_node_starts_afresh(tmp_path):
+    (tmp_path / "state.safetensors").write_bytes(b"\x00torn")
+    (tmp_path / "state.json").write_text(json.dumps({**RUN, "round": 10}))
+    store = StateStore(tmp_path, RUN)
+    assert store.load() is None and store.saved_round() == 0
+    assert (store.set_aside / "state.safetensors").read_bytes() == b"\x00torn"
+
+
+def test_the_same_runs_checkpoint_is_not_moved(tmp_path):
+    StateStore(tmp_path, RUN).save(algorithm(1.0), {"round": 50})
+    store = StateStore(tmp_path, RUN)
+    assert store.set_aside is None and store.saved_round() == 50
+
+
+def test_a_state_dir_that_is_a_file_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "notes"
+    path.write_text("x")
+    with pytest.raises(BadInput, match="is a file: give a directory"):
+        make_state_dir(path)
