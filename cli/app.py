@@ -81,6 +81,18 @@ JsonPath = Annotated[Path | None, typer.Option("--json", help="write results and
 PlotPath = Annotated[Path | None, typer.Option(help="write accuracy against epoch as an image")]
 
 
+def _check_outputs(json_path: Path | None, plot: Path | None, save: Path | None) -> None:
+    from p2pnode.node.report import check_output, check_plot_format
+
+    for flag, path in (("--json", json_path), ("--plot", plot)):
+        if path is not None:
+            check_output(flag, path)
+    if plot is not None:
+        check_plot_format(plot)
+    if save is not None:
+        check_output("--save", save, directory=True)
+
+
 def _report(result: SimulationResult, json_path: Path | None, plot: Path | None) -> None:
     """The per-node table on stdout, then the JSON and the plot if asked for."""
     from p2pnode.node.report import results_table, write_json, write_plot
@@ -110,6 +122,7 @@ def simulate(
     """Run NODES nodes in one process over in-memory links and print a per-node accuracy table."""
     from p2pnode.node.simulator import simulate as run_simulation
 
+    _check_outputs(json_path, plot, save)
     with _progress() as task:
 
         def on_cache(done: int, total: int) -> None:
@@ -324,6 +337,7 @@ def testnet(
     home router. Everything the network lab creates is removed however the run ends."""
     from p2pnode.node.testnet import run_testnet
 
+    _check_outputs(json_path, plot, save)
     with _progress() as task:
 
         def on_progress(node: int, done: int, total: int, acc: float | None) -> None:

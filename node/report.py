@@ -10,10 +10,12 @@ node (`--attack`) is marked "(B)" in the header, and the mean is then over the h
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 from rich.table import Table
 
+from .errors import BadInput
 from .simulator import AlgorithmResult, SimulationResult
 
 LABELS = {"p2pft": "P2P-FT", "local": "Local-FT", "central": "Central FT", "dsgd": "D-PSGD"}
@@ -123,12 +125,45 @@ def results_table(result: SimulationResult) -> Table:
     return table
 
 
-def write_json(result: SimulationResult, path: str | Path) -> None:
+def check_output(flag: str, path: str | Path, directory: bool = False) -> Path:
+    """Before a run: `path` (a file, or a folder if `directory`) can be written, its parents created;
+    else BadInput, so that a long run's results are never lost to a typo in an output path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and path.is_dir() != directory:
+        raise BadInput(
+            f"{flag} {path} is {'a file' if directory else 'a folder'}: give a {'folder' if directory else 'file'} path"
+        )
+    parent = path if directory else path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BadInput(f"cannot write {flag} {path}: {e.strerror or e}") from None
+    try:
+        with tempfile.TemporaryFile(dir=parent):  # writing is the only test that holds for root too
+            pass
+    except OSError as e:
+        raise BadInput(f"cannot write {flag} {path}: {parent}: {e.strerror or e}") from None
+    return path
+
+
+def check_plot_format(path: str | Path) -> None:
+    """The plot's suffix names an image format matplotlib writes (no suffix: PNG)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    suffix = Path(path).suffix.lstrip(".").lower()
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if suffix and suffix not in formats:
+        raise BadInput(f"--plot {path}: cannot write .{suffix} images; use one of {', '.join(sorted(formats))}")
+
+
+def write_json(result: SimulationResult, path: str | Path) -> None:
+    path = check_output("--json", path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(result.to_json(), indent=1))
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(result.to_json(), indent=1))
+        tmp.replace(path)
+    except OSError as e:
+        raise BadInput(f"cannot write --json {path}: {e.strerror}") from None
 
 
 def _change_label(record: dict) -> str:
@@ -146,8 +181,7 @@ def write_plot(result: SimulationResult, path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = check_output("--plot", path)
     names = list(result.results)
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.4), sharey=True, squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
@@ -176,5 +210,9 @@ def write_plot(result: SimulationResult, path: str | Path) -> None:
     axes[0][0].set_ylabel("test accuracy (%)")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=120)
+    except (OSError, ValueError) as e:  # ValueError: a suffix matplotlib cannot write
+        raise BadInput(f"cannot write --plot {path}: {e}") from None
+    finally:
+        plt.close(fig)

@@ -251,3 +251,20 @@ def test_a_config_file_gives_the_same_settings_as_the_flags(tmp_path):
     flags = {"lr": 1.0, "epochs": 3, "compare": ["local,dsgd"], "sync": "async", "slow": ["3:5"]}
     assert from_file == build_settings(SimulateSettings, flags)
     assert isinstance(from_file.lr, float)
+
+
+def test_an_output_path_that_cannot_be_written_exits_2_before_the_run(tmp_path, capsys):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    cases = [
+        (["--json", str(tmp_path)], "--json"),  # a folder
+        (["--json", str(a_file / "r.json")], "cannot write --json"),  # under a file
+        (["--plot", str(tmp_path / "acc.txt")], "cannot write .txt images"),
+        (["--plot", str(a_file / "acc.png")], "cannot write --plot"),
+        (["--save", str(a_file)], "--save"),
+    ]
+    for flags, message in cases:
+        code = main(["simulate", *FAST, *flags])
+        out, err = capsys.readouterr()
+        assert code == 2 and out == "", (flags, out)  # no table: the run never started
+        assert err.startswith("error: ") and err.count("\n") == 1 and message in err, (flags, err)
