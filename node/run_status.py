@@ -77,7 +77,7 @@ def status_tables(status: RunStatus) -> list[Table]:
     peers = list(record.members) if record is not None else []
     peers += [m.peer_id for m in infos if m.peer_id not in peers]
     table = Table(title=f"run {status.run_id}: {len(infos)} member(s)")
-    columns = ("#", "peer", "classes", "state", "status", "round", "pass", "gradient", "loss", "accuracy")
+    columns = ("#", "peer", "classes", "state", "status", "round", "pass", "gradient", "batch", "loss", "accuracy")
     columns += ("sent", "seen", "attested by neighbours")
     for col in columns:
         table.add_column(col, justify="left" if col in ("peer", "state", "status", "classes") else "right")
@@ -85,7 +85,7 @@ def status_tables(status: RunStatus) -> list[Table]:
         m = next((x for x in infos if x.peer_id == peer), None)
         position = str(record.members.index(peer)) if record is not None and peer in record.members else "-"
         if m is None:
-            table.add_row(position, peer[-10:], "-", status.state_of(peer), *["-"] * 8, attestation(infos, peer))
+            table.add_row(position, peer[-10:], "-", status.state_of(peer), *["-"] * 9, attestation(infos, peer))
             continue
         table.add_row(
             position,
@@ -96,6 +96,7 @@ def status_tables(status: RunStatus) -> list[Table]:
             f"{m.round}/{m.rounds}",
             str(m.train_epoch),
             gradient_time(m.step_seconds),
+            str(m.batch) if m.batch > 0 else "-",  # below the run's --batch-size: a paced slow member
             f"{m.loss:.3f}" if m.loss >= 0 else "-",
             f"{100 * m.accuracy:.1f}%" if m.accuracy >= 0 else "-",
             f"{m.bytes_sent / 1e6:.1f} MB",

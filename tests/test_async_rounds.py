@@ -431,14 +431,17 @@ def test_gradients_in_lockstep_are_timed_and_counted_like_asynchronous_ones():
     assert 0.02 <= timed.seconds < 1.0
 
 
-def test_status_shows_how_long_each_members_gradients_take():
-    def info(peer: str, seconds: float) -> MemberInfo:
-        return MemberInfo(peer_id=peer, fingerprint="f", settings_hash="s", samples=1, step_seconds=seconds)
+def test_status_shows_how_long_each_members_gradients_take_and_on_what_batch():
+    def info(peer: str, seconds: float, batch: int) -> MemberInfo:
+        return MemberInfo(
+            peer_id=peer, fingerprint="f", settings_hash="s", samples=1, step_seconds=seconds, batch=batch
+        )
 
-    status = RunStatus("r", None, [info("a" * 12, 0.0123), info("b" * 12, 2.5), info("c" * 12, 0.0)])
+    status = RunStatus("r", None, [info("a" * 12, 0.0123, 16), info("b" * 12, 2.5, 3), info("c" * 12, 0.0, 0)])
     members = status_tables(status)[1]
-    column = next(c for c in members.columns if c.header == "gradient")
-    assert list(column.cells) == ["12.3 ms", "2.50 s", "-"]  # "-": no round yet
+    column = {c.header: list(c.cells) for c in members.columns}
+    assert column["gradient"] == ["12.3 ms", "2.50 s", "-"]  # "-": no round yet
+    assert column["batch"] == ["16", "3", "-"]  # 3: a slow member paced below the run's batch
 
 
 async def waited(inbox, phase: str, k: int, limit: float) -> float:
