@@ -4,10 +4,14 @@ A checkpoint carries the history and the epochs (`meta`), so a restarted node go
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 from dataclasses import dataclass, field
 
 from .state_store import StateStore
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,5 +56,6 @@ class RunLog:
             "history": self.history,
             "epochs": self.epochs,
         }
-        self.store.write_json("result.json", result)
+        if not self.store.write_json("result.json", result):  # the disk refused: the log keeps the result
+            logger.error("result.json not written; the result: %s", json.dumps(result))
         return result

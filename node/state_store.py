@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .algorithms import Algorithm
@@ -68,18 +68,27 @@ class StateStore:
         self.dir = make_state_dir(state_dir)
         self.identity = identity  # run_id, fingerprint, settings_hash: what a checkpoint must match
         self.set_aside: Path | None = None  # where another run's files went, if any
+        self._failing = False  # the last write failed (disk full?)
         self._set_aside_other_runs()
         self.events = EventLog(self.dir / "events.jsonl")
 
-    def write_json(self, name: str, payload: dict) -> None:
+    def write_json(self, name: str, payload: dict) -> bool:
+        """Atomically (re)write `name`; False if the disk refused (full, gone), the old file kept."""
         path = self.dir / name
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(payload, indent=1))
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(json.dumps(payload, indent=1))
+            os.replace(tmp, path)
+        except OSError as e:
+            self._failed_write(name, tmp, e)
+            return False
+        self._failing = False
+        return True
 
-    def save(self, algorithm: Algorithm, meta: dict) -> None:
+    def save(self, algorithm: Algorithm, meta: dict) -> bool:
         """Atomically write the whole algorithm state and its metadata (one safetensors file), then
-        the metadata's readable copy (JSON)."""
+        the metadata's readable copy (JSON). False if the disk refused: the previous checkpoint stays,
+        and training goes on (the next checkpoint tries again)."""
         state = {k: v.detach().to("cpu").clone().contiguous() for k, v in algorithm.state_dict().items()}
         objective = unwrapped(algorithm.objective)
         if hasattr(objective, "_order"):
@@ -87,9 +96,19 @@ class StateStore:
             meta = {**meta, "rng": objective.rng.bit_generator.state, "samples_seen": objective.samples_seen}
         meta = {**self.identity, **meta}
         tmp = self.dir / "state.safetensors.tmp"
-        save_file(state, str(tmp), metadata={HEADER_KEY: json.dumps(meta)})
-        os.replace(tmp, self.dir / "state.safetensors")
-        self.write_json("state.json", meta)
+        try:
+            save_file(state, str(tmp), metadata={HEADER_KEY: json.dumps(meta)})
+            os.replace(tmp, self.dir / "state.safetensors")
+        except (OSError, SafetensorError) as e:
+            self._failed_write(f"the checkpoint of round {meta.get('round', '?')}", tmp, e)
+            return False
+        return self.write_json("state.json", meta)
+
+    def _failed_write(self, what: str, tmp: Path, error: Exception) -> None:
+        tmp.unlink(missing_ok=True)  # a partial file would only take more of a full disk
+        log = logger.warning if self._failing else logger.error  # loud once per streak of failures
+        self._failing = True
+        log("could not write %s in %s (%s); the previous one is kept and training goes on", what, self.dir, error)
 
     def saved_round(self) -> int:
         """The round of this run's checkpoint, 0 if there is none."""

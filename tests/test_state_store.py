@@ -3,7 +3,10 @@ checkpoint of another run is set aside, never resumed and never overwritten."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import subprocess
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -77,3 +80,50 @@ def test_a_state_dir_that_is_a_file_is_refused_in_one_line(tmp_path):
     path.write_text("x")
     with pytest.raises(BadInput, match="is a file: give a directory"):
         make_state_dir(path)
+
+
+@contextlib.contextmanager
+def tiny_disk(tmp_path, size: str = "256k"):
+    """A tmpfs of `size` at tmp_path/disk (root only), unmounted however the test ends."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)], capture_output=True
+    ).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def fill(disk) -> None:
+    with open(disk / "filler", "wb", buffering=0) as f, contextlib.suppress(OSError):
+        while f.write(b"\0" * 4096):
+            pass
+
+
+def test_a_full_disk_keeps_the_last_checkpoint_and_training_goes_on_until_there_is_room(tmp_path, caplog):
+    with tiny_disk(tmp_path) as disk:
+        store = StateStore(disk, RUN)
+        assert store.save(algorithm(1.0), {"round": 50})
+        fill(disk)
+        assert not store.save(algorithm(2.0), {"round": 100})  # returns, never raises
+        assert not store.write_json("progress.json", {"epoch": 3})
+        assert not list(disk.glob("*.tmp"))  # no partial file left to hold the space
+        assert "could not write the checkpoint of round 100" in caplog.text
+        checkpoint = StateStore(disk, RUN).load()
+        assert checkpoint.round == 50 and torch.equal(checkpoint.state["params"], torch.full((4,), 1.0))
+        (disk / "filler").unlink()
+        assert store.save(algorithm(3.0), {"round": 150})
+        assert StateStore(disk, RUN).load().round == 150
+
+
+def test_a_result_the_disk_refuses_is_written_to_the_log_instead(tmp_path, caplog, monkeypatch):
+    from p2pnode.node.run_log import RunLog
+
+    store = StateStore(tmp_path, RUN)
+    monkeypatch.setattr(Path, "write_text", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left")))
+    result = RunLog(store).write_result({"rounds": 920})
+    assert result["rounds"] == 920 and not (tmp_path / "result.json").exists()
+    assert '"rounds": 920' in caplog.text and "result.json not written" in caplog.text
