@@ -106,8 +106,21 @@ def _report(result: SimulationResult, json_path: Path | None, plot: Path | None)
         console.print(f"wrote {plot}")
 
 
+def _print_version(asked: bool) -> None:
+    if asked:
+        from importlib.metadata import version
+
+        print(f"p2pnode {version('p2pnode')} (hivemind {version('hivemind')}, torch {version('torch')})")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    show_version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="print the versions and exit"),
+    ] = False,
+) -> None:
     """Fine-tune one vision transformer together, peer to peer, without sharing data."""
 
 

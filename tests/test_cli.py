@@ -268,3 +268,11 @@ def test_an_output_path_that_cannot_be_written_exits_2_before_the_run(tmp_path, 
         out, err = capsys.readouterr()
         assert code == 2 and out == "", (flags, out)  # no table: the run never started
         assert err.startswith("error: ") and err.count("\n") == 1 and message in err, (flags, err)
+
+
+def test_version_prints_p2pnode_hivemind_and_torch_versions(capsys):
+    from importlib.metadata import version
+
+    assert main(["--version"]) == 0
+    out = capsys.readouterr().out
+    assert out == f"p2pnode {version('p2pnode')} (hivemind {version('hivemind')}, torch {version('torch')})\n"
