@@ -20,6 +20,14 @@ def disconnected_topology(tmp_path) -> str:
     return str(path)
 
 
+def assert_one_error_line(code: int, out: str, err: str, message: str) -> None:
+    """Exit code 2, one `error: ...` line on stderr that says `message`, no traceback anywhere."""
+    assert code == 2, (code, err)
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err, err
+    assert "Traceback" not in err + out
+
+
 ERROR_CASES = {
     "malformed-split": (["--split", "0-1,2-x,4-6,7-9"], "bad --split"),
     "classes-missing-from-data": (["--split", "0-1,2-3,4-6,7-12"], "class 10 is not in digits"),
@@ -68,10 +76,8 @@ def test_malformed_multiaddr_exits_2_naming_the_flag_before_anything_starts(case
     args, message = ADDRESS_CASES[case]
     code = main(args)
     out, err = capsys.readouterr()
-    assert code == 2
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    assert message in err and "e.g. /ip4/" in err
-    assert "Traceback" not in err + out
+    assert_one_error_line(code, out, err, message)
+    assert "e.g. /ip4/" in err
 
 
 def test_error_raised_inside_simulation_is_the_only_stderr_output(capsys):
@@ -236,10 +242,7 @@ def test_a_config_file_value_of_the_wrong_type_exits_2_in_one_line(case, tmp_pat
     config.write_text(text)
     code = main(["simulate", "--config", str(config)])
     out, err = capsys.readouterr()
-    assert code == 2
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    assert message in err
-    assert "Traceback" not in err + out
+    assert_one_error_line(code, out, err, message)
 
 
 def test_a_config_file_gives_the_same_settings_as_the_flags(tmp_path):
@@ -266,8 +269,8 @@ def test_an_output_path_that_cannot_be_written_exits_2_before_the_run(tmp_path, 
     for flags, message in cases:
         code = main(["simulate", *FAST, *flags])
         out, err = capsys.readouterr()
-        assert code == 2 and out == "", (flags, out)  # no table: the run never started
-        assert err.startswith("error: ") and err.count("\n") == 1 and message in err, (flags, err)
+        assert out == "", (flags, out)  # no table: the run never started
+        assert_one_error_line(code, out, err, message)
 
 
 def test_version_prints_p2pnode_hivemind_and_torch_versions(capsys):
