@@ -127,3 +127,12 @@ def test_a_result_the_disk_refuses_is_written_to_the_log_instead(tmp_path, caplo
     result = RunLog(store).write_result({"rounds": 920})
     assert result["rounds"] == 920 and not (tmp_path / "result.json").exists()
     assert '"rounds": 920' in caplog.text and "result.json not written" in caplog.text
+
+
+def test_a_checkpoint_written_before_the_header_resumes_from_its_json_copy(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"params": torch.full((4,), 5.0)}, str(tmp_path / "state.safetensors"))  # no metadata
+    (tmp_path / "state.json").write_text(json.dumps({**RUN, "round": 300}))
+    checkpoint = StateStore(tmp_path, RUN).load()
+    assert checkpoint.round == 300 and torch.equal(checkpoint.state["params"], torch.full((4,), 5.0))
