@@ -46,7 +46,7 @@ from .rounds import Inbox
 from .run_log import RunLog
 from .settings import NodeSettings
 from .simulator import iterations_per_epoch, local_steps, objective_seed, step_schedule
-from .state_store import StateStore, make_state_dir
+from .state_store import StateDirLock, StateStore
 from .topology import make_topology
 from .training import FeatureBank, VisionObjective, accuracy, prepare_model_and_data
 from .transport import Transport
@@ -66,6 +66,7 @@ class Node:
         self.transport: Transport | None = None
         self.agent: MembershipAgent | None = None
         self.store: StateStore | None = None
+        self.state_lock: StateDirLock | None = None
         self.log: RunLog | None = None  # evaluations, epochs entered, round times, result.json
         self.metrics: NodeMetrics | None = None
         self.algorithm: Algorithm | None = None
@@ -94,7 +95,7 @@ class Node:
         self = cls(settings)
         self.access = run_access(settings.run_id, settings.owner, settings.invite, settings.identity)
         self.gate = PeerGate(self.access.admission, lambda: self.record, self.stop_requested.is_set)
-        make_state_dir(self.state_dir)
+        self.state_lock = StateDirLock.acquire(self.state_dir)
         try:
             await self._prepare_training()
             await self._join_network()
@@ -269,6 +270,8 @@ class Node:
             await asyncio.get_running_loop().run_in_executor(None, stop_dht, dht)
         if self.store is not None:
             self.store.close()
+        if self.state_lock is not None:
+            self.state_lock.release()
         self.compute.shutdown(wait=True)
         self.evaluator.shutdown(wait=True)
         if self.algorithm is not None and hasattr(self.algorithm.objective, "shutdown"):

@@ -14,12 +14,14 @@ progress and result, into `set-aside-<time>/`.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -61,6 +63,39 @@ def make_state_dir(state_dir: Path | str) -> Path:
     except OSError as e:
         raise BadInput(f"cannot use --state-dir {path}: {e.strerror or e}") from None
     return path
+
+
+class StateDirLock:
+    """One daemon per state directory: an exclusive lock on STATE_DIR/lock, held until `release` or
+    the process's end (a crash frees it), so that two daemons started on one directory by mistake
+    never write over each other's checkpoints."""
+
+    def __init__(self, path: Path, handle: TextIO) -> None:
+        self.path, self._handle = path, handle
+
+    @classmethod
+    def acquire(cls, state_dir: Path | str) -> StateDirLock:
+        path = make_state_dir(state_dir) / "lock"
+        handle = open(path, "a+")  # noqa: SIM115 - held open for as long as the lock
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            handle.close()
+            raise BadInput(
+                f"--state-dir {path.parent} is in use by another p2pnode (pid {holder}): "
+                "give each node its own state directory"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        return cls(path, handle)
+
+    def release(self) -> None:
+        if not self._handle.closed:
+            self._handle.close()  # closing the file drops the lock
 
 
 class StateStore:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,7 +15,7 @@ import pytest
 import torch
 
 from p2pnode.node.errors import BadInput
-from p2pnode.node.state_store import StateStore, make_state_dir
+from p2pnode.node.state_store import StateDirLock, StateStore, make_state_dir
 
 RUN = {"run_id": "r", "fingerprint": "trunk", "settings_hash": "s1"}
 
@@ -136,3 +138,31 @@ def test_a_checkpoint_written_before_the_header_resumes_from_its_json_copy(tmp_p
     (tmp_path / "state.json").write_text(json.dumps({**RUN, "round": 300}))
     checkpoint = StateStore(tmp_path, RUN).load()
     assert checkpoint.round == 300 and torch.equal(checkpoint.state["params"], torch.full((4,), 5.0))
+
+
+def test_a_second_daemon_on_a_state_dir_in_use_is_refused_in_one_line_and_gets_it_once_freed(tmp_path, capsys):
+    from p2pnode.cli.app import main
+
+    held = StateDirLock.acquire(tmp_path)
+    with pytest.raises(BadInput, match=f"in use by another p2pnode \\(pid {os.getpid()}\\)"):
+        StateDirLock.acquire(tmp_path)
+    assert main(["start", "--index", "0", "--state-dir", str(tmp_path)]) == 2
+    assert "give each node its own state directory" in capsys.readouterr().err
+    held.release()
+    StateDirLock.acquire(tmp_path).release()
+
+
+def test_a_killed_daemon_leaves_its_state_dir_free(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"from p2pnode.node.state_store import StateDirLock as L; held = L.acquire({str(tmp_path)!r}); "
+         "print('held', flush=True); import time; time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(BadInput, match=f"pid {holder.pid}"):
+            StateDirLock.acquire(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    StateDirLock.acquire(tmp_path).release()
