@@ -14,6 +14,7 @@ progress and result, into `set-aside-<time>/`.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -79,7 +80,10 @@ class StateDirLock:
         handle = open(path, "a+")  # noqa: SIM115 - held open for as long as the lock
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):  # a filesystem without locks (some NFS)
+                logger.warning("cannot lock %s (%s): make sure no other node uses this directory", path, e)
+                return cls(path, handle)
             handle.seek(0)
             holder = handle.read().strip() or "?"
             handle.close()

@@ -153,11 +153,11 @@ def test_a_second_daemon_on_a_state_dir_in_use_is_refused_in_one_line_and_gets_i
 
 
 def test_a_killed_daemon_leaves_its_state_dir_free(tmp_path):
-    holder = subprocess.Popen(
-        [sys.executable, "-c", f"from p2pnode.node.state_store import StateDirLock as L; held = L.acquire({str(tmp_path)!r}); "
-         "print('held', flush=True); import time; time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    script = (
+        "import time; from p2pnode.node.state_store import StateDirLock; "
+        f"held = StateDirLock.acquire({str(tmp_path)!r}); print('held', flush=True); time.sleep(60)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(BadInput, match=f"pid {holder.pid}"):
