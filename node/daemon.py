@@ -22,7 +22,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import hivemind
-import numpy as np
 import torch
 
 from ..protocol.codecs import get_codec
@@ -33,14 +32,13 @@ from ..protocol.transfer import TransferError, fetch_state, serve_state
 from .access import run_access
 from .algorithms import ALGORITHMS, Algorithm, StepRule
 from .contributions import Contributions
-from .data import parse_class_set, parse_split, partition
 from .dht_process import start_dht, stop_dht
 from .driver import RoundDriver
 from .errors import BadInput, RunFinished
 from .finish import FINISHED_WITHOUT_THIS_NODE, RunEnd
 from .membership import MembershipAgent
 from .metrics import NodeMetrics
-from .pace import BackgroundGradients, SlowedGradients, TimedGradients
+from .pace import daemon_objective
 from .peer_gate import PeerGate
 from .rounds import Inbox
 from .run_log import RunLog
@@ -48,7 +46,7 @@ from .settings import NodeSettings
 from .simulator import iterations_per_epoch, local_steps, objective_seed, step_schedule
 from .state_store import StateDirLock, StateStore
 from .topology import make_topology
-from .training import FeatureBank, VisionObjective, accuracy, prepare_model_and_data
+from .training import FeatureBank, VisionObjective, accuracy, local_indices, prepare_model_and_data
 from .transport import Transport
 
 logger = logging.getLogger(__name__)
@@ -110,26 +108,7 @@ class Node:
         self.device = s.torch_device
         self.model, self.data = await loop.run_in_executor(self.compute, prepare_model_and_data, s, self.device)
         labels = self.data.train_labels
-        if s.classes is not None:
-            classes = parse_class_set(s.classes)
-            missing = [c for c in classes if c >= self.data.num_classes]
-            if missing:
-                raise BadInput(f"class {missing[0]} is not in {self.data.name} (classes 0-{self.data.num_classes - 1})")
-            self.indices = np.flatnonzero(np.isin(labels, classes))
-        else:
-            if s.index < 0:
-                raise BadInput("give this node its data: --classes RANGES, or --index N to take its share of --split")
-            parts = partition(
-                labels,
-                parse_split(s.split),
-                s.nodes,
-                s.seed,
-                self.data.num_classes,
-                self.data.name,
-            )
-            self.indices = parts[s.index]
-        if len(self.indices) == 0:
-            raise BadInput("this node has no training samples: check --classes")
+        self.indices = local_indices(s, labels, self.data.num_classes, self.data.name)
 
         def banks() -> tuple[FeatureBank, FeatureBank]:
             train = FeatureBank(
@@ -344,14 +323,7 @@ class Node:
             seed=objective_seed(s, index),
             weight_decay=s.weight_decay,
         )
-        if s.slowdown > 1:
-            objective = SlowedGradients(objective, s.slowdown)
-        if s.sync == "async":  # rounds go on at the run's pace; the gradient comes when it is ready
-            budget = self.driver.gradient_budget if s.pace_batch else None
-            pace = self.driver.pace if s.pace_batch else None
-            objective = BackgroundGradients(objective, self.driver.behind, budget, pace=pace)
-        else:  # timed all the same: every member's record says how long its gradients take
-            objective = TimedGradients(objective)
+        objective = daemon_objective(objective, s, self.driver)
         codec = None if s.codec == "none" else get_codec(s.codec)
         step = StepRule(step_schedule(s, self.rounds), s.momentum, s.optimizer)
 

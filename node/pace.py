@@ -38,10 +38,15 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import TYPE_CHECKING
 
 import torch
 
 from .algorithms.base import Objective
+
+if TYPE_CHECKING:
+    from .driver import RoundDriver
+    from .settings import NodeSettings
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +85,19 @@ def slow_objective(objective: Objective, factor: float, pace_batch: bool) -> Obj
         objective.batch_size = paced_batch(full, full, factor, 1.0)
         factor = factor * objective.batch_size / full
     return StaleGradients(objective, factor) if factor > 1 else objective
+
+
+def daemon_objective(objective: Objective, settings: NodeSettings, driver: RoundDriver) -> Objective:
+    """A daemon's objective as its settings pace it: `--slowdown` emulated, then with `--sync async`
+    computed beside the rounds (a round goes on without it when this node is behind; `--pace-batch`
+    sizes its batch from the driver's budget), else timed in lockstep."""
+    if settings.slowdown > 1:
+        objective = SlowedGradients(objective, settings.slowdown)
+    if settings.sync == "async":
+        budget = driver.gradient_budget if settings.pace_batch else None
+        pace = driver.pace if settings.pace_batch else None
+        return BackgroundGradients(objective, driver.behind, budget, pace=pace)
+    return TimedGradients(objective)  # timed all the same: every member's record says how long gradients take
 
 
 def unwrapped(objective: Objective) -> Objective:

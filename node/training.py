@@ -15,11 +15,12 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
-from .data import ImageData, load_data
+from .data import ImageData, load_data, parse_class_set, parse_split, partition
+from .errors import BadInput
 from .models import FineTuneModel, build_model
 
 if TYPE_CHECKING:
-    from .settings import RunSettings
+    from .settings import NodeSettings, RunSettings
 
 Progress = Callable[[int, int], None]
 
@@ -31,6 +32,24 @@ def prepare_model_and_data(settings: RunSettings, device: torch.device) -> tuple
     data = load_data(s.data, probe.input_size, probe.mean, probe.std, s.data_root, s.augment, s.download)
     model = build_model(s.model, data.num_classes, s.trainable_blocks, s.pretrained, s.checkpoint, s.model_seed)
     return model.to(device), data
+
+
+def local_indices(settings: NodeSettings, labels: np.ndarray, num_classes: int, dataset: str) -> np.ndarray:
+    """A daemon's own training samples: those of `--classes`, or its share (`--index`) of `--split`."""
+    s = settings
+    if s.classes is not None:
+        classes = parse_class_set(s.classes)
+        missing = [c for c in classes if c >= num_classes]
+        if missing:
+            raise BadInput(f"class {missing[0]} is not in {dataset} (classes 0-{num_classes - 1})")
+        indices = np.flatnonzero(np.isin(labels, classes))
+    elif s.index < 0:
+        raise BadInput("give this node its data: --classes RANGES, or --index N to take its share of --split")
+    else:
+        indices = partition(labels, parse_split(s.split), s.nodes, s.seed, num_classes, dataset)[s.index]
+    if len(indices) == 0:
+        raise BadInput("this node has no training samples: check --classes")
+    return indices
 
 
 class FeatureBank:

@@ -661,3 +661,27 @@ def test_a_slowed_machine_does_not_multiply_a_passing_load_into_its_speed(monkey
     base.seconds, base.batch_size = 0.010, 8  # paced: half the batch sleeps half the usual extra time
     slowed.gradient(torch.zeros(1))
     assert clock.slept[-1] == pytest.approx(9 * 0.010 / 2)
+
+
+def test_a_daemons_objective_is_timed_in_lockstep_and_computed_beside_the_rounds_with_async():
+    from types import SimpleNamespace
+
+    from p2pnode.node.pace import BackgroundGradients, SlowedGradients, TimedGradients, daemon_objective
+    from p2pnode.node.settings import NodeSettings
+
+    class Doubling:
+        batch_size = 16
+
+        def gradient(self, params: torch.Tensor) -> tuple[torch.Tensor, float]:
+            return params * 2, 0.5
+
+    driver = SimpleNamespace(behind=lambda: False, gradient_budget=lambda: None, pace=lambda: None)
+    lockstep = daemon_objective(Doubling(), NodeSettings(), driver)
+    assert type(lockstep) is TimedGradients and type(lockstep.objective) is Doubling
+    slowed = daemon_objective(Doubling(), NodeSettings(slowdown=5, sync="async", pace_batch=True), driver)
+    assert type(slowed) is BackgroundGradients and type(slowed.objective) is SlowedGradients
+    assert slowed.budget is driver.gradient_budget and slowed.pace is driver.pace
+    late = daemon_objective(Doubling(), NodeSettings(sync="async", pace_batch=False), driver)
+    assert late.budget is None and type(late.objective) is Doubling
+    for objective in (slowed, late):
+        objective.shutdown()

@@ -308,3 +308,20 @@ def test_folder_without_images_raises_bad_input(tmp_path):
     (tmp_path / "empty" / "cat").mkdir(parents=True)
     with pytest.raises(BadInput, match="not an image folder"):
         load_data(str(tmp_path / "empty"), DIGITS_SIZE, DIGITS_MEAN, DIGITS_STD)
+
+
+def test_a_daemons_own_samples_are_its_classes_or_its_share_of_the_split():
+    from p2pnode.node.settings import NodeSettings
+    from p2pnode.node.training import local_indices
+
+    labels = np.repeat(np.arange(10), 5)
+    by_classes = local_indices(NodeSettings(classes="7-9"), labels, 10, "digits")
+    assert sorted(set(labels[by_classes])) == [7, 8, 9] and len(by_classes) == 15
+    share = local_indices(NodeSettings(index=2, nodes=4, split="0-1,2-3,4-6,7-9"), labels, 10, "digits")
+    assert sorted(set(labels[share])) == [4, 5, 6]
+    with pytest.raises(BadInput, match="class 10 is not in digits"):
+        local_indices(NodeSettings(classes="10-11"), labels, 10, "digits")
+    with pytest.raises(BadInput, match="give this node its data"):
+        local_indices(NodeSettings(), labels, 10, "digits")
+    with pytest.raises(BadInput, match="no training samples"):
+        local_indices(NodeSettings(classes="3"), np.repeat([0, 1, 2], 5), 10, "digits")
