@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from .errors import BadInput
 from .models import FineTuneModel
 from .settings import RunSettings
+from .state_store import SET_ASIDE
 
 if TYPE_CHECKING:
     from .simulator import Simulation
@@ -211,7 +212,7 @@ def _read_path(path: Path) -> list[SavedModel]:
     if own:
         return [_read_node_file(p) for p in own]
     nested = []
-    for sub in sorted(p for p in path.iterdir() if p.is_dir()):
+    for sub in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(SET_ASIDE)):
         if (sub / "state.json").is_file():
             nested.append(_read_state_dir(sub))
         else:

@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 IDENTITY_FIELDS = ("run_id", "fingerprint", "settings_hash")
 HEADER_KEY = "p2pnode"  # the checkpoint's metadata (JSON) in state.safetensors' header
+SET_ASIDE = "set-aside-"  # prefix of the folders that keep another run's files
 RUN_FILES = ("state.safetensors", "state.json", "progress.json", "result.json")  # what one run leaves
 
 
@@ -206,11 +207,11 @@ class StateStore:
 
     def _move_aside(self, why: str) -> None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        target = self.dir / f"set-aside-{stamp}"
+        target = self.dir / f"{SET_ASIDE}{stamp}"
         n = 1
         while target.exists():
             n += 1
-            target = self.dir / f"set-aside-{stamp}-{n}"
+            target = self.dir / f"{SET_ASIDE}{stamp}-{n}"
         target.mkdir()
         for name in RUN_FILES:
             if (self.dir / name).is_file():

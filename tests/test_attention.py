@@ -342,3 +342,16 @@ def test_each_map_cell_is_drawn_centred_on_the_pixels_its_patch_sees():
     # side-by-side 4-pixel patches tile the image: cell centres on pixels 1.5 and 5.5
     assert map_extent(build_model("vit_digits_4px", num_classes=10).model, 8, 8) == (-0.5, 7.5, 7.5, -0.5)
     assert map_extent(build_model("vit_digits_p2", num_classes=10).model, 8, 8) == (-0.5, 7.5, 7.5, -0.5)
+
+
+def test_another_runs_set_aside_checkpoint_is_not_read_as_a_model_of_this_run(tmp_path, digits_model):
+    identity = {"run_id": "r", "fingerprint": digits_model.fingerprint, "settings_hash": "old"}
+    old = StateStore(tmp_path / "node2", identity)
+    old.save(SimpleNamespace(state_dict=lambda: {"params": digits_model.trainable_vector()}, objective=None), {})
+    old.write_json("result.json", {"settings": NodeSettings(index=2, classes="4-6").to_dict()})
+    old.close()
+    StateStore(tmp_path / "node2", {**identity, "settings_hash": "new"}).close()  # a new run sets it aside
+    with pytest.raises(BadInput, match="holds no saved models"):
+        load_saved_models([tmp_path / "node2"])
+    (kept,) = (tmp_path / "node2").glob("set-aside-*")
+    assert [m.node for m in load_saved_models([kept])] == [2]  # named on its own, it is read
