@@ -16,6 +16,7 @@ from pathlib import Path
 from rich.table import Table
 
 from .errors import BadInput
+from .saved_models import write_atomically
 from .simulator import AlgorithmResult, SimulationResult
 
 LABELS = {"p2pft": "P2P-FT", "local": "Local-FT", "central": "Central FT", "dsgd": "D-PSGD"}
@@ -129,10 +130,9 @@ def check_output(flag: str, path: str | Path, directory: bool = False) -> Path:
     """Before a run: `path` (a file, or a folder if `directory`) can be written, its parents created;
     else BadInput, so that a long run's results are never lost to a typo in an output path."""
     path = Path(path)
+    wanted, found = ("folder", "file") if directory else ("file", "folder")
     if path.exists() and path.is_dir() != directory:
-        raise BadInput(
-            f"{flag} {path} is {'a file' if directory else 'a folder'}: give a {'folder' if directory else 'file'} path"
-        )
+        raise BadInput(f"{flag} {path} is a {found}: give a {wanted} path")
     parent = path if directory else path.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -158,12 +158,7 @@ def check_plot_format(path: str | Path) -> None:
 
 def write_json(result: SimulationResult, path: str | Path) -> None:
     path = check_output("--json", path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    try:
-        tmp.write_text(json.dumps(result.to_json(), indent=1))
-        tmp.replace(path)
-    except OSError as e:
-        raise BadInput(f"cannot write --json {path}: {e.strerror}") from None
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(result.to_json(), indent=1)))
 
 
 def _change_label(record: dict) -> str:

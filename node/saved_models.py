@@ -114,8 +114,8 @@ def save_models(
             "parameters": [[n, list(s)] for n, s in names],
             "settings": settings_dict,
         }
-        _atomic(folder / f"node{i}.safetensors", lambda tmp, t=tensors: save_file(t, str(tmp)))
-        _atomic(folder / f"node{i}.json", lambda tmp, m=meta: tmp.write_text(json.dumps(m, indent=1)))
+        write_atomically(folder / f"node{i}.safetensors", lambda tmp, t=tensors: save_file(t, str(tmp)))
+        write_atomically(folder / f"node{i}.json", lambda tmp, m=meta: tmp.write_text(json.dumps(m, indent=1)))
         written.append(folder / f"node{i}.json")
     return written
 
@@ -324,7 +324,8 @@ def _daemon_classes(settings: dict, index: int) -> list[int] | None:
     return None
 
 
-def _atomic(path: Path, write: Callable[[Path], object]) -> None:
+def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """`write(tmp)` next to `path`, then rename it over `path`; BadInput if the disk refuses."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         write(tmp)
