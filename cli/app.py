@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from p2pnode.node.errors import BadInput
-from p2pnode.node.settings import NodeSettings, SimulateSettings, TestnetSettings
+from p2pnode.node.settings import NodeSettings, SimulateSettings, TestnetSettings, check_run_id
 
 from .attention_command import attention
 from .options import with_settings
@@ -236,6 +236,7 @@ def invite(
 
     from p2pnode.protocol.admission import AdmissionError, load_private_key, make_invitation, parse_duration
 
+    check_run_id(run_id)
     try:
         invitation = make_invitation(load_private_key(owner_key), run_id, peer, time.time() + parse_duration(expires))
     except AdmissionError as e:
@@ -268,6 +269,7 @@ def revoke(
     from p2pnode.node.access import publish_revocation
     from p2pnode.protocol.admission import AdmissionError, parse_duration
 
+    check_run_id(run_id)
     addrs = _split_addrs(peers, "--peers", peer_id=True)
     if not addrs:
         raise BadInput("revoke needs --peers: the multiaddr of any peer of the run (e.g. the bootstrap peer)")
@@ -297,7 +299,7 @@ def bootstrap(
     host_maddrs = _split_addrs(listen, "--listen") or ["/ip4/0.0.0.0/tcp/0"]
     announce_maddrs = _split_addrs(announce, "--announce") or None
     check_identity_file(str(identity) if identity else None)
-    validators = _validators(run_id, owner)
+    validators = _validators(check_run_id(run_id), owner)
     _log_to_stderr(logging.WARNING)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -328,6 +330,7 @@ def status(
     """List a run's epoch, coordinator and members (joined / leaving / gone) with their progress."""
     from p2pnode.node.run_status import read_run_status, status_tables
 
+    check_run_id(run_id)
     addrs = _split_addrs(peers, "--peers", peer_id=True)
     if not addrs:
         raise BadInput("status needs --peers: the multiaddr of any peer of the run (e.g. the bootstrap peer)")

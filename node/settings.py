@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -251,8 +252,7 @@ class NodeSettings(RunSettings):
         check_multiaddrs("--peers", self.peers, peer_id=True)
         check_multiaddrs("--listen", self.listen)
         check_multiaddrs("--announce", self.announce)
-        if not self.run_id or any(c in self.run_id for c in " /\\.:"):
-            raise BadInput(f"bad --run-id {self.run_id!r}: use letters, digits, '-' and '_'")
+        check_run_id(self.run_id)
         if self.checkpoint_every < 1:
             raise BadInput(f"--checkpoint-every must be at least 1 (got {self.checkpoint_every})")
         if min(self.round_timeout, self.join_timeout, self.heartbeat, self.leave_timeout) <= 0:
@@ -264,6 +264,16 @@ class NodeSettings(RunSettings):
         if self.algorithm == "central" and self.nodes != 1:
             raise BadInput("central is the single-node reference: use it with simulate, or --nodes 1")
         return self
+
+
+_RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def check_run_id(run_id: str) -> str:
+    """A run's name keys its DHT records and state: letters, digits, '-' and '_', at most 64."""
+    if not _RUN_ID.fullmatch(run_id):
+        raise BadInput(f"bad --run-id {run_id!r}: use 1-64 letters, digits, '-' and '_'")
+    return run_id
 
 
 def check_multiaddrs(flag: str, addrs: list[str], peer_id: bool = False) -> list[str]:
@@ -383,6 +393,7 @@ class TestnetSettings(RunSettings):
         from .netlab import valid_rate
 
         super().validate()
+        check_run_id(self.run_id)
         if self.hosts not in TESTNET_HOSTS:
             raise BadInput(f"unknown --hosts {self.hosts!r}: use {' or '.join(TESTNET_HOSTS)}")
         if self.hosts == "loopback" and (self.rate is not None or self.loss or self.nat):

@@ -40,6 +40,7 @@ INVITATION_FORMAT = 1
 _PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.MAX_LENGTH)
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+MAX_DURATION_DAYS = 3650  # ten years: longer is a typo, and past year 9999 no date can show it
 
 
 class AdmissionError(ValueError):
@@ -120,11 +121,14 @@ def dht_signing_key(private_key: rsa.RSAPrivateKey) -> RSAPrivateKey:
 
 
 def parse_duration(text: str) -> float:
-    """'30d', '12h', '90m', '3600s', '2w' -> seconds."""
+    """'30d', '12h', '90m', '3600s', '2w' -> seconds (more than zero, at most MAX_DURATION_DAYS)."""
     match = _DURATION.match(text.strip())
     if not match or float(match.group(1)) <= 0:
         raise AdmissionError(f"bad duration {text!r}: use a number and s, m, h, d or w, e.g. 30d")
-    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if seconds > MAX_DURATION_DAYS * 86400:
+        raise AdmissionError(f"duration {text!r} is too long: at most {MAX_DURATION_DAYS}d")
+    return seconds
 
 
 def _sign(key: rsa.RSAPrivateKey, body: bytes) -> str:

@@ -125,6 +125,10 @@ def test_durations_and_bad_owner_keys_give_one_line_reasons():
     for bad in ("30", "-1d", "3x", "d"):
         with pytest.raises(AdmissionError, match="bad duration"):
             parse_duration(bad)
+    assert parse_duration("3650d") == 3650 * 86400
+    for too_long in ("3651d", "99999999999999999w"):  # the second overflowed time.gmtime in `invite`
+        with pytest.raises(AdmissionError, match="too long: at most 3650d"):
+            parse_duration(too_long)
     for bad in ("", "ssh-rsa AAAA", "rsa:notbase64!!", "rsa:AAAA"):
         with pytest.raises(AdmissionError, match="--owner"):
             parse_public_key(bad)

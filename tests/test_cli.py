@@ -80,6 +80,26 @@ def test_malformed_multiaddr_exits_2_naming_the_flag_before_anything_starts(case
     assert "e.g. /ip4/" in err
 
 
+PEER = "/ip4/127.0.0.1/tcp/1/p2p/QmY6bp9t3vgyrMY9Z4ErWWv64Cw9z3BELbRmL94YWXVYSm"
+RUN_ID_COMMANDS = {
+    "start": ["start", "--index", "0"],
+    "testnet": ["testnet", "--epochs", "1"],
+    "bootstrap": ["bootstrap"],
+    "status": ["status", "--peers", PEER],
+    "revoke": ["revoke", "0123abcd", "--owner-key", "owner.pem", "--peers", PEER],
+    "invite": ["invite", "--owner-key", "owner.pem", "--peer", PEER.rsplit("/", 1)[1]],
+}
+
+
+@pytest.mark.timeout(60)  # the old code started a daemon on some of these
+@pytest.mark.parametrize("run_id", ["", "a b", "a/b", "runs.v2", "r\u00e9sum\u00e9", "x" * 65])
+@pytest.mark.parametrize("command", list(RUN_ID_COMMANDS))
+def test_every_command_refuses_a_run_id_start_would_refuse_before_anything_starts(command, run_id, capsys):
+    code = main([*RUN_ID_COMMANDS[command], "--run-id", run_id])
+    out, err = capsys.readouterr()
+    assert_one_error_line(code, out, err, f"bad --run-id {run_id!r}")
+
+
 def test_error_raised_inside_simulation_is_the_only_stderr_output(capsys):
     code = main(["simulate", *FAST, "--split", "0-1,2-3,4-6,7-12"])
     _, err = capsys.readouterr()
