@@ -97,7 +97,14 @@ class RunSettings:
     def validate(self) -> RunSettings:
         from ..protocol.codecs import CodecError, get_codec
 
-        if not (self.lr > 0 and math.isfinite(self.lr)):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise BadInput(f"--{f.name.replace('_', '-')} must be a finite number (got {value})")
+        for name in ("seed", "model_seed"):
+            if getattr(self, name) < 0:
+                raise BadInput(f"--{name.replace('_', '-')} must be a whole number >= 0 (got {getattr(self, name)})")
+        if not self.lr > 0:
             raise BadInput(f"--lr must be a positive step size (got {self.lr})")
         if self.epochs < 1:
             raise BadInput(f"--epochs must be at least 1 (got {self.epochs})")

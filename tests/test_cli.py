@@ -43,6 +43,9 @@ ERROR_CASES = {
     "unknown-algorithm": (["--algorithm", "fedavg"], "unknown algorithm 'fedavg'"),
     "unknown-compare-algorithm": (["--compare", "local,fedavg"], "unknown algorithm 'fedavg'"),
     "split-longer-than-nodes": (["--nodes", "3"], "4 class sets but --nodes is 3"),
+    "nan-weight-decay": (["--weight-decay", "nan"], "--weight-decay must be a finite number (got nan)"),
+    "negative-seed": (["--seed", "-5"], "--seed must be a whole number >= 0 (got -5)"),
+    "negative-model-seed": (["--model-seed", "-1"], "--model-seed must be a whole number >= 0"),
 }
 
 
@@ -78,6 +81,15 @@ def test_malformed_multiaddr_exits_2_naming_the_flag_before_anything_starts(case
     out, err = capsys.readouterr()
     assert_one_error_line(code, out, err, message)
     assert "e.g. /ip4/" in err
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("flag", ["--round-timeout", "--join-timeout", "--heartbeat", "--leave-timeout", "--slowdown"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_start_refuses_a_time_or_factor_that_is_not_a_finite_number(flag, value, tmp_path, capsys):
+    code = main(["start", "--index", "0", "--state-dir", str(tmp_path / "s"), flag, value])
+    out, err = capsys.readouterr()
+    assert_one_error_line(code, out, err, f"{flag} must be a finite number (got {value})")
 
 
 PEER = "/ip4/127.0.0.1/tcp/1/p2p/QmY6bp9t3vgyrMY9Z4ErWWv64Cw9z3BELbRmL94YWXVYSm"
