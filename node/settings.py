@@ -382,7 +382,11 @@ class TestnetSettings(RunSettings):
 
     run_id: str = opt("testnet", "name of the run")
     compare: list[str] = opt([], "algorithms to run in-process on the same data for reference, e.g. local,central,dsgd")
-    workdir: str | None = opt(None, "folder for each node's state and log (default: a temporary folder)")
+    workdir: str | None = opt(
+        None,
+        "folder for each node's state and log (default: a temporary folder); reused, the last run's files go to "
+        "nodeI/set-aside-TIME/",
+    )
     round_timeout: float = opt(60.0, "seconds a node waits for its in-neighbours each round")
     timeout: float = opt(1800.0, "give up (and tear everything down) after this many seconds")
     closed: bool = opt(False, "a closed run: an owner key in the workdir and an invitation for each node")

@@ -41,6 +41,24 @@ SET_ASIDE = "set-aside-"  # prefix of the folders that keep another run's files
 RUN_FILES = ("state.safetensors", "state.json", "progress.json", "result.json")  # what one run leaves
 
 
+def set_aside_run_files(state_dir: Path, why: str, names: tuple[str, ...] = RUN_FILES) -> Path | None:
+    """Move the files of `names` present in `state_dir` into a new `set-aside-<time>/` there (None if
+    there are none), and say so."""
+    present = [name for name in names if (state_dir / name).is_file()]
+    if not present:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target, n = state_dir / f"{SET_ASIDE}{stamp}", 1
+    while target.exists():
+        n += 1
+        target = state_dir / f"{SET_ASIDE}{stamp}-{n}"
+    target.mkdir()
+    for name in present:
+        os.replace(state_dir / name, target / name)
+    logger.warning("not resuming from %s: %s; its files are kept in %s", state_dir, why, target)
+    return target
+
+
 class UnreadableCheckpoint(Exception):
     pass
 
@@ -206,18 +224,7 @@ class StateStore:
             self._move_aside(f"its checkpoint's {', '.join(differs)} differ from this run's")
 
     def _move_aside(self, why: str) -> None:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        target = self.dir / f"{SET_ASIDE}{stamp}"
-        n = 1
-        while target.exists():
-            n += 1
-            target = self.dir / f"{SET_ASIDE}{stamp}-{n}"
-        target.mkdir()
-        for name in RUN_FILES:
-            if (self.dir / name).is_file():
-                os.replace(self.dir / name, target / name)
-        self.set_aside = target
-        logger.warning("not resuming from %s: %s; its files are kept in %s", self.dir, why, target)
+        self.set_aside = set_aside_run_files(self.dir, why)
 
     def _matches(self, meta: dict) -> bool:
         return all(meta.get(k) == v for k, v in self.identity.items())

@@ -30,6 +30,7 @@ from .netlab import exited_unreaped
 from .saved_models import save_simulation_run, save_state_dirs
 from .settings import RunSettings, TestnetSettings, parse_slow, to_flags
 from .simulator import AlgorithmResult, SimulationResult
+from .state_store import RUN_FILES, set_aside_run_files
 
 if TYPE_CHECKING:
     from types import FrameType
@@ -41,6 +42,7 @@ logger = logging.getLogger(__name__)
 # (node, round, rounds, accuracy or None)
 ProgressCallback = Callable[[int, int, int, float | None], None]
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+NODE_FILES = (*RUN_FILES, "events.jsonl")  # what one testnet leaves in a node's folder (its log sits beside it)
 
 
 def cli_command(*args: str) -> list[str]:
@@ -276,8 +278,8 @@ class _Fleet:
     def launch(self, i: int, joiner: bool, fresh: bool) -> None:
         state = self.state(i)
         state.mkdir(exist_ok=True)
-        if fresh:
-            for stale in ("result.json", "progress.json", "state.json", "state.safetensors", "events.jsonl"):
+        if fresh:  # a new member (a join of a node that left earlier in this run): nothing of its own to resume
+            for stale in NODE_FILES:
                 (state / stale).unlink(missing_ok=True)
         log = (self.workdir / f"node{i}.log").open("a")
         self.log_files.append(log)
@@ -373,9 +375,8 @@ def _run_testnet(
         boot, addrs = start_bootstrap(s.run_id, workdir / "bootstrap.log", owner=owner, hosts=hosts)
         fleet = _Fleet(s, workdir, addrs, total, initial, hosts)
         fleet.owner = owner
-        for i in range(total):
-            for stale in ("result.json", "progress.json", "state.json", "state.safetensors", "events.jsonl"):
-                (fleet.state(i) / stale).unlink(missing_ok=True)
+        for i in range(total):  # a reused --workdir: the last testnet's files are kept, out of this run's way
+            set_aside_run_files(fleet.state(i), "a new testnet starts afresh", NODE_FILES)
         for i in initial:
             fleet.launch(i, joiner=False, fresh=True)
         results = _watch(s, fleet, events, on_progress)

@@ -55,7 +55,15 @@ def test_four_daemons_match_the_simulator_after_five_rounds_and_leave_nothing_be
     # value across a rounding boundary, a whole quantisation step
     exact = {"codec": "none", **FAST}
     settings = TestnetSettings(nodes=4, workdir=str(tmp_path), run_id="equiv", timeout=240, **exact).validate()
+    earlier = tmp_path / "node0"  # a reused --workdir: the last testnet's result is kept, out of the way
+    earlier.mkdir()
+    (earlier / "result.json").write_text('{"earlier": true}')
+    (earlier / "events.jsonl").write_text('{"event": "earlier"}\n')
     result = run_testnet(settings)
+    (kept,) = earlier.glob("set-aside-*")
+    assert (kept / "result.json").read_text() == '{"earlier": true}'
+    assert (kept / "events.jsonl").read_text() == '{"event": "earlier"}\n'
+    assert "earlier" not in (earlier / "result.json").read_text() + (earlier / "events.jsonl").read_text()
     daemons = result.results["p2pft"]
     assert daemons.iterations == 5
 
