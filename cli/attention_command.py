@@ -20,7 +20,14 @@ def attention(
             help="a `--save` directory of simulate or testnet, or daemon --state-dir folders (any mix, one trunk)"
         ),
     ],
-    out: Annotated[Path, typer.Option("--out", help="the PNG grid to write: a row per image, a column per model")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            help="the image grid to write, a row per image and a column per model: PNG, or the format its suffix "
+            "names (.pdf, .svg, .jpg, ...)",
+        ),
+    ],
     json_path: Annotated[
         Path | None,
         typer.Option("--json", help="also write every map and each model's similarity to the central model's maps"),

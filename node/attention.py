@@ -312,7 +312,12 @@ def attention_report(
     `node` is the node whose models (and data) are compared: node<i> of a `--save` directory, a
     daemon's --index. `classes` ("3-5", "0,7" or a list) restricts the images to those classes."""
     from .data import load_data, parse_class_set
+    from .report import check_output, check_plot_format
 
+    check_plot_format(out_png, "--out")
+    check_output("--out", out_png)
+    if json_path is not None:
+        check_output("--json", json_path)
     saved = load_saved_models(directory_or_dirs)
     chosen = pick_models(saved, node)
     first = next(iter(chosen.values()))
@@ -469,7 +474,8 @@ def draw_grid(
     # placed in inches from the top: the default (2% of the height) lands inside the first row of a tall grid
     title = f"last-block attention, node {node} (top left: predicted class, red if wrong)"
     fig.suptitle(title, fontsize=9, y=1 - 0.1 / height, va="top")
-    _write(Path(out_png), lambda p: fig.savefig(p, dpi=DPI, format="png"))
+    image_format = Path(out_png).suffix.lstrip(".").lower() or "png"
+    _write(Path(out_png), lambda p: fig.savefig(p, dpi=DPI, format=image_format))
     boxes = [ax.get_position() for ax in panels]
     return len({round(b.y0, 4) for b in boxes}), len({round(b.x0, 4) for b in boxes})
 

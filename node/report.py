@@ -146,14 +146,14 @@ def check_output(flag: str, path: str | Path, directory: bool = False) -> Path:
     return path
 
 
-def check_plot_format(path: str | Path) -> None:
-    """The plot's suffix names an image format matplotlib writes (no suffix: PNG)."""
+def check_plot_format(path: str | Path, flag: str = "--plot") -> None:
+    """The image's suffix names a format matplotlib writes (no suffix: PNG)."""
     from matplotlib.backend_bases import FigureCanvasBase
 
     suffix = Path(path).suffix.lstrip(".").lower()
     formats = FigureCanvasBase.get_supported_filetypes()
     if suffix and suffix not in formats:
-        raise BadInput(f"--plot {path}: cannot write .{suffix} images; use one of {', '.join(sorted(formats))}")
+        raise BadInput(f"{flag} {path}: cannot write .{suffix} images; use one of {', '.join(sorted(formats))}")
 
 
 def write_json(result: SimulationResult, path: str | Path) -> None:

@@ -293,6 +293,22 @@ def test_attention_command_writes_the_png(saved_dir, tmp_path):
     assert "4x4 maps" in result.output and "note:" not in result.output  # the default model's maps are fine enough
 
 
+def test_the_grid_is_written_in_the_format_its_suffix_names(saved_dir, tmp_path):
+    attention_report(saved_dir, tmp_path / "grid.jpg", images=1)
+    attention_report(saved_dir, tmp_path / "grid", images=1)
+    assert (tmp_path / "grid.jpg").read_bytes()[:2] == b"\xff\xd8"  # JPEG, not a PNG under a .jpg name
+    assert (tmp_path / "grid").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_an_output_the_report_cannot_write_is_refused_before_any_model_is_read(tmp_path):
+    missing = tmp_path / "no-models-here"  # read first, this would be the error
+    with pytest.raises(BadInput, match=r"--out .*grid.xyz: cannot write .xyz images"):
+        attention_report(missing, tmp_path / "grid.xyz")
+    with pytest.raises(BadInput, match=r"--json .* is a folder"):
+        attention_report(missing, tmp_path / "grid.png", json_path=tmp_path)
+    assert not (tmp_path / "grid.png").exists()
+
+
 def test_state_dirs_and_save_folders_mix_in_one_report(saved_dir, tmp_path, digits_model):
     params = perturbed(digits_model, 1, 0.05, 9)[0]
     state_dir = tmp_path / "daemon1"
