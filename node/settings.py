@@ -260,6 +260,13 @@ class NodeSettings(RunSettings):
         check_multiaddrs("--listen", self.listen)
         check_multiaddrs("--announce", self.announce)
         check_run_id(self.run_id)
+        if self.index < -1:
+            raise BadInput(f"--index is a position from 0 (got {self.index})")
+        if self.classes is None and self.index >= self.nodes:
+            raise BadInput(
+                f"--index {self.index} is past the run's {self.nodes} shares of --split: use 0-{self.nodes - 1}, "
+                "or give this node its own --classes"
+            )
         if self.checkpoint_every < 1:
             raise BadInput(f"--checkpoint-every must be at least 1 (got {self.checkpoint_every})")
         if min(self.round_timeout, self.join_timeout, self.heartbeat, self.leave_timeout) <= 0:

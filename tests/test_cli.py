@@ -92,6 +92,21 @@ def test_start_refuses_a_time_or_factor_that_is_not_a_finite_number(flag, value,
     assert_one_error_line(code, out, err, f"{flag} must be a finite number (got {value})")
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--index", "4"], "--index 4 is past the run's 4 shares of --split: use 0-3"),  # was an IndexError
+        (["--index", "2", "--nodes", "2", "--split", "0-4,5-9"], "--index 2 is past the run's 2 shares"),
+        (["--index", "-2"], "--index is a position from 0 (got -2)"),
+    ],
+)
+def test_start_refuses_an_index_outside_the_run_in_one_line(flags, message, tmp_path, capsys):
+    code = main(["start", "--state-dir", str(tmp_path / "s"), *flags])
+    out, err = capsys.readouterr()
+    assert_one_error_line(code, out, err, message)
+
+
 PEER = "/ip4/127.0.0.1/tcp/1/p2p/QmY6bp9t3vgyrMY9Z4ErWWv64Cw9z3BELbRmL94YWXVYSm"
 RUN_ID_COMMANDS = {
     "start": ["start", "--index", "0"],
