@@ -64,8 +64,14 @@ def membership_notes(result: AlgorithmResult) -> dict[int, str]:
     return {i: ", ".join(f"{what} @{when}" for what, when in events) for i, events in _events(result).items()}
 
 
+def node_ids(result: SimulationResult) -> list[int]:
+    """The id of each node column: 0..nodes-1, except in a testnet where a node never took part."""
+    return list(result.settings.get("node_ids") or range(result.settings["nodes"]))
+
+
 def results_table(result: SimulationResult) -> Table:
     n = result.settings["nodes"]
+    ids = node_ids(result)
     title = (
         f"Test accuracy (%) per node — {result.settings['data']}, {n} nodes, split "
         f"{result.settings['split']}, topology {result.settings['topology']}"
@@ -73,7 +79,7 @@ def results_table(result: SimulationResult) -> Table:
     table = Table(title=title)
     table.add_column("method")
     attackers = {i for r in result.results.values() for i in r.attackers}
-    for i in range(n):
+    for i in ids:
         table.add_column(f"node {i + 1}" + (" (B)" if i in attackers else ""), justify="right")
     table.add_column("honest mean" if attackers else "mean", justify="right")
     table.add_column("sent / node", justify="right")
@@ -82,7 +88,7 @@ def results_table(result: SimulationResult) -> Table:
     for name, r in result.results.items():
         out = out_at_end(r)
         starred |= bool(out)
-        accs = [f"{100 * a:.1f}" + ("*" if i in out else "") for i, a in enumerate(r.accuracy)]
+        accs = [f"{100 * a:.1f}" + ("*" if i in out else "") for i, a in zip(ids, r.accuracy, strict=False)]
         cells = accs if len(accs) == n else [accs[0]] + ["" for _ in range(n - 1)]
         mean = 100 * r.honest_mean
         sent = sum(r.bytes_sent) / len(r.bytes_sent)
@@ -97,7 +103,7 @@ def results_table(result: SimulationResult) -> Table:
             table.add_section()
         label = "membership" + (f" ({', '.join(names)})" if len(notes) > 1 else "")
         cells = dict(node_notes)
-        table.add_row(label, *[cells.get(j, "") for j in range(n)], "", "")
+        table.add_row(label, *[cells.get(j, "") for j in ids], "", "")
     paced = [(name, r) for name, r in result.results.items() if r.seconds_per_round]
     captions = []
     if paced and (result.settings.get("sync") == "async" or result.settings.get("slow")):
@@ -184,7 +190,7 @@ def write_plot(result: SimulationResult, path: str | Path) -> None:
         hist = r.history
         per_node = list(zip(*hist["accuracy"], strict=True))
         changes = [rec for rec in hist.get("membership", []) if rec["round"] > 0]
-        for i, accs in enumerate(per_node):
+        for i, accs in zip(node_ids(result), per_node, strict=False):  # central: one node
             # a node outside the run has None: NaN leaves a gap in its line
             ys = [100 * a if a is not None else float("nan") for a in accs]
             style = {"marker": ".", "ms": 3} if changes else {}

@@ -515,7 +515,7 @@ def _collect(
     )
     shared = {f.name: getattr(s, f.name) for f in fields(TestnetSettings)}
     if events:
-        shared["nodes"] = len(took_part)
+        shared["nodes"], shared["node_ids"] = len(took_part), took_part
     out = {s.algorithm: algo}
     if save is not None:
         save_state_dirs(save, {i: fleet.state(i) for i in took_part})  # the daemons, named by node

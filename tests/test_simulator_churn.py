@@ -18,6 +18,7 @@ from p2pnode.node.report import membership_notes, results_table
 from p2pnode.node.settings import SimulateSettings
 from p2pnode.node.simulator import (
     CRASH_DETECTION_ROUNDS,
+    AlgorithmResult,
     Simulation,
     SimulationResult,
     iterations_per_epoch,
@@ -266,3 +267,16 @@ def test_p2pft_members_agree_at_the_end_after_a_leave_and_a_join():
     assert max(acc) - min(acc) <= 2.0, acc  # measured: all four at 58.1 %
     # and they agree on something learnt over all ten classes: Local-FT cannot pass 40 % here
     assert min(acc) > 45.0, acc
+
+
+def test_a_testnet_node_that_never_took_part_leaves_the_other_columns_their_own_names():
+    # `testnet --churn join:2@10s` where the run finished before node 2 came: the columns are nodes 0, 1
+    # and 3, shown 1-based as nodes 1, 2 and 4 (the third column was headed "node 3")
+    settings = {"nodes": 3, "node_ids": [0, 1, 3], "data": "digits", "split": "iid", "topology": "ring"}
+    history = {"presence": {"0": [[0, None]], "1": [[0, None]], "3": [[0, 40]]}, "membership": []}
+    daemons = AlgorithmResult(accuracy=[0.9, 0.8, 0.7], bytes_sent=[1] * 3, messages_sent=[1] * 3, iterations=100,
+                              seconds=3.0, history=history)  # fmt: skip
+    table = results_table(SimulationResult(settings, {"p2pft": daemons}, "x"))
+    assert [c.header for c in table.columns][1:4] == ["node 1", "node 2", "node 4"]
+    cells = {c.header: [str(x) for x in c.cells] for c in table.columns}
+    assert cells["node 4"] == ["70.0*", "crashed @40"]  # its note and star in its own column
