@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from p2pnode.node.errors import BadInput
 from p2pnode.node.settings import NodeSettings, SimulateSettings, TestnetSettings, check_run_id
+from p2pnode.protocol.errors import one_line
 
 from .attention_command import attention
 from .options import with_settings
@@ -373,14 +374,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         command.main(args=argv, prog_name="p2pnode", standalone_mode=False)
     except BadInput as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except NoArgsIsHelpError as e:
         print(e.ctx.get_help() if e.ctx is not None else str(e))
         return 2
     except UsageError as e:
         hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
-        print(f"error: {e.format_message()}{hint}", file=sys.stderr)
+        print(f"error: {one_line(e.format_message())}{hint}", file=sys.stderr)
         return 2
     except typer.Exit as e:
         return e.exit_code

@@ -22,6 +22,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.func import functional_call
 
+from ..protocol.errors import one_line
 from .errors import BadInput
 
 DEFAULT_MODEL = "vit_digits"
@@ -239,7 +240,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise BadInput(f"checkpoint {path} could not be read ({type(e).__name__}: {e})") from None
+        reason = one_line(f"{type(e).__name__}: {e}", 160)
+        raise BadInput(f"checkpoint {path} is not a weights file (.safetensors, or .pt of tensors): {reason}") from None
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

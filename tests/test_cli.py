@@ -107,6 +107,14 @@ def test_start_refuses_an_index_outside_the_run_in_one_line(flags, message, tmp_
     assert_one_error_line(code, out, err, message)
 
 
+def test_a_checkpoint_that_is_not_weights_is_one_error_line_though_torch_explains_in_ten(tmp_path, capsys):
+    key = tmp_path / "node.pem"  # torch.load's UnpicklingError for this runs to ten lines
+    key.write_text("-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END PRIVATE KEY-----\n")
+    code = main(["simulate", *FAST, "--checkpoint", str(key)])
+    out, err = capsys.readouterr()
+    assert_one_error_line(code, out, err, f"checkpoint {key} is not a weights file")
+
+
 PEER = "/ip4/127.0.0.1/tcp/1/p2p/QmY6bp9t3vgyrMY9Z4ErWWv64Cw9z3BELbRmL94YWXVYSm"
 RUN_ID_COMMANDS = {
     "start": ["start", "--index", "0"],

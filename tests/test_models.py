@@ -275,5 +275,5 @@ def test_missing_checkpoint_file_raises_bad_input(tmp_path):
 def test_unreadable_checkpoint_file_raises_bad_input(tmp_path):
     path = tmp_path / "junk.safetensors"
     path.write_bytes(b"not a safetensors file at all")
-    with pytest.raises(BadInput, match="could not be read"):
+    with pytest.raises(BadInput, match="is not a weights file"):
         build_model("vit_digits", checkpoint=path)
