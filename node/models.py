@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import json
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -250,10 +251,35 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+CHECKPOINT_HEADER_KEY = "p2pnode"  # a daemon checkpoint's metadata (JSON) in its safetensors header
+SAVED_MODEL_FORMAT = "p2pnode-saved-model"  # the "format" of a --save model's JSON
+
+
+def _is_p2pnode_file(path: Path) -> bool:
+    """A daemon's checkpoint (its metadata in the safetensors header) or a `--save` model (a JSON beside it)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                if CHECKPOINT_HEADER_KEY in (f.metadata() or {}):
+                    return True
+        beside = path.with_suffix(".json")
+        return beside.is_file() and json.loads(beside.read_text()).get("format") == SAVED_MODEL_FORMAT
+    except Exception:
+        return False
+
+
 def load_checkpoint(model: nn.Module, path: str | Path) -> None:
     """Load local weights; a classifier of another class count is skipped (the head is new)."""
     path = Path(path)
     state = _read_state_dict(path)
+    if _is_p2pnode_file(path):
+        raise BadInput(
+            f"checkpoint {path} is p2pnode's own file (a daemon's checkpoint or a --save model: the trained "
+            "block only), not a model's weights; --checkpoint takes a timm state dict, and `p2pnode attention` "
+            "reads p2pnode's files"
+        )
     own = model.state_dict()
     classifier = model.get_classifier()
     head_names = {n for n, p in model.named_parameters() if any(p is q for q in classifier.parameters())}

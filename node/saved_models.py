@@ -31,14 +31,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import BadInput
-from .models import FineTuneModel
+from .models import SAVED_MODEL_FORMAT, FineTuneModel
 from .settings import RunSettings
 from .state_store import SET_ASIDE
 
 if TYPE_CHECKING:
     from .simulator import Simulation
 
-FORMAT = "p2pnode-saved-model"
+FORMAT = SAVED_MODEL_FORMAT
 VERSION = 1
 CENTRAL = "central"
 

@@ -31,12 +31,13 @@ from safetensors.torch import load_file, save_file
 from .algorithms import Algorithm
 from .errors import BadInput
 from .events import EventLog
+from .models import CHECKPOINT_HEADER_KEY
 from .pace import unwrapped
 
 logger = logging.getLogger(__name__)
 
 IDENTITY_FIELDS = ("run_id", "fingerprint", "settings_hash")
-HEADER_KEY = "p2pnode"  # the checkpoint's metadata (JSON) in state.safetensors' header
+HEADER_KEY = CHECKPOINT_HEADER_KEY  # the checkpoint's metadata (JSON) in state.safetensors' header
 SET_ASIDE = "set-aside-"  # prefix of the folders that keep another run's files
 RUN_FILES = ("state.safetensors", "state.json", "progress.json", "result.json")  # what one run leaves
 

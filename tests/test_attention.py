@@ -371,3 +371,15 @@ def test_another_runs_set_aside_checkpoint_is_not_read_as_a_model_of_this_run(tm
         load_saved_models([tmp_path / "node2"])
     (kept,) = (tmp_path / "node2").glob("set-aside-*")
     assert [m.node for m in load_saved_models([kept])] == [2]  # named on its own, it is read
+
+
+def test_p2pnodes_own_files_given_as_a_models_checkpoint_are_named_for_what_they_are(saved_dir, tmp_path, digits_model):
+    # a user starting a new run from the last run's model: those files hold the trained block only
+    identity = {"run_id": "r", "fingerprint": digits_model.fingerprint, "settings_hash": "h"}
+    store = StateStore(tmp_path / "node0", identity)
+    params = digits_model.trainable_vector()
+    store.save(SimpleNamespace(state_dict=lambda: {"params": params}, objective=None), {"round": 5})
+    store.close()
+    for path in (tmp_path / "node0" / "state.safetensors", saved_dir / "p2pft" / "node1.safetensors"):
+        with pytest.raises(BadInput, match=r"is p2pnode's own file \(a daemon's checkpoint or a --save model"):
+            build_model("vit_digits", num_classes=10, checkpoint=path)
