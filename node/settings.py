@@ -334,12 +334,16 @@ def load_config(path: str | Path) -> dict:
         import tomli as tomllib
 
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise BadInput(f"config file {p} does not exist")
+    if not p.is_file():
+        raise BadInput(f"config file {p} is not a file: give the path of a TOML file")
     try:
         raw = tomllib.loads(p.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise BadInput(f"config file {p} is not valid TOML: {e}") from None
+    except OSError as e:
+        raise BadInput(f"cannot read config file {p}: {e.strerror or e}") from None
     return {k.replace("-", "_"): v for k, v in raw.items()}
 
 

@@ -300,6 +300,13 @@ def test_a_config_file_value_of_the_wrong_type_exits_2_in_one_line(case, tmp_pat
     assert_one_error_line(code, out, err, message)
 
 
+def test_a_config_path_that_is_a_folder_or_missing_is_named_for_what_it_is(tmp_path, capsys):
+    assert main(["simulate", "--config", str(tmp_path)]) == 2
+    assert_one_error_line(2, *capsys.readouterr(), f"config file {tmp_path} is not a file")  # it said "does not exist"
+    assert main(["simulate", "--config", str(tmp_path / "none.toml")]) == 2
+    assert_one_error_line(2, *capsys.readouterr(), "none.toml does not exist")
+
+
 def test_a_config_file_gives_the_same_settings_as_the_flags(tmp_path):
     from p2pnode.node.settings import SimulateSettings, build_settings
 
