@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.nn import functional as F
 from torch.utils.data import Dataset, Subset, TensorDataset
 
@@ -98,6 +99,15 @@ def _stratified_split(labels: np.ndarray, test_fraction: float = 0.2) -> list[np
     return train_test_split(idx, test_size=test_fraction, stratify=strat, random_state=0)
 
 
+def _read_image(path: str) -> Image.Image:
+    """ImageFolder's loader, with a file that is not an image named in one line instead of PIL's traceback."""
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise BadInput(f"{path} is not a readable image ({type(e).__name__}): fix or remove it") from None
+
+
 def load_image_folder(
     root: Path, size: tuple[int, int, int], mean: tuple[float, ...], std: tuple[float, ...], augment: bool
 ) -> ImageData:
@@ -107,8 +117,8 @@ def load_image_folder(
     test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
     try:
         if train_dir.is_dir() and test_dir is not None:
-            train = ImageFolder(str(train_dir), transform=_transforms(size, mean, std, augment))
-            test = ImageFolder(str(test_dir), transform=_transforms(size, mean, std, False))
+            train = ImageFolder(str(train_dir), transform=_transforms(size, mean, std, augment), loader=_read_image)
+            test = ImageFolder(str(test_dir), transform=_transforms(size, mean, std, False), loader=_read_image)
             if test.classes != train.classes:
                 raise BadInput(f"{train_dir} and {test_dir} hold different class folders")
             return ImageData(
@@ -121,8 +131,8 @@ def load_image_folder(
                 train.classes,
             )
         whole = train_dir if train_dir.is_dir() else root  # ROOT/train alone: split it 80/20
-        full_train = ImageFolder(str(whole), transform=_transforms(size, mean, std, augment))
-        full_test = ImageFolder(str(whole), transform=_transforms(size, mean, std, False))
+        full_train = ImageFolder(str(whole), transform=_transforms(size, mean, std, augment), loader=_read_image)
+        full_test = ImageFolder(str(whole), transform=_transforms(size, mean, std, False), loader=_read_image)
     except (FileNotFoundError, RuntimeError) as e:
         raise BadInput(f"{root} is not an image folder ({e}); expected ROOT/CLASS/IMAGE files") from None
     labels = np.asarray(full_train.targets)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from p2pnode.cli.app import main
 from p2pnode.node.data import load_data, parse_class_set, parse_split, partition
 from p2pnode.node.errors import BadInput
 
@@ -308,6 +309,18 @@ def test_folder_without_images_raises_bad_input(tmp_path):
     (tmp_path / "empty" / "cat").mkdir(parents=True)
     with pytest.raises(BadInput, match="not an image folder"):
         load_data(str(tmp_path / "empty"), DIGITS_SIZE, DIGITS_MEAN, DIGITS_STD)
+
+
+def test_a_file_that_is_not_an_image_is_named_in_one_line_when_read(tmp_path, capsys):
+    root = tmp_path / "pics"
+    write_images(root / "train", CLASSES, 4)
+    write_images(root / "test", CLASSES, 2)
+    (root / "train" / "dog" / "broken.png").write_bytes(b"not a png")  # PIL's traceback before
+    data = load_data(str(root), DIGITS_SIZE, DIGITS_MEAN, DIGITS_STD)
+    with pytest.raises(BadInput, match=r"broken\.png is not a readable image \(UnidentifiedImageError\): fix or"):
+        [data.train[i] for i in range(len(data.train))]
+    code = main(["simulate", "--data", str(root), "--split", "iid", "--nodes", "2", "--epochs", "1"])
+    assert code == 2 and "broken.png is not a readable image" in capsys.readouterr().err
 
 
 def test_a_daemons_own_samples_are_its_classes_or_its_share_of_the_split():
