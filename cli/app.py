@@ -335,7 +335,15 @@ def status(
     addrs = _split_addrs(peers, "--peers", peer_id=True)
     if not addrs:
         raise BadInput("status needs --peers: the multiaddr of any peer of the run (e.g. the bootstrap peer)")
-    for table in status_tables(read_run_status(addrs, run_id, owner)):
+    run = read_run_status(addrs, run_id, owner)
+    if run.record is None and not run.infos:
+        console.print(
+            f"no records of run {run_id!r} in the DHT: none of its members is up, or check --run-id"
+            + ("" if owner else " (a closed run is read with its --owner)"),
+            soft_wrap=True,
+        )
+        return
+    for table in status_tables(run):
         _stdout().print(table)
 
 

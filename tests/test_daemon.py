@@ -124,6 +124,9 @@ def test_a_killed_node_is_dropped_by_a_new_epoch_and_status_lists_the_run(tmp_pa
         listed = capsys.readouterr().out
         assert "3 member(s)" in listed and "training" in listed, listed
         assert "coordinator" in listed and "joined" in listed
+        assert cli_main(["status", "--peers", addrs[0], "--run-id", "kil"]) == 0  # a typo: no empty tables
+        out, err = capsys.readouterr()
+        assert out == "" and "no records of run 'kil' in the DHT" in err, (out, err)
 
         os.killpg(procs[3].pid, signal.SIGKILL)  # the whole process group: the machine is gone
         killed = json.loads((tmp_path / "n2" / "state.json").read_text())["members"][2]
