@@ -154,6 +154,8 @@ def first_epoch(
         (m for m in infos if m.status == "joining" and compatible(m, me.fingerprint, me.settings_hash)),
         key=lambda m: m.sort_key,
     )
+    if previous is None:  # two peers on one share of --split: the first only (the other stops, see index_taken)
+        waiting = [m for k, m in enumerate(waiting) if not any(_same_share(m, o) for o in waiting[:k])]
     needed = nodes if previous is None or not settled else min(nodes, len(previous.members))
     if len(waiting) < needed:
         return None
@@ -177,4 +179,26 @@ def first_epoch(
         settings_hash=me.settings_hash,
         proposer=me.peer_id,
         created=time.time() if now is None else now,
+    )
+
+
+def _same_share(a: MemberInfo, b: MemberInfo) -> bool:
+    """Both take their data by the same --index of --split (no --classes of their own)."""
+    return a.index >= 0 and a.index == b.index and not a.classes and not b.classes
+
+
+def index_taken(infos: Iterable[MemberInfo], me: MemberInfo) -> MemberInfo | None:
+    """A peer waiting for a new run's first epoch with this node's --index and before it in order: two
+    volunteers given the same --index would train one share of --split twice and leave another untrained."""
+    return next(
+        (
+            m
+            for m in infos
+            if m.peer_id != me.peer_id
+            and m.status == "joining"
+            and _same_share(m, me)
+            and m.sort_key < me.sort_key
+            and compatible(m, me.fingerprint, me.settings_hash)
+        ),
+        None,
     )

@@ -310,6 +310,12 @@ class MembershipAgent:
                     f"run {run_id!r} has finished (its members are done): there is nothing to join; "
                     "start a new run with another --run-id"
                 )
+            taken = epochs.index_taken(infos, me) if record is None else None
+            if taken is not None:
+                raise BadInput(
+                    f"peer {taken.peer_id[-8:]} already takes --index {me.index} in run {run_id!r}: give this node "
+                    f"another --index (0-{nodes - 1}), or its own --classes"
+                )
             if record is None or stale:
                 settled = loop.time() >= settle_at
                 proposal = epochs.first_epoch(infos, me, nodes, schedule, record if stale else None, settled=settled)

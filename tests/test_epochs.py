@@ -155,6 +155,25 @@ def test_epoch_zero_waits_for_enough_peers_and_is_proposed_by_the_first_in_order
     assert first.members == ("A", "B") and first.number == 0 and first.rounds == 500
 
 
+def test_a_second_peer_on_one_index_of_the_split_is_left_out_of_epoch_zero_and_told_to_change_it():
+    a, b, c = info("A", "joining", 0, index=0), info("B", "joining", 0, index=0), info("C", "joining", 0, index=1)
+    assert epochs.first_epoch([a, b], a, 2, schedule) is None  # one share of the split is not two members
+    assert epochs.first_epoch([a, b, c], a, 2, schedule).members == ("A", "C")  # was ("A", "B"): C's share untrained
+    assert epochs.index_taken([a, b, c], b) is a
+    assert epochs.index_taken([a, b, c], a) is None and epochs.index_taken([a, b, c], c) is None
+    own = dataclasses.replace(b, classes="2-3")  # its own --classes: --index only orders the members
+    assert epochs.index_taken([a, own], own) is None
+    assert epochs.first_epoch([a, own], a, 2, schedule).members == ("A", "B")
+    assert epochs.index_taken([dataclasses.replace(a, status="training"), b], b) is None  # a run in progress
+
+    membership = RecordedMembership([a, b], [])
+    agent = MembershipAgent(membership, b, heartbeat=0.05)
+    started = time.monotonic()
+    with pytest.raises(BadInput, match=r"peer A already takes --index 0 in run 'run': give this node another"):
+        asyncio.run(agent.wait_for_epoch("run", 3, schedule, 30.0, lambda: False))  # before: --join-timeout
+    assert time.monotonic() - started < 5.0
+
+
 def test_a_whole_run_restarted_from_checkpoints_starts_at_the_furthest_round_with_its_schedule():
     old = record("AB", number=4, rounds=800)
     peers = [info("A", "joining", 120), info("B", "joining", 130)]
