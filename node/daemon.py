@@ -370,6 +370,7 @@ class Node:
                 raise
             return result
         if record is None:
+            logger.info("stopped before the run started: nothing trained, nothing to keep")
             return None
         await self._start_training(record)
         self.log.started = time.perf_counter()
