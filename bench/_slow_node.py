@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import statistics
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 
@@ -42,3 +43,30 @@ def run_factor_cases(
         with open(args.json, "w") as out:
             json.dump(runs, out, indent=1)
     return pairs, runs
+
+
+def paced_node_accuracy(make: Callable[[Objective], Objective], factor: float, seed: int, epochs: int) -> list[float]:
+    """Each node's accuracy after a P2P-FT `simulate --sync async --slow 3:FACTOR` run (one torch thread)
+    whose node 3 is paced (`--pace-batch`) and then wrapped by `make`."""
+    import torch
+
+    from p2pnode.node.pace import slow_objective
+    from p2pnode.node.settings import SimulateSettings
+
+    torch.set_num_threads(1)
+
+    def paced(objective: Objective, factor_: float, pace_batch: bool) -> Objective:
+        return make(slow_objective(objective, factor_, pace_batch=True))
+
+    settings = SimulateSettings(epochs=epochs, seed=seed, sync="async", slow=[f"3:{factor:g}"])
+    with slow_node_as(paced):
+        return simulator.Simulation(settings.validate()).run("p2pft").accuracy
+
+
+def print_case_table(pairs: list[tuple[float, int]], runs: list[dict], name: str, header: str) -> None:
+    """A markdown row per (factor, runs[name]) case: each seed's mean accuracy and their mean."""
+    print(f"| slow node | {header} | seeds (%) | mean |")
+    print("|---|---|---|---|")
+    for f, n in pairs:
+        acc = [100 * statistics.mean(r["accuracy"]) for r in runs if r["factor"] == f and r[name] == n]
+        print(f"| {f:g}x | {n} | {' / '.join(f'{a:.1f}' for a in acc)} | {statistics.mean(acc):.1f} |")

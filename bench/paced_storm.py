@@ -17,15 +17,11 @@ node's latest value, so the fixed point is unchanged. 40 epochs, one torch threa
 
 from __future__ import annotations
 
-import statistics
-
 import torch
-from _slow_node import run_factor_cases, slow_node_as
+from _slow_node import paced_node_accuracy, print_case_table, run_factor_cases
 
-from p2pnode.node import simulator
 from p2pnode.node.algorithms.base import Objective
-from p2pnode.node.pace import ObjectiveWrapper, slow_objective, unwrapped
-from p2pnode.node.settings import SimulateSettings
+from p2pnode.node.pace import ObjectiveWrapper, unwrapped
 
 
 class StormGradients(ObjectiveWrapper):
@@ -56,24 +52,13 @@ class StormGradients(ObjectiveWrapper):
 
 def run(case: tuple[float, int, int, int]) -> dict:
     factor, a_percent, seed, epochs = case
-    torch.set_num_threads(1)
-
-    def storm(objective: Objective, factor_: float, pace_batch: bool) -> Objective:
-        return StormGradients(slow_objective(objective, factor_, pace_batch=True), a_percent / 100)
-
-    settings = SimulateSettings(epochs=epochs, seed=seed, sync="async", slow=[f"3:{factor:g}"])
-    with slow_node_as(storm):
-        result = simulator.Simulation(settings.validate()).run("p2pft")
-    return {"factor": factor, "a_percent": a_percent, "seed": seed, "accuracy": result.accuracy}
+    accuracy = paced_node_accuracy(lambda objective: StormGradients(objective, a_percent / 100), factor, seed, epochs)
+    return {"factor": factor, "a_percent": a_percent, "seed": seed, "accuracy": accuracy}
 
 
 def main() -> None:
     pairs, runs = run_factor_cases(__doc__.splitlines()[0], "10:100,10:10,10:30", "A_PERCENT", run)
-    print("| slow node | A (%) | seeds (%) | mean |")
-    print("|---|---|---|---|")
-    for f, a in pairs:
-        acc = [100 * statistics.mean(r["accuracy"]) for r in runs if r["factor"] == f and r["a_percent"] == a]
-        print(f"| {f:g}x | {a} | {' / '.join(f'{x:.1f}' for x in acc)} | {statistics.mean(acc):.1f} |")
+    print_case_table(pairs, runs, "a_percent", "A (%)")
 
 
 if __name__ == "__main__":

@@ -12,16 +12,13 @@ behind every value, the oldest W - 1 rounds old. The tracker still sums each nod
 
 from __future__ import annotations
 
-import statistics
 from collections import deque
 
 import torch
-from _slow_node import run_factor_cases, slow_node_as
+from _slow_node import paced_node_accuracy, print_case_table, run_factor_cases
 
-from p2pnode.node import simulator
 from p2pnode.node.algorithms.base import Objective
-from p2pnode.node.pace import ObjectiveWrapper, slow_objective
-from p2pnode.node.settings import SimulateSettings
+from p2pnode.node.pace import ObjectiveWrapper
 
 
 class WindowedGradients(ObjectiveWrapper):
@@ -39,24 +36,13 @@ class WindowedGradients(ObjectiveWrapper):
 
 def run(case: tuple[float, int, int, int]) -> dict:
     factor, window, seed, epochs = case
-    torch.set_num_threads(1)
-
-    def windowed(objective: Objective, factor_: float, pace_batch: bool) -> Objective:
-        return WindowedGradients(slow_objective(objective, factor_, pace_batch=True), window)
-
-    settings = SimulateSettings(epochs=epochs, seed=seed, sync="async", slow=[f"3:{factor:g}"])
-    with slow_node_as(windowed):
-        result = simulator.Simulation(settings.validate()).run("p2pft")
-    return {"factor": factor, "window": window, "seed": seed, "accuracy": result.accuracy}
+    accuracy = paced_node_accuracy(lambda objective: WindowedGradients(objective, window), factor, seed, epochs)
+    return {"factor": factor, "window": window, "seed": seed, "accuracy": accuracy}
 
 
 def main() -> None:
     pairs, runs = run_factor_cases(__doc__.splitlines()[0], "5:1,5:3,10:1,10:4,10:10", "WINDOW", run)
-    print("| slow node | window (rounds) | seeds (%) | mean |")
-    print("|---|---|---|---|")
-    for f, w in pairs:
-        acc = [100 * statistics.mean(r["accuracy"]) for r in runs if r["factor"] == f and r["window"] == w]
-        print(f"| {f:g}x | {w} | {' / '.join(f'{a:.1f}' for a in acc)} | {statistics.mean(acc):.1f} |")
+    print_case_table(pairs, runs, "window", "window (rounds)")
 
 
 if __name__ == "__main__":
