@@ -168,6 +168,14 @@ class RunSettings:
                         f"{name} merges with doubly stochastic weights, which need an undirected topology: "
                         f"{topo.name} is directed; use ring, complete or an edge-list file with A <-> B links"
                     )
+        names = [self.algorithm, *getattr(self, "compare", [])]
+        merging = [name for name in names if "merge" in ALGORITHMS[name].phases]
+        first_merge = self.merge_every * (self.warmup_epochs // self.merge_every + 1)  # DIMAT.is_merge's first epoch
+        if merging and first_merge > self.epochs:
+            raise BadInput(
+                f"{merging[0]} would never merge: with --warmup-epochs {self.warmup_epochs} and --merge-every "
+                f"{self.merge_every} its first merge ends epoch {first_merge}, past --epochs {self.epochs}"
+            )
         if self.augment:
             self.cache_features = False
         return self

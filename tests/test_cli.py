@@ -46,6 +46,15 @@ ERROR_CASES = {
     "nan-weight-decay": (["--weight-decay", "nan"], "--weight-decay must be a finite number (got nan)"),
     "negative-seed": (["--seed", "-5"], "--seed must be a whole number >= 0 (got -5)"),
     "negative-model-seed": (["--model-seed", "-1"], "--model-seed must be a whole number >= 0"),
+    "dimat-warmup-past-the-run": (  # ran as Local-FT under DIMAT's name
+        ["--algorithm", "dimat", "--topology", "ring", "--warmup-epochs", "1"],
+        "dimat would never merge: with --warmup-epochs 1 and --merge-every 1 its first merge ends epoch 2, past "
+        "--epochs 1",
+    ),
+    "wa-compared-merge-period-past-the-run": (
+        ["--compare", "wa", "--topology", "ring", "--merge-every", "2"],
+        "wa would never merge",
+    ),
 }
 
 
