@@ -191,9 +191,14 @@ class Invitation:
 
 def make_invitation(owner: rsa.RSAPrivateKey, run_id: str, peer_id: str, expires: float) -> Invitation:
     try:
-        multihash.decode(PeerID.from_base58(peer_id).to_bytes())
+        digest = multihash.decode(PeerID.from_base58(peer_id).to_bytes())
     except Exception:
         raise AdmissionError(f"--peer {peer_id!r} is not a peer id (the peer-id line of `p2pnode keygen`)") from None
+    if digest.name == "id":  # the key itself inlined (Ed25519, 12D3Koo...): a closed run's members hold RSA keys
+        raise AdmissionError(
+            f"--peer {peer_id} names a key that cannot join a closed run (not RSA): invite the peer-id line "
+            "of the volunteer's `p2pnode keygen` (Qm...)"
+        )
     unsigned = Invitation(run_id, peer_id, int(expires), secrets.token_hex(8))
     return dataclasses.replace(unsigned, signature=_sign(owner, unsigned.body()))
 

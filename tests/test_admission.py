@@ -120,6 +120,13 @@ def test_a_revocation_counts_only_when_the_owner_signed_it_for_this_run(keys):
     assert not admission.admitted(pid(keys["alice"]))
 
 
+def test_an_invitation_for_a_peer_id_no_keygen_key_can_have_is_refused(keys):
+    ed25519 = "12D3KooWQRGq2Z3Lc4NRhQMEazmfZL1gNd4odq4vCEtSCfc8StdX"  # a p2pd default identity
+    with pytest.raises(AdmissionError, match=r"cannot join a closed run \(not RSA\): invite the peer-id line"):
+        make_invitation(keys["owner"], RUN, ed25519, time.time() + 60)  # was signed, then useless
+    assert make_invitation(keys["owner"], RUN, pid(keys["alice"]), time.time() + 60).peer_id.startswith("Qm")
+
+
 def test_durations_and_bad_owner_keys_give_one_line_reasons():
     assert parse_duration("30d") == 30 * 86400 and parse_duration("90m") == 5400
     for bad in ("30", "-1d", "3x", "d"):
