@@ -70,9 +70,17 @@ def run_access(run_id: str, owner: str | None, invite: str | None, identity: str
         key = load_private_key(identity)
         peer_id = peer_id_of(key.public_key())
         invitation = Invitation.read(invite)
-        check_invitation(invitation, owner_key, run_id, peer_id)
     except AdmissionError as e:
         raise BadInput(str(e)) from None
+    try:
+        check_invitation(invitation, owner_key, run_id, peer_id)
+    except AdmissionError as e:  # what this volunteer can do about it
+        hint = (
+            f"start with the --identity it was made for, or send the owner this key's peer id {peer_id}"
+            if invitation.peer_id != peer_id
+            else "ask the run's owner for a new invitation"
+        )
+        raise BadInput(f"{e}: {hint}") from None
     logger.info("closed run %r: invitation %s for this peer", run_id, invitation.serial)
     return RunAccess(dht_signing_key(key), Admission(run_id, owner), invitation.to_json())
 

@@ -23,6 +23,7 @@ from p2pnode.protocol.admission import (
     check_invitation,
     dht_signing_key,
     generate_key_file,
+    load_private_key,
     make_invitation,
     make_revocation,
     parse_duration,
@@ -244,6 +245,9 @@ def test_start_refuses_bad_closed_run_credentials_with_one_line(tmp_path, keys, 
     generate_key_file(identity)
     not_a_key = tmp_path / "notes.txt"
     not_a_key.write_text("not a key\n")
+    expired = tmp_path / "expired.json"
+    alice = peer_id_of(load_private_key(identity).public_key())
+    expired.write_text(make_invitation(keys["owner"], RUN, alice, time.time() - 1).to_json())
     owner = owner_token(keys)
     cases = [
         (["--invite", str(inv_path)], "also give the run's --owner"),
@@ -252,7 +256,11 @@ def test_start_refuses_bad_closed_run_credentials_with_one_line(tmp_path, keys, 
         (["--owner", "rsa:AAAA", "--invite", str(inv_path)], "--owner is not a valid public key"),
         (["--owner", owner], "give your invitation with --invite"),
         (["--owner", owner, "--invite", str(inv_path)], "needs --identity"),
-        (["--owner", owner, "--invite", str(inv_path), "--identity", str(identity)], "names peer"),
+        (
+            ["--owner", owner, "--invite", str(inv_path), "--identity", str(identity)],
+            "start with the --identity it was made for, or send the owner this key's peer id Qm",
+        ),
+        (["--owner", owner, "--invite", str(expired), "--identity", str(identity)], "ask the run's owner for a new"),
         (["--owner", owner, "--invite", str(tmp_path / "none"), "--identity", str(identity)], "cannot read invitation"),
     ]
     for flags, reason in cases:
