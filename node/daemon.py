@@ -201,6 +201,7 @@ class Node:
             samples=len(self.indices),
             index=s.index,
             classes=s.classes or "",
+            settings=s.shown_run_fields(),
             invitation=self.access.invitation,
             contributions=self.contributions.view,
         )

@@ -34,6 +34,16 @@ STALL_BEATS = 3  # this process heard nothing of its own loops for this many hea
 WAKE_GRACE_BEATS = 5  # after such a stall, reads finding nobody count towards going on alone only this much later
 
 
+def settings_differences(theirs: dict[str, str], ours: dict[str, str], most: int = 4) -> str:
+    """'--epochs 10 there, 40 here; --lr ...' for the run settings two peers show differently ('' if
+    either shows none: an older peer)."""
+    if not theirs or not ours:
+        return ""
+    names = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
+    shown = [f"--{k.replace('_', '-')} {theirs.get(k, '(none)')} there, {ours.get(k, '(none)')} here" for k in names]
+    return "; ".join(shown[:most]) + (f"; {len(shown) - most} more" if len(shown) > most else "")
+
+
 class MembershipAgent:
     """Heartbeats, epoch records and the coordinator role of one node. Build with `await create(...)`."""
 
@@ -343,6 +353,10 @@ class MembershipAgent:
             refused.add(m.peer_id)
             what = "trunk fingerprint" if m.fingerprint != me.fingerprint else "settings"
             theirs, ours = (m.fingerprint, me.fingerprint) if what[0] == "t" else (m.settings_hash, me.settings_hash)
+            differ = settings_differences(m.settings, me.settings) if what == "settings" else ""
             logger.warning(
-                "refusing peer %s: its %s differ from this run's (%s vs %s)", m.peer_id[-8:], what, theirs, ours
+                "refusing peer %s: its %s differ from this run's (%s)",
+                m.peer_id[-8:],
+                what,
+                differ or f"{theirs} vs {ours}",
             )

@@ -195,6 +195,10 @@ class RunSettings:
         shared = {f.name for f in fields(RunSettings)} - local
         return {k: v for k, v in asdict(self).items() if k in shared}
 
+    def shown_run_fields(self) -> dict[str, str]:
+        """`run_fields` as text, as a refused peer's differences are shown (lists joined by commas)."""
+        return {k: ",".join(map(str, v)) if isinstance(v, list) else str(v) for k, v in self.run_fields().items()}
+
     def settings_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.run_fields(), sort_keys=True).encode()).hexdigest()[:16]
 

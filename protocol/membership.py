@@ -65,7 +65,7 @@ class _MemberRecord(_Compatible):
     step_seconds: pydantic.StrictFloat
     # `batch` (MemberInfo) is not declared: hivemind's SchemaValidator refuses a record whose parsed form
     # differs from the one stored, so a defaulted field would refuse every older peer's heartbeat (one
-    # without it). It passes as an extra field, and `MemberInfo.from_dict` checks its type.
+    # without it). It passes as an extra field, and `MemberInfo.from_dict` checks its type; so does `settings`.
     bytes_sent: pydantic.StrictInt
     classes: pydantic.StrictStr
     invitation: pydantic.StrictStr
@@ -118,6 +118,7 @@ class MemberInfo:
     accuracy: float = -1.0
     step_seconds: float = 0.0  # how long one gradient takes on this node, median of its last ones (0: not yet)
     batch: int = 0  # the mini-batch of its gradients now: below --batch-size while paced (0: not said, an older peer)
+    settings: dict[str, str] = field(default_factory=dict)  # its run settings, shown: what a refused peer differs in
     bytes_sent: int = 0
     classes: str = ""
     invitation: str = ""  # closed runs: the owner's invitation for this peer id (JSON)
@@ -132,10 +133,14 @@ class MemberInfo:
     @classmethod
     def from_dict(cls, d: dict) -> MemberInfo:
         """A record as read from the DHT; fields this version does not know (a newer peer's) are left out,
-        and so is a `batch` that is not an integer (the schema cannot check it)."""
+        and so are a `batch` that is not an integer and `settings` that are not text to text (the schema
+        cannot check them)."""
         known = {k: v for k, v in d.items() if k in _MEMBER_FIELDS}
         if type(known.get("batch", 0)) is not int:
             del known["batch"]
+        shown = known.get("settings", {})
+        if not isinstance(shown, dict) or not all(isinstance(v, str) for v in [*shown, *shown.values()]):
+            del known["settings"]
         return cls(**known)
 
 

@@ -13,7 +13,7 @@ from p2pnode.node import epochs
 from p2pnode.node.driver import RoundDriver
 from p2pnode.node.errors import BadInput, RunFinished
 from p2pnode.node.finish import FINISHED_WITHOUT_THIS_NODE
-from p2pnode.node.membership import WAKE_GRACE_BEATS, MembershipAgent
+from p2pnode.node.membership import WAKE_GRACE_BEATS, MembershipAgent, settings_differences
 from p2pnode.protocol.membership import EpochRecord, MemberInfo
 
 FP, SH = "trunk", "settings"
@@ -172,6 +172,21 @@ def test_a_second_peer_on_one_index_of_the_split_is_left_out_of_epoch_zero_and_t
     with pytest.raises(BadInput, match=r"peer A already takes --index 0 in run 'run': give this node another"):
         asyncio.run(agent.wait_for_epoch("run", 3, schedule, 30.0, lambda: False))  # before: --join-timeout
     assert time.monotonic() - started < 5.0
+
+
+def test_a_peer_refused_for_its_settings_is_told_which_ones_differ(caplog):
+    ours = {"epochs": "40", "lr": "0.01", "model": "vit_digits", "codec": "int8"}
+    theirs = {**ours, "epochs": "10", "lr": "0.05"}
+    assert settings_differences(theirs, ours) == "--epochs 10 there, 40 here; --lr 0.05 there, 0.01 here"
+    assert settings_differences(theirs, {}) == ""  # an older peer shows none: only the hashes then
+    many = {k: "x" for k in ours} | {"seed": "1"}
+    assert settings_differences(many, ours, most=2).endswith("; 3 more")
+    me = info("A", "joining", 0, settings=ours)
+    other = dataclasses.replace(info("B", "joining", 0, settings=theirs), settings_hash="other")
+    agent = MembershipAgent(RecordedMembership([me, other], []), me, heartbeat=0.05)
+    with caplog.at_level("WARNING"):
+        agent._log_refused([me, other], set())
+    assert "refusing peer B: its settings differ from this run's (--epochs 10 there, 40 here; --lr" in caplog.text
 
 
 def test_a_whole_run_restarted_from_checkpoints_starts_at_the_furthest_round_with_its_schedule():

@@ -63,6 +63,16 @@ def test_an_older_peers_heartbeat_without_a_batch_is_stored_and_a_batch_of_the_w
         assert MemberInfo.from_dict({**member(), "batch": wrong}).batch == 0
 
 
+def test_a_heartbeat_shows_its_settings_and_one_without_them_or_with_wrong_ones_is_still_read(validators):
+    shown = {**member(), "settings": {"epochs": "40", "lr": "0.01"}}
+    assert stored(validators, "members", shown)
+    assert MemberInfo.from_dict(shown).settings == {"epochs": "40", "lr": "0.01"}
+    older = {k: v for k, v in member().items() if k != "settings"}
+    assert stored(validators, "members", older) and MemberInfo.from_dict(older).settings == {}
+    for wrong in ("epochs=40", {"epochs": 40}, {3: "x"}, [["epochs", "40"]]):  # read as not shown
+        assert MemberInfo.from_dict({**member(), "settings": wrong}).settings == {}
+
+
 def test_known_fields_keep_their_strict_types(validators):
     assert not stored(validators, "members", {**member(), "round": "3"})
     assert not stored(validators, "members", {**member(), "samples": 3.0})
