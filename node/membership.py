@@ -351,12 +351,10 @@ class MembershipAgent:
             if m.peer_id in refused or epochs.compatible(m, me.fingerprint, me.settings_hash):
                 continue
             refused.add(m.peer_id)
-            what = "trunk fingerprint" if m.fingerprint != me.fingerprint else "settings"
-            theirs, ours = (m.fingerprint, me.fingerprint) if what[0] == "t" else (m.settings_hash, me.settings_hash)
-            differ = settings_differences(m.settings, me.settings) if what == "settings" else ""
-            logger.warning(
-                "refusing peer %s: its %s differ from this run's (%s)",
-                m.peer_id[-8:],
-                what,
-                differ or f"{theirs} vs {ours}",
-            )
+            differ = settings_differences(m.settings, me.settings)
+            if m.fingerprint != me.fingerprint:  # the frozen trunk's weights: --model, --model-seed, the weights file
+                same = "the same settings: another --checkpoint file or pretrained weights" if m.settings else ""
+                detail, what = differ or same or f"{m.fingerprint} vs {me.fingerprint}", "trunk differs"
+            else:
+                detail, what = differ or f"{m.settings_hash} vs {me.settings_hash}", "settings differ"
+            logger.warning("refusing peer %s: its %s from this run's (%s)", m.peer_id[-8:], what, detail)

@@ -187,6 +187,12 @@ def test_a_peer_refused_for_its_settings_is_told_which_ones_differ(caplog):
     with caplog.at_level("WARNING"):
         agent._log_refused([me, other], set())
     assert "refusing peer B: its settings differ from this run's (--epochs 10 there, 40 here; --lr" in caplog.text
+    seeded = dataclasses.replace(info("C", "joining", 0, settings={**ours, "model_seed": "1"}), fingerprint="other")
+    weights = dataclasses.replace(info("D", "joining", 0, settings=ours), fingerprint="other")
+    with caplog.at_level("WARNING"):
+        agent._log_refused([seeded, weights], set())
+    assert "refusing peer C: its trunk differs from this run's (--model-seed 1 there, (none) here)" in caplog.text
+    assert "refusing peer D: its trunk differs from this run's (the same settings: another --checkpoint" in caplog.text
 
 
 def test_a_whole_run_restarted_from_checkpoints_starts_at_the_furthest_round_with_its_schedule():
