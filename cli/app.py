@@ -76,7 +76,10 @@ def _progress() -> Iterator[Callable[[str, int, int, str], None]]:
 
 SaveDir = Annotated[
     Path | None,
-    typer.Option(help="write each node's final trainable parameters per algorithm here (read by `p2pnode attention`)"),
+    typer.Option(
+        help="write each node's final trainable parameters per algorithm here (read by `p2pnode attention`); "
+        "an earlier run's models there move to DIR/set-aside-TIME/"
+    ),
 ]
 JsonPath = Annotated[Path | None, typer.Option("--json", help="write results and settings as JSON")]
 PlotPath = Annotated[Path | None, typer.Option(help="write accuracy against epoch as an image")]

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from .errors import BadInput
 from .models import SAVED_MODEL_FORMAT, FineTuneModel
 from .settings import RunSettings
-from .state_store import SET_ASIDE
+from .state_store import SET_ASIDE, set_aside_run_files
 
 if TYPE_CHECKING:
     from .simulator import Simulation
@@ -118,6 +118,15 @@ def save_models(
         write_atomically(folder / f"node{i}.json", lambda tmp, m=meta: tmp.write_text(json.dumps(m, indent=1)))
         written.append(folder / f"node{i}.json")
     return written
+
+
+def set_aside_saved_models(directory: str | Path) -> Path | None:
+    """A `--save` directory used before: the earlier run's algorithm folders move into `set-aside-<time>/`
+    there (which readers skip), so that one directory never mixes two runs' models."""
+    root = Path(directory)
+    folders = [p for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
+    earlier = [p.name for p in folders if not p.name.startswith(SET_ASIDE) and any(p.glob("node*.json"))]
+    return set_aside_run_files(root, "an earlier run's saved models", earlier)
 
 
 def save_simulation_run(directory: str | Path, sim: Simulation, name: str) -> list[Path]:

@@ -388,10 +388,12 @@ def simulate(
 ) -> SimulationResult:
     """Run `settings.algorithm` and every algorithm in `settings.compare` on the same data and model;
     with `save`, write each node's final parameters there per algorithm (`p2pnode attention` reads them)."""
-    from .saved_models import save_simulation_run
+    from .saved_models import save_simulation_run, set_aside_saved_models
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     sim = Simulation(settings, on_cache)
+    if save is not None:
+        set_aside_saved_models(save)
     names = list(dict.fromkeys([settings.algorithm, *settings.compare]))
     results = {}
     for name in names:

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -42,10 +43,10 @@ SET_ASIDE = "set-aside-"  # prefix of the folders that keep another run's files
 RUN_FILES = ("state.safetensors", "state.json", "progress.json", "result.json")  # what one run leaves
 
 
-def set_aside_run_files(state_dir: Path, why: str, names: tuple[str, ...] = RUN_FILES) -> Path | None:
-    """Move the files of `names` present in `state_dir` into a new `set-aside-<time>/` there (None if
-    there are none), and say so."""
-    present = [name for name in names if (state_dir / name).is_file()]
+def set_aside_run_files(state_dir: Path, why: str, names: Iterable[str] = RUN_FILES) -> Path | None:
+    """Move the files (or folders) of `names` present in `state_dir` into a new `set-aside-<time>/` there
+    (None if there are none), and say so."""
+    present = [name for name in names if (state_dir / name).exists()]
     if not present:
         return None
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -56,7 +57,7 @@ def set_aside_run_files(state_dir: Path, why: str, names: tuple[str, ...] = RUN_
     target.mkdir()
     for name in present:
         os.replace(state_dir / name, target / name)
-    logger.warning("not resuming from %s: %s; its files are kept in %s", state_dir, why, target)
+    logger.warning("%s: %s; its files are kept in %s", state_dir, why, target)
     return target
 
 
@@ -225,7 +226,7 @@ class StateStore:
             self._move_aside(f"its checkpoint's {', '.join(differs)} differ from this run's")
 
     def _move_aside(self, why: str) -> None:
-        self.set_aside = set_aside_run_files(self.dir, why)
+        self.set_aside = set_aside_run_files(self.dir, f"not resuming: {why}")
 
     def _matches(self, meta: dict) -> bool:
         return all(meta.get(k) == v for k, v in self.identity.items())

@@ -27,7 +27,7 @@ from .churn import ChurnEvent, initial_members, parse_churn
 from .data import parse_split
 from .errors import BadInput
 from .netlab import exited_unreaped
-from .saved_models import save_simulation_run, save_state_dirs
+from .saved_models import save_simulation_run, save_state_dirs, set_aside_saved_models
 from .settings import RunSettings, TestnetSettings, parse_slow, to_flags
 from .simulator import AlgorithmResult, SimulationResult
 from .state_store import RUN_FILES, set_aside_run_files
@@ -518,6 +518,7 @@ def _collect(
         shared["nodes"], shared["node_ids"] = len(took_part), took_part
     out = {s.algorithm: algo}
     if save is not None:
+        set_aside_saved_models(save)
         save_state_dirs(save, {i: fleet.state(i) for i in took_part})  # the daemons, named by node
     if s.compare:  # references the daemons cannot run (central) or that are not the point: in-process
         from .simulator import Simulation

@@ -276,6 +276,18 @@ def test_simulation_runs_are_saved_per_algorithm_and_read_back(tmp_path):
     assert report["layout"] == [2, 3] and report["similarity_to_central"]["central"] == pytest.approx(1.0)
 
 
+def test_a_reused_save_directory_holds_only_the_last_runs_models(tmp_path):
+    from p2pnode.node.simulator import simulate
+
+    simulate(SimulateSettings(epochs=1, batch_size=512, compare=["local"]).validate(), save=tmp_path)
+    simulate(SimulateSettings(epochs=1, batch_size=512, nodes=2, split="0-4,5-9").validate(), save=tmp_path)
+    saved = load_saved_models(tmp_path)  # was: p2pft nodes 2 and 3 and every local node of the first run too
+    assert sorted((s.algorithm, s.node, s.settings["nodes"]) for s in saved) == [("p2pft", 0, 2), ("p2pft", 1, 2)]
+    (kept,) = tmp_path.glob("set-aside-*")
+    assert sorted(p.name for p in kept.iterdir()) == ["local", "p2pft"]
+    assert len(load_saved_models(kept)) == 8  # the first run, readable where it was put
+
+
 def test_attention_command_writes_the_png(saved_dir, tmp_path):
     import typer
     from typer.testing import CliRunner
