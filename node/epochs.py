@@ -154,8 +154,8 @@ def first_epoch(
         (m for m in infos if m.status == "joining" and compatible(m, me.fingerprint, me.settings_hash)),
         key=lambda m: m.sort_key,
     )
-    if previous is None:  # two peers on one share of --split: the first only (the other stops, see index_taken)
-        waiting = [m for k, m in enumerate(waiting) if not any(_same_share(m, o) for o in waiting[:k])]
+    if previous is None:  # two peers on one share of --split: the first only (the other stops at index_taken)
+        waiting = [m for m in waiting if index_taken(waiting, m) is None]
     needed = nodes if previous is None or not settled else min(nodes, len(previous.members))
     if len(waiting) < needed:
         return None

@@ -274,21 +274,16 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
     """Load local weights; a classifier of another class count is skipped (the head is new)."""
     path = Path(path)
     state = _read_state_dict(path)
-    if _is_p2pnode_file(path):
-        raise BadInput(
-            f"checkpoint {path} is p2pnode's own file (a daemon's checkpoint or a --save model: the trained "
-            "block only), not a model's weights; --checkpoint takes a timm state dict, and `p2pnode attention` "
-            "reads p2pnode's files"
-        )
     own = model.state_dict()
     classifier = model.get_classifier()
     head_names = {n for n, p in model.named_parameters() if any(p is q for q in classifier.parameters())}
     state = {k: v for k, v in state.items() if not (k in head_names and v.shape != own.get(k, v).shape)}
     wrong = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
     if wrong:
-        raise BadInput(
-            f"checkpoint {path} does not fit the model: {wrong[0]} has shape "
-            f"{tuple(state[wrong[0]].shape)}, expected {tuple(own[wrong[0]].shape)}"
+        raise _misfit(
+            path,
+            f"does not fit the model: {wrong[0]} has shape {tuple(state[wrong[0]].shape)}, "
+            f"expected {tuple(own[wrong[0]].shape)}",
         )
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if k not in head_names]
@@ -298,7 +293,18 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
             if missing
             else (f"has {len(result.unexpected_keys)} unknown tensors (e.g. {result.unexpected_keys[0]})")
         )
-        raise BadInput(f"checkpoint {path} {what}: was it saved from another architecture?")
+        raise _misfit(path, f"{what}: was it saved from another architecture?")
+
+
+def _misfit(path: Path, what: str) -> BadInput:
+    """Why these weights do not fit: p2pnode's own files (only looked for once they do not) named as such."""
+    if _is_p2pnode_file(path):
+        return BadInput(
+            f"checkpoint {path} is p2pnode's own file (a daemon's checkpoint or a --save model: the trained "
+            "block only), not a model's weights; --checkpoint takes a timm state dict, and `p2pnode attention` "
+            "reads p2pnode's files"
+        )
+    return BadInput(f"checkpoint {path} {what}")
 
 
 def build_model(

@@ -38,7 +38,6 @@ from .pace import unwrapped
 logger = logging.getLogger(__name__)
 
 IDENTITY_FIELDS = ("run_id", "fingerprint", "settings_hash")
-HEADER_KEY = CHECKPOINT_HEADER_KEY  # the checkpoint's metadata (JSON) in state.safetensors' header
 SET_ASIDE = "set-aside-"  # prefix of the folders that keep another run's files
 RUN_FILES = ("state.safetensors", "state.json", "progress.json", "result.json")  # what one run leaves
 
@@ -157,7 +156,7 @@ class StateStore:
         meta = {**self.identity, **meta}
         tmp = self.dir / "state.safetensors.tmp"
         try:
-            save_file(state, str(tmp), metadata={HEADER_KEY: json.dumps(meta)})
+            save_file(state, str(tmp), metadata={CHECKPOINT_HEADER_KEY: json.dumps(meta)})
             os.replace(tmp, self.dir / "state.safetensors")
         except (OSError, SafetensorError) as e:
             self._failed_write(f"the checkpoint of round {meta.get('round', '?')}", tmp, e)
@@ -207,7 +206,7 @@ class StateStore:
         try:
             if tensors.is_file():
                 with safe_open(str(tensors), framework="pt") as f:
-                    header = (f.metadata() or {}).get(HEADER_KEY)
+                    header = (f.metadata() or {}).get(CHECKPOINT_HEADER_KEY)
                 if header is not None:
                     return json.loads(header)
             return json.loads(copy.read_text()) if copy.is_file() else None
