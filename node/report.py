@@ -1,10 +1,11 @@
 """Presenting results: the Table I-style per-node table, the JSON file and the accuracy plot.
 
-Nodes are shown 1-based ("node 4" is id 3 in `--churn`). With churn, a node that was not in the run
-the whole time gets a note in the table's `membership` row (rounds: "left @200, joined @400"), a `*`
-on its accuracy if it was out at the end (the accuracy it had when it left), and in the plot a line
-only over the epochs it was a member, with membership changes marked by vertical lines. A Byzantine
-node (`--attack`) is marked "(B)" in the header, and the mean is then over the honest nodes only.
+Nodes are shown by their id, 0-based as in every flag, log and `nodeI` folder ("node 3" is the node of
+`--churn leave:3@200` and `--slow 3:5`). With churn, a node that was not in the run the whole time gets
+a note in the table's `membership` row (rounds: "left @200, joined @400"), a `*` on its accuracy if it
+was out at the end (the accuracy it had when it left), and in the plot a line only over the epochs it
+was a member, with membership changes marked by vertical lines. A Byzantine node (`--attack`) is marked
+"(B)" in the header, and the mean is then over the honest nodes only.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def results_table(result: SimulationResult) -> Table:
     table.add_column("method")
     attackers = {i for r in result.results.values() for i in r.attackers}
     for i in ids:
-        table.add_column(f"node {i + 1}" + (" (B)" if i in attackers else ""), justify="right")
+        table.add_column(f"node {i}" + (" (B)" if i in attackers else ""), justify="right")
     table.add_column("honest mean" if attackers else "mean", justify="right")
     table.add_column("sent / node", justify="right")
     notes: dict[tuple, list[str]] = {}  # distinct membership notes -> the methods they belong to
@@ -168,11 +169,11 @@ def write_json(result: SimulationResult, path: str | Path) -> None:
 
 
 def _change_label(record: dict) -> str:
-    """What changed at a membership epoch, nodes 1-based: '4 left', '4 joined', '2 back', '2 dropped (crashed)'."""
+    """What changed at a membership epoch, nodes by id: '3 left', '3 joined', '1 back', '1 dropped (crashed)'."""
     back = set(record.get("rejoined", []))
-    words = [f"{i + 1} left" for i in record.get("left", [])]
-    words += [f"{i + 1} dropped (crashed)" for i in record.get("crashed", [])]
-    words += [f"{i + 1} {'back' if i in back else 'joined'}" for i in record.get("joined", [])]
+    words = [f"{i} left" for i in record.get("left", [])]
+    words += [f"{i} dropped (crashed)" for i in record.get("crashed", [])]
+    words += [f"{i} {'back' if i in back else 'joined'}" for i in record.get("joined", [])]
     return ", ".join(words)
 
 
@@ -194,13 +195,13 @@ def write_plot(result: SimulationResult, path: str | Path) -> None:
             # a node outside the run has None: NaN leaves a gap in its line
             ys = [100 * a if a is not None else float("nan") for a in accs]
             style = {"marker": ".", "ms": 3} if changes else {}
-            ax.plot(hist["epoch"], ys, label=f"node {i + 1}", lw=1.2, **style)
+            ax.plot(hist["epoch"], ys, label=f"node {i}", lw=1.2, **style)
         rounds_per_epoch = r.iterations / max(len(hist["epoch"]), 1)
         # accuracy of epoch e is measured at round e * rounds_per_epoch; dashed: a new member list takes
         # effect, dotted: a node crashes (its epoch change comes CRASH_DETECTION_ROUNDS later)
         marks = [(rec["round"], _change_label(rec), "--", 0.03, "bottom") for rec in changes]
         crashes = [(i, at) for i, events in _events(r).items() for what, at in events if what == "crashed"]
-        marks += [(at, f"{i + 1} crashed", ":", 0.97, "top") for i, at in crashes]
+        marks += [(at, f"{i} crashed", ":", 0.97, "top") for i, at in crashes]
         for at, label, ls, y, va in marks:
             x = at / rounds_per_epoch
             ax.axvline(x, color="grey", ls=ls, lw=0.8)

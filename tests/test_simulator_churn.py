@@ -271,12 +271,22 @@ def test_p2pft_members_agree_at_the_end_after_a_leave_and_a_join():
 
 def test_a_testnet_node_that_never_took_part_leaves_the_other_columns_their_own_names():
     # `testnet --churn join:2@10s` where the run finished before node 2 came: the columns are nodes 0, 1
-    # and 3, shown 1-based as nodes 1, 2 and 4 (the third column was headed "node 3")
+    # and 3 by the ids every flag uses (the third column was once headed "node 2", later "node 4" 1-based)
     settings = {"nodes": 3, "node_ids": [0, 1, 3], "data": "digits", "split": "iid", "topology": "ring"}
     history = {"presence": {"0": [[0, None]], "1": [[0, None]], "3": [[0, 40]]}, "membership": []}
     daemons = AlgorithmResult(accuracy=[0.9, 0.8, 0.7], bytes_sent=[1] * 3, messages_sent=[1] * 3, iterations=100,
                               seconds=3.0, history=history)  # fmt: skip
     table = results_table(SimulationResult(settings, {"p2pft": daemons}, "x"))
-    assert [c.header for c in table.columns][1:4] == ["node 1", "node 2", "node 4"]
+    assert [c.header for c in table.columns][1:4] == ["node 0", "node 1", "node 3"]
     cells = {c.header: [str(x) for x in c.cells] for c in table.columns}
-    assert cells["node 4"] == ["70.0*", "crashed @40"]  # its note and star in its own column
+    assert cells["node 3"] == ["70.0*", "crashed @40"]  # its note and star in its own column
+
+
+def test_table_headers_name_nodes_by_the_ids_the_flags_use():
+    # `--attack 2:signflip --churn leave:3@...`: the columns of nodes 2 and 3 are headed "node 2 (B)" and
+    # "node 3", as the flags, logs and nodeI folders call them (they were "node 3 (B)" and "node 4")
+    settings = {"nodes": 4, "data": "digits", "split": "iid", "topology": "ring"}
+    result = AlgorithmResult(accuracy=[0.9, 0.9, 0.1, 0.8], bytes_sent=[1] * 4, messages_sent=[1] * 4, iterations=10,
+                             seconds=1.0, attackers=[2])  # fmt: skip
+    table = results_table(SimulationResult(settings, {"p2pft": result}, "x"))
+    assert [c.header for c in table.columns][1:5] == ["node 0", "node 1", "node 2 (B)", "node 3"]
