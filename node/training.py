@@ -2,11 +2,14 @@
 
 With the trunk frozen and no augmentation, the input of the first trainable block is a fixed
 function of the image, so `FeatureBank(cached=True)` computes it once per sample and reuses it
-every epoch. With augmentation each draw is a new image and the trunk runs every time.
+every epoch. With augmentation each draw is a new image and the trunk runs every time; an image that can no
+longer be read mid-run (changed or removed on disk) is then left out of training and named once in the
+log, where a bad image found before the first round stops the node with one line.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -23,6 +26,7 @@ if TYPE_CHECKING:
     from .settings import NodeSettings, RunSettings
 
 Progress = Callable[[int, int], None]
+logger = logging.getLogger(__name__)
 
 
 def prepare_model_and_data(settings: RunSettings, device: torch.device) -> tuple[FineTuneModel, ImageData]:
@@ -68,6 +72,7 @@ class FeatureBank:
     ) -> None:
         self.model, self.dataset, self.device, self.cached = model, dataset, torch.device(device), cached
         self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.unreadable: set[int] = set()  # uncached: samples whose image could not be read when drawn
         self._rows: torch.Tensor | None = None
         if cached:
             idx = np.arange(len(dataset)) if indices is None else np.unique(np.asarray(indices))
@@ -86,11 +91,31 @@ class FeatureBank:
     def _compute(self, idx: Sequence[int]) -> torch.Tensor:
         return self.model.features(self._images(idx).to(self.device))
 
+    def _draw(self, idx: Sequence[int]) -> tuple[list[int], list[torch.Tensor]]:
+        """The images of `idx` that read now; one that does not joins `unreadable`, named in the log."""
+        kept, images = [], []
+        for i in idx:
+            if i in self.unreadable:
+                continue
+            try:
+                images.append(self.dataset[i][0])
+            except BadInput as e:
+                self.unreadable.add(i)
+                logger.warning("%s; training goes on without it", e)
+            else:
+                kept.append(i)
+        return kept, images
+
     def get(self, idx: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Trainable-block inputs and labels of `idx`; uncached, without the images that cannot be read."""
         idx = torch.as_tensor(idx, dtype=torch.long)
-        labels = self.labels[idx].to(self.device)
         if self._rows is None:
-            return self._compute(idx.tolist()), labels
+            kept, images = self._draw(idx.tolist())
+            labels = self.labels[kept].to(self.device)
+            if not kept:
+                return torch.empty(0, device=self.device), labels
+            return self.model.features(torch.stack(images).to(self.device)), labels
+        labels = self.labels[idx].to(self.device)
         pos = self._pos[idx]
         if (pos < 0).any():
             raise KeyError(f"sample {int(idx[pos < 0][0])} is not in this feature cache")
@@ -152,15 +177,35 @@ class VisionObjective:
         return order[np.argsort(keys, kind="stable")]
 
     def loss(self, params: torch.Tensor, batch: np.ndarray) -> torch.Tensor:
-        x, y = self.bank.get(batch)
+        return self._loss(params, *self.bank.get(batch))
+
+    def _loss(self, params: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         loss = F.cross_entropy(self.model.logits(params, x), y)
         if self.weight_decay:
             loss = loss + 0.5 * self.weight_decay * params.pow(2).sum()
         return loss
 
+    def _readable_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next mini-batch's inputs, without images that could not be read (uncached banks only):
+        those leave this node's samples for good, and a batch left empty is drawn again."""
+        for _ in range(len(self.indices) + 1):  # an empty draw finds at least one more unreadable image
+            x, y = self.bank.get(self.next_batch())
+            if self.bank.unreadable:
+                bad = np.fromiter(self.bank.unreadable, dtype=np.int64)
+                self.indices = self.indices[~np.isin(self.indices, bad)]
+                self._order = self._order[~np.isin(self._order, bad)]
+            if len(y):
+                return x, y
+            if len(self.indices) == 0:
+                break
+        raise BadInput(
+            f"none of this node's training images can be read any more ({len(self.bank.unreadable)} failed): "
+            "restore its data folder and start it again: it resumes from its last checkpoint in --state-dir"
+        )
+
     def gradient(self, params: torch.Tensor) -> tuple[torch.Tensor, float]:
         leaf = params.detach().requires_grad_(True)
-        loss = self.loss(leaf, self.next_batch())
+        loss = self._loss(leaf, *self._readable_batch())
         (grad,) = torch.autograd.grad(loss, leaf)
         return grad, float(loss.detach())
 

@@ -338,3 +338,35 @@ def test_a_daemons_own_samples_are_its_classes_or_its_share_of_the_split():
         local_indices(NodeSettings(), labels, 10, "digits")
     with pytest.raises(BadInput, match="no training samples"):
         local_indices(NodeSettings(classes="3"), np.repeat([0, 1, 2], 5), 10, "digits")
+
+
+def test_an_image_broken_mid_run_with_augment_is_left_out_and_training_goes_on(tmp_path, caplog):
+    # --augment reads every image each time it is drawn: one changed on disk mid-run stopped the daemon
+    # with its BadInput; now it leaves the node's samples (named once in the log) and the rest train on
+    from p2pnode.node.models import build_model
+    from p2pnode.node.training import FeatureBank, VisionObjective
+
+    root = tmp_path / "pics"
+    write_images(root / "train", CLASSES, 4)
+    write_images(root / "test", CLASSES, 1)
+    model = build_model("vit_digits", num_classes=3)
+    data = load_data(str(root), model.input_size, model.mean, model.std, augment=True)
+    mine = np.arange(len(data.train))
+    bank = FeatureBank(model, data.train, data.train_labels, mine, cached=False)
+    objective = VisionObjective(model, bank, mine, batch_size=4, seed=0)
+    params = model.trainable_vector()
+    objective.gradient(params)
+    broken = root / "train" / "dog" / "1.png"
+    broken.write_bytes(b"truncated")
+    seen = objective.samples_seen
+    for _ in range(8):  # two and a half passes over the 12 samples, each batch drawn again
+        grad, loss = objective.gradient(params)
+        assert torch.isfinite(grad).all() and np.isfinite(loss)
+    assert objective.samples_seen - seen >= 8 * 3
+    assert len(bank.unreadable) == 1 and len(objective.indices) == 11
+    warnings = [r.getMessage() for r in caplog.records if "training goes on without it" in r.getMessage()]
+    assert len(warnings) == 1 and "1.png is not a readable image" in warnings[0]
+    for path in (root / "train").rglob("*.png"):
+        path.write_bytes(b"gone")
+    with pytest.raises(BadInput, match="none of this node's training images can be read any more"):
+        objective.gradient(params)
