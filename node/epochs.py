@@ -150,12 +150,7 @@ def first_epoch(
     this node has waited a while for the others. Its last epoch can be smaller than the run (one
     formed while everyone was leaving), and its members come back seconds apart: the first one back
     must not train the rest of the run alone and leave the others a finished run."""
-    waiting = sorted(
-        (m for m in infos if m.status == "joining" and compatible(m, me.fingerprint, me.settings_hash)),
-        key=lambda m: m.sort_key,
-    )
-    if previous is None:  # two peers on one share of --split: the first only (the other stops at index_taken)
-        waiting = [m for m in waiting if index_taken(waiting, m) is None]
+    waiting = waiting_peers(infos, me, one_per_share=previous is None)
     needed = nodes if previous is None or not settled else min(nodes, len(previous.members))
     if len(waiting) < needed:
         return None
@@ -185,6 +180,16 @@ def first_epoch(
 def _same_share(a: MemberInfo, b: MemberInfo) -> bool:
     """Both take their data by the same --index of --split (no --classes of their own)."""
     return a.index >= 0 and a.index == b.index and not a.classes and not b.classes
+
+
+def waiting_peers(infos: Iterable[MemberInfo], me: MemberInfo, one_per_share: bool = True) -> list[MemberInfo]:
+    """The compatible peers waiting to join, in order; with `one_per_share`, a new run's view: of two
+    peers on one share of --split only the first (the other stops at `index_taken`)."""
+    waiting = sorted(
+        (m for m in infos if m.status == "joining" and compatible(m, me.fingerprint, me.settings_hash)),
+        key=lambda m: m.sort_key,
+    )
+    return [m for m in waiting if index_taken(waiting, m) is None] if one_per_share else waiting
 
 
 def index_taken(infos: Iterable[MemberInfo], me: MemberInfo) -> MemberInfo | None:

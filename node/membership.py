@@ -332,7 +332,7 @@ class MembershipAgent:
                 if proposal is not None:
                     await self.propose(proposal)
                     continue
-            count = sum(1 for m in infos if epochs.compatible(m, me.fingerprint, me.settings_hash))
+            count = len(epochs.waiting_peers(infos, me))  # two on one --index count once
             if count != last_count:
                 if record is None or stale:
                     logger.info("%d of %d members present", count, nodes)

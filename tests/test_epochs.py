@@ -174,6 +174,15 @@ def test_a_second_peer_on_one_index_of_the_split_is_left_out_of_epoch_zero_and_t
     assert time.monotonic() - started < 5.0
 
 
+def test_the_first_peer_on_an_index_counts_a_second_one_there_once(caplog):
+    # A waits while B (same --index) has not stopped yet: it said "2 of 2 members present" and no epoch came
+    a, b = info("A", "joining", 0, index=0), info("B", "joining", 0, index=0)
+    agent = MembershipAgent(RecordedMembership([a, b], []), a, heartbeat=0.05)
+    with caplog.at_level("INFO"), pytest.raises(BadInput, match=r"only 1 of 2 members joined run 'run' within"):
+        asyncio.run(agent.wait_for_epoch("run", 2, schedule, 0.5, lambda: False))
+    assert "1 of 2 members present" in caplog.text and "2 of 2" not in caplog.text
+
+
 def test_a_peer_refused_for_its_settings_is_told_which_ones_differ(caplog):
     ours = {"epochs": "40", "lr": "0.01", "model": "vit_digits", "codec": "int8"}
     theirs = {**ours, "epochs": "10", "lr": "0.05"}
