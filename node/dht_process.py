@@ -28,6 +28,12 @@ CHILD_P2PD_SHUTDOWN_S = 2.0  # in the child: then make sure its p2pd is terminat
 KILLED_JOIN_S = 5.0  # a SIGKILLed child is reaped at once; this only bounds the join
 
 
+def _drop_p2pd_stop_noise(record: logging.LogRecord) -> bool:
+    """False for p2pd's "error accepting connection: ... use of closed network connection", which it logs as an
+    error when a signal to the process group (Ctrl-C) stops it under the DHT: its listener closed, nothing failed."""
+    return "use of closed network connection" not in record.getMessage()
+
+
 def _parent_stops_me(signum: int, frame: object) -> None:
     """SIGTERM in a DHT child whose parent handles SIGTERM: the parent stops the child when it is done with it."""
 
@@ -43,6 +49,7 @@ class _ChildSafeDHT(hivemind.DHT):
             # SIGTERM and may still use the DHT afterwards (`start` announces that it left), so the child ignores
             # it, with a Python-level handler so that p2pd, exec'd from here, still starts with SIGTERM default.
             signal.signal(signal.SIGTERM, _parent_stops_me)
+        logging.getLogger("hivemind.p2p.p2p_daemon").addFilter(_drop_p2pd_stop_noise)  # p2pd's lines come out here
         super().run()
 
     async def _shutdown(self) -> None:

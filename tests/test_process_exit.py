@@ -191,3 +191,46 @@ def test_stop_dht_kills_a_dht_process_that_does_not_answer_and_its_p2pd(caplog):
         time.sleep(0.1)
     assert not any(_alive(pid) for pid in p2pd), "p2pd outlived its killed DHT process"
     stop_dht(dht)  # idempotent
+
+
+@pytest.mark.timeout(180)
+def test_a_node_stopped_while_waiting_for_its_run_says_so_and_logs_no_error(tmp_path):
+    # SIGTERM to `start`'s process group (what a terminal's Ctrl-C or `timeout` sends; p2pd gets it too) while
+    # it waits for the other members: it logged p2pd's "[ERROR] ... error accepting connection: ... use of
+    # closed network connection", read as a crash, where p2pd only saw its socket closed as it stopped
+    boot_log, node_log = tmp_path / "boot.log", tmp_path / "node.log"
+    boot = _start([sys.executable, "-m", "p2pnode.cli.app", "bootstrap", "--listen", LOOPBACK], boot_log)
+    node = None
+    try:
+        addr = _wait_for_address(boot, boot_log)
+        argv = [
+            "start",
+            "--peers",
+            addr,
+            "--nodes",
+            "2",
+            "--split",
+            "iid",
+            "--index",
+            "0",
+            "--state-dir",
+            str(tmp_path / "s"),
+        ]
+        node = _start([sys.executable, "-m", "p2pnode.cli.app", *argv], node_log)
+        deadline = time.monotonic() + 120
+        while "members present" not in node_log.read_text() and time.monotonic() < deadline and node.poll() is None:
+            time.sleep(0.5)
+        assert "1 of 2 members present" in node_log.read_text(), node_log.read_text()
+        time.sleep(2.0)  # a few polls of the DHT
+        os.killpg(node.pid, signal.SIGTERM)
+        assert node.wait(EXIT_WITHIN_S) == 0
+        log = node_log.read_text()
+        assert "stopped before the run started: nothing trained, nothing to keep" in log
+        assert not [line for line in log.splitlines() if "ERROR" in line], log
+    finally:
+        for proc in (boot, node):
+            if proc is not None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(5)
