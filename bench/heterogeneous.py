@@ -24,7 +24,8 @@ times as long (node 3's B x FACTOR): a heavier model's step, where the default o
 round that the exchange dominates. `--seeds 0,1,2` runs repeat i of every case with the
 (i mod 3)-th seed (`--seed`: the mini-batches drawn; the initialisation stays `--model-seed 0`),
 the same seeds for every case, so each row compares with the clean row seed by seed.
-The README's figures were measured on the former default model: `--model vit_digits_4px --lr 0.005`.
+The README's summary ran the current defaults; of the tables in docs/slow-volunteers.md, the oldest
+ran the former default model (`--model vit_digits_4px --lr 0.005`), as each says.
 """
 
 from __future__ import annotations

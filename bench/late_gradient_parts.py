@@ -19,7 +19,7 @@ reused. Each case below keeps one of the two (P2P-FT, digits, the paper's split,
 - `adam-clean`, `adam-late`: `clean` and `late` with `--optimizer adam --lr 0.001`.
 
 The `delayed`, `reused` and `matched` objectives exist only here: the simulator's own slow node is
-swapped for them while a case runs. The README's figures were measured on the former default model:
+swapped for them while a case runs. Its figures (docs/slow-volunteers.md) were measured on the former default model:
 `--model vit_digits_4px --lr 0.005`.
 """
 

@@ -7,7 +7,7 @@ of B samples, each taking FACTOR * B / 16 of the others' rounds: B = 16 // FACTO
 `--pace-batch` does (a fresh gradient every round), a larger B buys more samples per gradient at the
 price of gradients that come late and are reused until the next (as `--no-pace-batch` does with
 B = 16). Every run is `simulate --sync async --slow 3:FACTOR` with that batch, 40 epochs, one torch
-thread per run (the thread count alone moves a run's last digit: README, "A slow node's batch").
+thread per run (the thread count alone moves a run's last digit: docs/slow-volunteers.md, "A slow node's batch").
 """
 
 from __future__ import annotations

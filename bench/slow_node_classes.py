@@ -9,7 +9,7 @@ Runs P2P-FT on digits with the paper's split (node 3 alone holds classes 7-9) on
 node 0's accuracy on the slow node's own classes and on everyone else's, where its errors fall
 (another node's class taken for one of node 3's, the reverse, or a mix-up within one group), and
 each node's training loss in the last epoch. Every node ends in consensus in both, so node 0
-speaks for all. The README's figures were measured on the former default model:
+speaks for all. Its figures (docs/slow-volunteers.md) were measured on the former default model:
 `--model vit_digits_4px --lr 0.005`.
 """
 

@@ -127,7 +127,7 @@ class RoundDriver:
         around it chained every round through the slow one's wait for its own gradient (fast nodes' rounds
         1.41x the clean run's instead of 1.14x), so mass is added as it comes, and the running sums lose
         none of it. A member pacing its batch (`--pace-batch`) sends its push about on time, and its mass
-        taken a round late cost more than the wait (README: "A slow node's batch")."""
+        taken a round late cost more than the wait (docs/slow-volunteers.md: "A slow node's batch")."""
         full = self.node.settings.batch_size
         members = self._timed_members(with_own=True)
         times = [m.step_seconds for m in members]

@@ -26,7 +26,7 @@ cannot absorb (fixed costs per gradient, or a batch of one still too slow) is le
 A smaller batch is an unbiased estimate of the same local gradient, so the objective and the
 tracker's sum are unchanged, and it draws the node's classes in turn (`VisionObjective`), so a few
 consecutive small batches cover them as a full one would; a gradient FACTOR rounds late pulls
-every node towards where the run was FACTOR rounds ago. Figures: README, "A slow node's batch".
+every node towards where the run was FACTOR rounds ago. Figures: docs/slow-volunteers.md, "A slow node's batch".
 """
 
 from __future__ import annotations
