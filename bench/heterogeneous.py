@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/heterogeneous.py [--factors 2,5,10] [--repeats 3] [--epochs 10] [--hosts loopback]
         [--base-slowdown 1] [--sim-epochs 40] [--sim-seeds 0] [--syncs wait,async,async-paced]
-        [--clean-syncs wait[,async]] [--seeds 0] [--json PATH] [--model M] [--lr LR]
+        [--clean-syncs wait[,async]] [--seeds 0] [--topology T] [--json PATH] [--model M] [--lr LR]
 
 Testnet (4 daemons, the paper's split, node 3 made FACTOR times slower with `--slow 3:FACTOR`: its
 gradients of the full batch sleep FACTOR - 1 times their own duration, smaller ones with
@@ -122,10 +122,11 @@ def main() -> None:
     parser.add_argument("--seeds", default="0", help="testnet seeds, repeat i uses the i-th (cyclically)")
     parser.add_argument("--syncs", default="wait,async,async-paced", help="wait, async, async-paced: with a slow node")
     parser.add_argument("--clean-syncs", default="wait", help="runs without a slow node (the first is the baseline)")
+    parser.add_argument("--topology", default=None, help="every run's --topology (default: the run default)")
     parser.add_argument("--json", default=None, help="also write every row here")
     add_model_flags(parser)
     args = parser.parse_args()
-    shared = {"model": args.model, "lr": args.lr}
+    shared = {"model": args.model, "lr": args.lr} | ({"topology": args.topology} if args.topology else {})
     extra = shared | ({"rate": args.rate} if args.rate else {})
     factors = [float(f) for f in args.factors.split(",")]
     seeds = [int(x) for x in args.sim_seeds.split(",")]
@@ -151,7 +152,9 @@ def main() -> None:
         rows.append(row)
     base = rows[0]["fast_seconds_per_round"]
     wall_base = rows[0]["median_fast_wall_seconds_per_round"]
-    print(f"\n{args.hosts}, {args.epochs} epochs, base slowdown {args.base_slowdown:g}, medians of {args.repeats};")
+    topology = args.topology or TestnetSettings.topology
+    print(f"\n{args.hosts}, {topology}, {args.epochs} epochs, base slowdown {args.base_slowdown:g}, ", end="")
+    print(f"medians of {args.repeats};")
     print(f"simulator: {args.sim_epochs} epochs, mean over seeds {args.sim_seeds}")
     print("| slow node | sync | fast nodes' s/round | vs no slow node | wall s/round | vs no slow node | "
           "testnet accuracy (nodes 0-3) | every repeat (mean of nodes) | simulator |")  # fmt: skip
