@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import statistics
 from collections.abc import Callable, Iterator
@@ -70,3 +71,19 @@ def print_case_table(pairs: list[tuple[float, int]], runs: list[dict], name: str
     for f, n in pairs:
         acc = [100 * statistics.mean(r["accuracy"]) for r in runs if r["factor"] == f and r[name] == n]
         print(f"| {f:g}x | {n} | {' / '.join(f'{a:.1f}' for a in acc)} | {statistics.mean(acc):.1f} |")
+
+
+def _wrapped_case(make: Callable[[Objective, int], Objective], name: str, case: tuple[float, int, int, int]) -> dict:
+    factor, n, seed, epochs = case
+    accuracy = paced_node_accuracy(lambda objective: make(objective, n), factor, seed, epochs)
+    return {"factor": factor, name: n, "seed": seed, "accuracy": accuracy}
+
+
+def compare_paced_wrappers(
+    description: str, default_cases: str, make: Callable[[Objective, int], Objective], name: str, header: str
+) -> None:
+    """The command line of a bench whose case FACTOR:N wraps the paced node 3's objective in `make(objective, N)`
+    (a module-level callable: the cases run in worker processes): every case and seed, then the table."""
+    run = functools.partial(_wrapped_case, make, name)
+    pairs, runs = run_factor_cases(description, default_cases, name.upper(), run)
+    print_case_table(pairs, runs, name, header)

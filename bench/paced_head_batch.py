@@ -14,7 +14,7 @@ so the H - B extra samples are not free: H = 16 is the upper bound of what the i
 from __future__ import annotations
 
 import torch
-from _slow_node import paced_node_accuracy, print_case_table, run_factor_cases
+from _slow_node import compare_paced_wrappers
 
 from p2pnode.node.algorithms.base import Objective
 from p2pnode.node.pace import ObjectiveWrapper, unwrapped
@@ -49,15 +49,10 @@ class HeadFromMoreSamples(ObjectiveWrapper):
         return grad, loss
 
 
-def run(case: tuple[float, int, int, int]) -> dict:
-    factor, head_batch, seed, epochs = case
-    accuracy = paced_node_accuracy(lambda objective: HeadFromMoreSamples(objective, head_batch), factor, seed, epochs)
-    return {"factor": factor, "head_batch": head_batch, "seed": seed, "accuracy": accuracy}
-
-
 def main() -> None:
-    pairs, runs = run_factor_cases(__doc__.splitlines()[0], "5:3,5:16,10:1,10:16", "HEAD_BATCH", run)
-    print_case_table(pairs, runs, "head_batch", "head batch")
+    compare_paced_wrappers(
+        __doc__.splitlines()[0], "5:3,5:16,10:1,10:16", HeadFromMoreSamples, "head_batch", "head batch"
+    )
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ node's latest value, so the fixed point is unchanged. 40 epochs, one torch threa
 from __future__ import annotations
 
 import torch
-from _slow_node import paced_node_accuracy, print_case_table, run_factor_cases
+from _slow_node import compare_paced_wrappers
 
 from p2pnode.node.algorithms.base import Objective
 from p2pnode.node.pace import ObjectiveWrapper, unwrapped
@@ -50,15 +50,12 @@ class StormGradients(ObjectiveWrapper):
         return grad, loss
 
 
-def run(case: tuple[float, int, int, int]) -> dict:
-    factor, a_percent, seed, epochs = case
-    accuracy = paced_node_accuracy(lambda objective: StormGradients(objective, a_percent / 100), factor, seed, epochs)
-    return {"factor": factor, "a_percent": a_percent, "seed": seed, "accuracy": accuracy}
+def storm_percent(objective: Objective, a_percent: int) -> StormGradients:
+    return StormGradients(objective, a_percent / 100)
 
 
 def main() -> None:
-    pairs, runs = run_factor_cases(__doc__.splitlines()[0], "10:100,10:10,10:30", "A_PERCENT", run)
-    print_case_table(pairs, runs, "a_percent", "A (%)")
+    compare_paced_wrappers(__doc__.splitlines()[0], "10:100,10:10,10:30", storm_percent, "a_percent", "A (%)")
 
 
 if __name__ == "__main__":

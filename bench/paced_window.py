@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import deque
 
 import torch
-from _slow_node import paced_node_accuracy, print_case_table, run_factor_cases
+from _slow_node import compare_paced_wrappers
 
 from p2pnode.node.algorithms.base import Objective
 from p2pnode.node.pace import ObjectiveWrapper
@@ -34,15 +34,10 @@ class WindowedGradients(ObjectiveWrapper):
         return torch.stack(tuple(self.recent)).mean(0), loss
 
 
-def run(case: tuple[float, int, int, int]) -> dict:
-    factor, window, seed, epochs = case
-    accuracy = paced_node_accuracy(lambda objective: WindowedGradients(objective, window), factor, seed, epochs)
-    return {"factor": factor, "window": window, "seed": seed, "accuracy": accuracy}
-
-
 def main() -> None:
-    pairs, runs = run_factor_cases(__doc__.splitlines()[0], "5:1,5:3,10:1,10:4,10:10", "WINDOW", run)
-    print_case_table(pairs, runs, "window", "window (rounds)")
+    compare_paced_wrappers(
+        __doc__.splitlines()[0], "5:1,5:3,10:1,10:4,10:10", WindowedGradients, "window", "window (rounds)"
+    )
 
 
 if __name__ == "__main__":
