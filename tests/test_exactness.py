@@ -191,3 +191,32 @@ def test_algorithms_are_deterministic(name):
     _, a = run(name, 50)
     _, b = run(name, 50)
     assert a == b
+
+
+class ReversedArrivals(InMemoryNetwork):
+    """Delivers each receiver's messages in the reverse of the simulator's order (by sender), as a daemon
+    may get them from the network."""
+
+    def _arrived(self, node_id: int, phase: str, k: int) -> list:
+        return super()._arrived(node_id, phase, k)[::-1]
+
+
+@pytest.mark.parametrize("name", ["p2pft", "sgp", "dsgd"])
+def test_a_run_does_not_depend_on_the_order_in_which_neighbours_messages_arrive(name):
+    # a daemon with several in-neighbours summed them in arrival order: the same run ended a few last
+    # bits apart each time, and a training run as far as 95.6% against 96.4% (--topology complete, wait)
+    from p2pnode.node.topology import make_topology
+
+    objectives, _ = problem(n=6)
+    topo = make_topology("complete", len(objectives))
+    x0 = torch.zeros(objectives[0].dim, dtype=torch.float64)
+    finals = []
+    for network in (InMemoryNetwork, ReversedArrivals):
+        nodes = [
+            ALGORITHMS[name](topo.neighbourhood(i), o, x0, StepRule(lambda k: 0.002)) for i, o in enumerate(objectives)
+        ]
+        net = network(nodes)
+        for k in range(60):
+            net.iteration(k)
+        finals.append([n.params for n in nodes])
+    assert all(torch.equal(a, b) for a, b in zip(*finals, strict=True))

@@ -205,9 +205,12 @@ class Algorithm(ABC):
 
     def receive(self, phase: str, k: int, messages: Sequence[Message]) -> None:
         """What drivers call: `incoming` with only the messages of this node's epoch from its in-neighbours
-        (a message of another epoch numbers its nodes differently and carries no usable state)."""
+        (a message of another epoch numbers its nodes differently and carries no usable state), by sender:
+        every sum over in-neighbours then runs in one order, so a daemon's run does not depend on which
+        neighbour's message came first (the simulator's order: it delivers by sender)."""
         ins = set(self.hood.in_neighbours)
-        self.incoming(phase, k, [m for m in messages if m.epoch == self.epoch and m.src in ins])
+        mine = [m for m in messages if m.epoch == self.epoch and m.src in ins]
+        self.incoming(phase, k, sorted(mine, key=lambda m: m.src))
 
     def expects_messages(self, phase: str, k: int) -> bool:
         """Whether in-neighbours send in `phase` of iteration k (the daemon waits only then)."""
