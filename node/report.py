@@ -127,7 +127,7 @@ def results_table(result: SimulationResult) -> Table:
             captions.append("* accuracy when the node left (it was out at the end)")
     if attackers:
         attacks = ", ".join(result.settings.get("attack", []))
-        captions.append(f"(B) Byzantine node (--attack {attacks}; ids count from 0), not counted in the honest mean")
+        captions.append(f"(B) Byzantine node (--attack {attacks}), not counted in the honest mean")
     if captions:
         table.caption = "; ".join(captions)
     return table
