@@ -80,16 +80,13 @@ class FeatureBank:
             self._pos[torch.as_tensor(idx)] = torch.arange(len(idx))
             chunks = []
             for start in range(0, len(idx), batch_size):
-                chunks.append(self._compute(idx[start : start + batch_size]))
+                chunks.append(self._features([self.dataset[int(i)][0] for i in idx[start : start + batch_size]]))
                 if progress is not None:
                     progress(min(start + batch_size, len(idx)), len(idx))
             self._rows = torch.cat(chunks) if chunks else torch.empty(0)
 
-    def _images(self, idx: Sequence[int]) -> torch.Tensor:
-        return torch.stack([self.dataset[int(i)][0] for i in idx])
-
-    def _compute(self, idx: Sequence[int]) -> torch.Tensor:
-        return self.model.features(self._images(idx).to(self.device))
+    def _features(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.model.features(torch.stack(list(images)).to(self.device))
 
     def _draw(self, idx: Sequence[int]) -> tuple[list[int], list[torch.Tensor]]:
         """The images of `idx` that read now; one that does not joins `unreadable`, named in the log."""
@@ -114,7 +111,7 @@ class FeatureBank:
             labels = self.labels[kept].to(self.device)
             if not kept:
                 return torch.empty(0, device=self.device), labels
-            return self.model.features(torch.stack(images).to(self.device)), labels
+            return self._features(images), labels
         labels = self.labels[idx].to(self.device)
         pos = self._pos[idx]
         if (pos < 0).any():
@@ -152,6 +149,7 @@ class VisionObjective:
         self._order = np.empty(0, dtype=np.int64)
         self._by_class = False  # whether the samples left in `_order` are interleaved by class
         self.samples_seen = 0
+        self._left_out = 0  # how many of the bank's unreadable images `indices` no longer holds
 
     def next_batch(self) -> np.ndarray:
         paced = self.batch_size < self.full_batch
@@ -190,7 +188,8 @@ class VisionObjective:
         those leave this node's samples for good, and a batch left empty is drawn again."""
         for _ in range(len(self.indices) + 1):  # an empty draw finds at least one more unreadable image
             x, y = self.bank.get(self.next_batch())
-            if self.bank.unreadable:
+            if len(self.bank.unreadable) > self._left_out:  # only when a draw found a new one
+                self._left_out = len(self.bank.unreadable)
                 bad = np.fromiter(self.bank.unreadable, dtype=np.int64)
                 self.indices = self.indices[~np.isin(self.indices, bad)]
                 self._order = self._order[~np.isin(self._order, bad)]

@@ -92,12 +92,12 @@ class PullChannel:
         if self.codec is None:
             replicas = clip_around(v, fresh) if clipping else fresh
             total, weight = v * self.self_weight, self.self_weight
-            for j, vj in sorted(replicas.items()):  # in id order: a sum in arrival order differs in its last bits
+            for j, vj in replicas.items():
                 total, weight = total + self.weight(j) * vj.to(v.dtype), weight + self.weight(j)
             return total / weight if abs(weight - 1.0) > 1e-12 else total
         replicas = clip_around(self.copy, fresh) if clipping else fresh
         step = torch.zeros_like(v)
-        for j, hj in sorted(replicas.items()):
+        for j, hj in replicas.items():
             step += self.weight(j) * (hj.to(v.dtype) - self.copy)
         return v + self.gamma * step
 

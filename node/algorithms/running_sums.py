@@ -86,7 +86,7 @@ class PushReceiver:
         sender is listed in `gaps` (it must send a keyframe); a `total` is applied whenever it is newer.
         """
         acc: torch.Tensor | None = None
-        for m in sorted(messages, key=lambda m: (m.seq, m.src)):  # senders in id order, not arrival order
+        for m in sorted(messages, key=lambda m: m.seq):
             if m.src not in self.rho or m.seq <= self.last_seq[m.src]:
                 continue
             if m.kind == "total":
