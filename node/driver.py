@@ -286,13 +286,12 @@ class RoundDriver:
             await node.transport.send_all(out)
             waiting_since = time.perf_counter()
             if algo.asynchronous:  # mix the newest values and whatever mass has come
-                expected = algo.expects_messages(phase, k)
-                if expected:
+                # a round in which nobody sends (DIMAT between merges) is no round an in-neighbour missed
+                if algo.expects_messages(phase, k):
                     limit = 1.0 if self.hurry() else node.settings.round_timeout
                     skip = self.excluded if phase == algo.phases[0] else self.excluded_in_later_phases
                     await node.inbox.wait_for_lag(phase, k, algo.hood.in_neighbours, MAX_LAG, limit, skip)
-                # a round in which nobody sends (DIMAT between merges) is no round an in-neighbour missed
-                arrived = node.inbox.take(phase, k, algo.hood.in_neighbours if expected else ())
+                arrived = node.inbox.take(phase, k)
             else:
                 wait = bool(algo.hood.in_neighbours) and algo.expects_messages(phase, k)
                 arrived = await node.inbox.collect(

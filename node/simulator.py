@@ -190,7 +190,7 @@ class _Membership:
 
     def _out(self, i: int, k: int) -> None:
         node = self.net.nodes[i]
-        self.checkpoints[i] = _clone_state(node.state_dict())
+        self.checkpoints[i] = _clone_state(node.model_state_dict())
         self.last_accuracy[i] = accuracy(self.sim.model, node.params, self.sim.test_bank)
         self.presence[i][-1][1] = k
 

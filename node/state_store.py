@@ -1,6 +1,7 @@
 """A daemon's files in its state directory: checkpoint, progress, result and the event log.
 
-- `state.safetensors`: the algorithm's state and, in its header, what it belongs to (run, trunk,
+- `state.safetensors`: what a restart takes (parameters, optimizer state, data order) and, in its
+  header, what it belongs to (run, trunk,
   settings, round, membership epoch), written together by one rename, so a crash between two files
   can never pair one checkpoint's tensors with another's round; `state.json`: a readable copy of
   that header (the only place older checkpoints kept it).
@@ -14,6 +15,7 @@ progress and result, into `set-aside-<time>/`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -58,6 +60,20 @@ def set_aside_run_files(state_dir: Path, why: str, names: Iterable[str] = RUN_FI
         os.replace(state_dir / name, target / name)
     logger.warning("%s: %s; its files are kept in %s", state_dir, why, target)
     return target
+
+
+def replace_durably(tmp: Path, path: Path) -> None:
+    """`os.replace(tmp, path)` with tmp's bytes on disk first and the rename after: after a power cut
+    `path` is the old file or the whole new one, never a new name over a torn or zeroed file."""
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    with contextlib.suppress(OSError):  # some filesystems cannot sync a directory; the rename stands
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 class UnreadableCheckpoint(Exception):
@@ -137,7 +153,7 @@ class StateStore:
         tmp = path.with_suffix(".tmp")
         try:
             tmp.write_text(json.dumps(payload, indent=1))
-            os.replace(tmp, path)
+            replace_durably(tmp, path)
         except OSError as e:
             self._failed_write(name, tmp, e)
             return False
@@ -145,10 +161,10 @@ class StateStore:
         return True
 
     def save(self, algorithm: Algorithm, meta: dict) -> bool:
-        """Atomically write the whole algorithm state and its metadata (one safetensors file), then
-        the metadata's readable copy (JSON). False if the disk refused: the previous checkpoint stays,
-        and training goes on (the next checkpoint tries again)."""
-        state = {k: v.detach().to("cpu").clone().contiguous() for k, v in algorithm.state_dict().items()}
+        """Atomically write what a restart takes (the model state and the data order) and its metadata (one
+        safetensors file), then the metadata's readable copy (JSON). False if the disk refused: the
+        previous checkpoint stays, and training goes on (the next checkpoint tries again)."""
+        state = {k: v.detach().to("cpu").clone().contiguous() for k, v in algorithm.model_state_dict().items()}
         objective = unwrapped(algorithm.objective)
         if hasattr(objective, "_order"):
             state["objective.order"] = torch.as_tensor(objective._order.copy())
@@ -157,7 +173,7 @@ class StateStore:
         tmp = self.dir / "state.safetensors.tmp"
         try:
             save_file(state, str(tmp), metadata={CHECKPOINT_HEADER_KEY: json.dumps(meta)})
-            os.replace(tmp, self.dir / "state.safetensors")
+            replace_durably(tmp, self.dir / "state.safetensors")
         except (OSError, SafetensorError) as e:
             self._failed_write(f"the checkpoint of round {meta.get('round', '?')}", tmp, e)
             return False

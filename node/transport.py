@@ -183,6 +183,8 @@ class Transport:
         except ProtocolError as e:
             self.seen.forget(sender, key)  # not taken: the sender may send another frame for it
             return self._refuse(sender, str(e))
+        if env.epoch != self.epoch:  # this node entered a later epoch while a large frame was decoded
+            return True
         self.inbox.put(msg)
         self.on_heard(sender, env.round, len(data))
         return True
@@ -219,7 +221,14 @@ class Transport:
             if strict:
                 raise ProtocolError(f"not an in-neighbour in epoch {env.epoch}, or phase {env.phase!r} unknown")
             return None
-        return to_message(env, self.index_of[sender], self.index)
+        msg = to_message(env, self.index_of[sender], self.index)
+        problem = self.algorithm.message_problem(msg)
+        if problem is None:
+            return msg
+        if strict:
+            raise ProtocolError(problem)
+        self._refuse(sender, problem)  # a frame held for this epoch: dropped now, and its sender told
+        return None
 
     # --- sending ---------------------------------------------------------------------------------
 

@@ -39,6 +39,10 @@ class Objective(Protocol):
 
 LearningRate = Callable[[int], float]
 
+PARAMS = -1  # in a message layout: as many values as this node's trainable parameters
+Layout = dict[str, int]  # the tensors one message carries: name -> number of values (PARAMS, or a count)
+Layouts = dict[str, dict[str, tuple[Layout, ...]]]  # phase -> kind of message -> the layouts it may have
+
 
 def as_tensor(x: Payload) -> torch.Tensor:
     """A message tensor as a torch tensor, decoding it if it is still encoded."""
@@ -112,6 +116,10 @@ class Algorithm(ABC):
     communicates: ClassVar[bool] = True
     needs_undirected: ClassVar[bool] = False
     local_steps_supported: ClassVar[bool] = False  # takes --local-steps gradient steps per round
+    # What in-neighbours send, by phase: each kind of message and the layouts it may carry. A daemon
+    # refuses any other message when it arrives (`message_problem`), so a peer's malformed message never
+    # fails inside `incoming` or broadcasts a one-value tensor over the parameters. Empty: not checked.
+    messages: ClassVar[Layouts] = {}
 
     def __init__(
         self,
@@ -212,6 +220,29 @@ class Algorithm(ABC):
         mine = [m for m in messages if m.epoch == self.epoch and m.src in ins]
         self.incoming(phase, k, sorted(mine, key=lambda m: m.src))
 
+    def message_problem(self, msg: Message) -> str | None:
+        """Why this node cannot apply `msg` (a kind its phase does not send, tensors missing, extra or of
+        the wrong size), or None: what the transport checks before a round may use a peer's message."""
+        if not self.messages:
+            return None
+        kinds = self.messages.get(msg.phase, {})
+        if msg.kind not in kinds:
+            only = ", ".join(kinds) or "none"
+            return f"{self.name} sends no {msg.kind!r} message in phase {msg.phase!r} (only {only})"
+        dim = self.params.numel()
+        for layout in kinds[msg.kind]:
+            if set(layout) == set(msg.tensors):
+                break
+        else:
+            expected = " or ".join("{" + ", ".join(sorted(layout)) + "}" for layout in kinds[msg.kind])
+            return f"a {msg.kind!r} message carries {sorted(msg.tensors)}, expected {expected}"
+        for name, size in layout.items():
+            shape = tuple(msg.tensors[name].shape)
+            want = dim if size == PARAMS else size
+            if shape != (want,):
+                return f"tensor {name!r} of a {msg.kind!r} message has shape {shape}, expected ({want},)"
+        return None
+
     def expects_messages(self, phase: str, k: int) -> bool:
         """Whether in-neighbours send in `phase` of iteration k (the daemon waits only then)."""
         return self.communicates
@@ -237,8 +268,15 @@ class Algorithm(ABC):
         return set()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Everything needed to resume this node (extended by subclasses)."""
-        return {"params": self.params, "iteration": torch.tensor(self.iteration), **self.step.state_dict()}
+        """Everything needed to resume this node in the same epoch, links included (extended by
+        subclasses; for tests and analysis)."""
+        return {**self.model_state_dict(), "iteration": torch.tensor(self.iteration)}
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a restart takes (`load_model_state`), and all a daemon's checkpoint holds: the parameters
+        and the optimizer state. Link state (running sums, replicas, trackers) was 12-55 times the
+        parameters' size on 8 nodes, written every checkpoint and never read."""
+        return {"params": self.params, **self.step.state_dict()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Resume everything, links included: only for a snapshot of this same epoch (tests, analysis).

@@ -12,12 +12,12 @@ With `--robust clip` each aligned neighbour is clipped around this node's parame
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from .. import alignment
-from .base import Algorithm, Message, as_tensor, register
+from .base import PARAMS, Algorithm, Layouts, Message, as_tensor, register
 from .robust import clip_around
 
 if TYPE_CHECKING:
@@ -30,6 +30,7 @@ FEATURE_SAMPLES = 256  # own samples whose activations are correlated when align
 class DIMAT(Algorithm):
     name = "dimat"
     phases = ("merge",)
+    messages: ClassVar[Layouts] = {"merge": {"params": ({"x": PARAMS},)}}
     needs_undirected = True
     matching = "activations"
 

@@ -6,15 +6,17 @@ theta_i^{k+1} = sum_j a_ij theta_j^k - alpha grad L_i(theta_i^k)
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
-from .base import Algorithm, Message, register
-from .pull import PullChannel
+from .base import Algorithm, Layouts, Message, register
+from .pull import PULL_MESSAGES, PullChannel
 
 
 @register
 class DSGD(Algorithm):
     name = "dsgd"
     phases = ("mix",)
+    messages: ClassVar[Layouts] = {"mix": PULL_MESSAGES}
 
     metropolis = False
 

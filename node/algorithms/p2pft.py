@@ -24,14 +24,14 @@ With `--robust clip` both phases clip what neighbours send and the tracker is le
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from .base import Algorithm, Message, register
-from .pull import PullChannel
+from .base import Algorithm, Layouts, Message, register
+from .pull import PULL_MESSAGES, PullChannel
 from .robust import TRACKER_LEAK, MassClipper
-from .running_sums import PushReceiver, PushSender
+from .running_sums import PUSH_MESSAGES, PushReceiver, PushSender
 
 if TYPE_CHECKING:
     from ..settings import RunSettings
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 class P2PFT(Algorithm):
     name = "p2pft"
     phases = ("pull", "push")
+    messages: ClassVar[Layouts] = {"pull": PULL_MESSAGES, "push": PUSH_MESSAGES}
     local_steps_supported = True
 
     def __init__(self, *args, **kwargs) -> None:

@@ -21,8 +21,11 @@ import torch
 
 from ...protocol.codecs import Codec
 from ..topology import Neighbourhood
-from .base import Message, as_tensor
+from .base import PARAMS, Layout, Message, as_tensor
 from .robust import clip_around
+
+# the messages of a pull phase: a value, or a copy's keyframe (h) or increment (d)
+PULL_MESSAGES: dict[str, tuple[Layout, ...]] = {"value": ({"v": PARAMS},), "copy": ({"h": PARAMS}, {"d": PARAMS})}
 
 
 class PullChannel:

@@ -16,7 +16,10 @@ import torch
 
 from ...protocol.codecs import Codec
 from ..topology import Neighbourhood
-from .base import Message, as_tensor
+from .base import PARAMS, Layout, Message, as_tensor
+
+# the messages of a push phase: the running sum itself (keyframe) or its increment
+PUSH_MESSAGES: dict[str, tuple[Layout, ...]] = {"total": ({"sigma": PARAMS},), "delta": ({"delta": PARAMS},)}
 
 
 class PushSender:

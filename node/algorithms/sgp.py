@@ -13,10 +13,11 @@ clipped around this node's own share and the weights are leaky (robust.py).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 
-from .base import Algorithm, Message, as_tensor, register
+from .base import PARAMS, Algorithm, Layouts, Message, as_tensor, register
 from .robust import TRACKER_LEAK, clip_around
 
 Share = tuple[int, torch.Tensor, float]  # (in-neighbour, its x share, its w share)
@@ -26,6 +27,7 @@ Share = tuple[int, torch.Tensor, float]  # (in-neighbour, its x share, its w sha
 class SGP(Algorithm):
     name = "sgp"
     phases = ("push",)
+    messages: ClassVar[Layouts] = {"push": {"params": ({"x": PARAMS, "w": 1},)}}
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

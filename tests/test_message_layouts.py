@@ -1,0 +1,131 @@
+"""What a daemon takes from a peer: only messages whose kind, tensors and sizes its algorithm sends.
+
+Envelopes are checked for structure (test_envelope.py); these tests are about content. Before layouts,
+a member's well-formed `value` without its tensor, or with one of the wrong length, was queued and made
+the round's `incoming` raise in the compute thread (the daemon exited with a traceback), and a tensor of
+one value broadcast over every parameter (a value of 1e6 moved the parameters by 5e5)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from test_exactness import problem
+
+from p2pnode.node.algorithms import ALGORITHMS
+from p2pnode.node.algorithms.base import StepRule
+from p2pnode.node.rounds import Inbox
+from p2pnode.node.topology import complete
+from p2pnode.node.transport import Transport
+from p2pnode.protocol.codecs import get_codec
+from p2pnode.protocol.envelope import from_message, pack
+from p2pnode.protocol.message import Message
+
+RUN = "layouts"
+PEERS = ("me", "p1", "p2")
+COMMUNICATING = sorted(name for name, cls in ALGORITHMS.items() if cls.communicates)
+
+
+def node(name: str, i: int = 0, codec: str = "none"):
+    objectives, _ = problem(n=3)
+    x0 = torch.zeros(objectives[0].dim, dtype=torch.float64)
+    algo = ALGORITHMS[name](
+        complete(3).neighbourhood(i),
+        objectives[i],
+        x0,
+        StepRule(lambda k: 1e-3),
+        get_codec(codec) if codec != "none" else None,
+    )
+    algo.configure(iterations_per_epoch=1)  # DIMAT and its baselines merge every round
+    return algo
+
+
+@pytest.mark.parametrize("codec", ["none", "int8"])
+@pytest.mark.parametrize("name", COMMUNICATING)
+def test_every_message_an_algorithm_sends_fits_the_layouts_its_receivers_check(name, codec):
+    """The check must never refuse an honest peer: every kind each built-in sends (values, copies and
+    their keyframes, running-sum deltas and totals, SGP's weight, DIMAT's models) passes it."""
+    assert ALGORITHMS[name].messages, f"{name} declares no message layouts: its receivers would check nothing"
+    sender, receiver = node(name, 1, codec), node(name, 0, codec)
+    sent = []
+    for k in range(3):
+        if k == 2:  # a link that lost a message sends full state next
+            sender.request_keyframe(0)
+        for phase in sender.phases:
+            sent += [m for m in sender.send(phase, k) if m.dst == 0]
+            sender.receive(phase, k, [])
+    kinds = {(m.phase, m.kind, tuple(sorted(m.tensors))) for m in sent}
+    assert kinds, f"{name} sent nothing to its out-neighbour"
+    for m in sent:
+        assert receiver.message_problem(m) is None, (m.phase, m.kind, sorted(m.tensors))
+    if name == "p2pft":  # the keyframes as well as the increments were checked
+        assert {k[:2] for k in kinds} >= (
+            {("pull", "copy"), ("push", "total"), ("push", "delta")}
+            if codec != "none"
+            else {("pull", "value"), ("push", "total"), ("push", "delta")}
+        )
+
+
+def value(tensors: dict, phase: str = "pull", kind: str = "value", round_: int = 0) -> Message:
+    return Message(1, 0, round_, phase, kind, tensors, seq=1)  # the first of its link
+
+
+DIM = problem(n=3)[0][0].dim
+MALFORMED = {
+    "no tensor": ("p2pft", value({})),
+    "a tensor of one value (it would broadcast)": ("p2pft", value({"v": torch.full((1,), 1e6)})),
+    "a tensor too short": ("p2pft", value({"v": torch.zeros(DIM - 1)})),
+    "a tensor of two dimensions": ("p2pft", value({"v": torch.zeros(1, DIM)})),
+    "an extra tensor": ("p2pft", value({"v": torch.zeros(DIM), "w": torch.zeros(DIM)})),
+    "a push kind in the pull phase": ("p2pft", value({"sigma": torch.zeros(DIM)}, kind="total")),
+    "a running sum of the wrong length": ("p2pft", value({"sigma": torch.zeros(DIM + 3)}, "push", "total")),
+    "a copy with both keyframe and increment": (
+        "p2pft",
+        value({"h": torch.zeros(DIM), "d": torch.zeros(DIM)}, kind="copy"),
+    ),
+    "an SGP weight of two values": ("sgp", value({"x": torch.zeros(DIM), "w": torch.ones(2)}, "push", "params")),
+    "a DIMAT model without its tensor": ("dimat", value({"y": torch.zeros(DIM)}, "merge", "params")),
+}
+
+
+def transport_for(algo) -> tuple[Transport, Inbox, list]:
+    inbox, refused = Inbox(), []
+    transport = Transport(
+        RUN,
+        "me",
+        inbox,
+        known_peers=lambda: set(PEERS),
+        on_refused=lambda sender, reason: refused.append((sender, reason)),
+        on_heard=lambda *heard: None,
+        on_newer_epoch=lambda epoch: None,
+    )
+    transport.algorithm, transport.epoch, transport.index = algo, 0, 0
+    transport.index_of = {p: i for i, p in enumerate(PEERS)}
+    return transport, inbox, refused
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_a_member_s_malformed_message_is_refused_on_arrival_and_its_good_one_for_that_round_is_taken(case):
+    name, bad = MALFORMED[case]
+    algo = node(name)
+    transport, inbox, refused = transport_for(algo)
+    frame = pack(from_message(bad, RUN, 0, "p1"))
+    assert asyncio.run(transport.on_frame(frame, "p1")) is False
+    assert inbox.by_phase.get(bad.phase, []) == [] and inbox.sent_round == {}
+    assert [sender for sender, _ in refused] == ["p1"]
+    # the refused frame did not use up the round: the sender's real message for it still gets in
+    good = next(m for m in node(name, 1).send(algo.phases[0], 0) if m.dst == 0)
+    assert asyncio.run(transport.on_frame(pack(from_message(good, RUN, 0, "p1")), "p1")) is True
+    assert [m.kind for m in inbox.by_phase[good.phase]] == [good.kind]
+
+
+def test_a_malformed_frame_held_for_a_later_epoch_is_dropped_when_the_node_enters_it():
+    algo = node("p2pft")
+    transport, inbox, refused = transport_for(algo)
+    bad = value({"v": torch.zeros(3)})
+    assert asyncio.run(transport.on_frame(pack(from_message(bad, RUN, 1, "p1")), "p1")) is True  # held
+    assert len(inbox.held) == 1
+    assert inbox.enter_epoch(1, transport.to_message) == 0
+    assert inbox.by_phase == {} and inbox.held == []
+    assert refused and "shape" in refused[0][1]
