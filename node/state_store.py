@@ -36,6 +36,7 @@ from .errors import BadInput
 from .events import EventLog
 from .models import CHECKPOINT_HEADER_KEY
 from .pace import unwrapped
+from .training import BatchPosition
 
 logger = logging.getLogger(__name__)
 
@@ -166,9 +167,10 @@ class StateStore:
         previous checkpoint stays, and training goes on (the next checkpoint tries again)."""
         state = {k: v.detach().to("cpu").clone().contiguous() for k, v in algorithm.model_state_dict().items()}
         objective = unwrapped(algorithm.objective)
-        if hasattr(objective, "_order"):
-            state["objective.order"] = torch.as_tensor(objective._order.copy())
-            meta = {**meta, "rng": objective.rng.bit_generator.state, "samples_seen": objective.samples_seen}
+        if hasattr(objective, "position"):
+            position = objective.position()
+            state["objective.order"] = torch.as_tensor(position.order.copy())
+            meta = {**meta, "rng": position.rng, "samples_seen": position.samples_seen}
         meta = {**self.identity, **meta}
         tmp = self.dir / "state.safetensors.tmp"
         try:
@@ -211,9 +213,7 @@ class StateStore:
         objective, meta = unwrapped(algorithm.objective), checkpoint.meta
         order = checkpoint.state.pop("objective.order", None)
         if order is not None and "rng" in meta:
-            objective._order = order.cpu().numpy()
-            objective.rng.bit_generator.state = meta["rng"]
-            objective.samples_seen = meta["samples_seen"]
+            objective.resume(BatchPosition(order.cpu().numpy(), meta["rng"], meta["samples_seen"]))
 
     def _meta(self) -> dict | None:
         """The checkpoint's metadata: state.safetensors' header, else state.json (older checkpoints,

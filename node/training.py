@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -119,6 +120,16 @@ class FeatureBank:
         return self._rows[pos], labels
 
 
+@dataclass(frozen=True)
+class BatchPosition:
+    """The samples left in the current pass (in order), the shuffling generator's state, and how many
+    samples have been drawn: what a restart needs to go on with the same data order."""
+
+    order: np.ndarray
+    rng: dict
+    samples_seen: int
+
+
 class VisionObjective:
     """One node's cross-entropy on its own samples; `gradient` draws the next shuffled mini-batch.
 
@@ -150,6 +161,7 @@ class VisionObjective:
         self._by_class = False  # whether the samples left in `_order` are interleaved by class
         self.samples_seen = 0
         self._left_out = 0  # how many of the bank's unreadable images `indices` no longer holds
+        self._position = self._snapshot()
 
     def next_batch(self) -> np.ndarray:
         paced = self.batch_size < self.full_batch
@@ -162,7 +174,23 @@ class VisionObjective:
             self._order = np.concatenate([self._order, self.interleave_classes(new_pass) if paced else new_pass])
         batch, self._order = self._order[: self.batch_size], self._order[self.batch_size :]
         self.samples_seen += len(batch)
+        self._position = self._snapshot()
         return batch
+
+    def _snapshot(self) -> BatchPosition:
+        return BatchPosition(self._order, self.rng.bit_generator.state, self.samples_seen)
+
+    def position(self) -> BatchPosition:
+        """Where this node is in its passes over its data, as of its last draw: a checkpoint's (read by
+        another thread while a background gradient, node/pace.py, may be drawing the next batch; read
+        field by field, the generator of a new pass could pair with the order of the old one)."""
+        return self._position
+
+    def resume(self, position: BatchPosition) -> None:
+        """Continue from a checkpoint's position instead of replaying the node's first passes."""
+        self._order, self.samples_seen = position.order, position.samples_seen
+        self.rng.bit_generator.state = position.rng
+        self._position = self._snapshot()
 
     def interleave_classes(self, order: np.ndarray) -> np.ndarray:
         """`order` with its classes taken in turn, each in proportion to its count and in its own order
@@ -193,6 +221,7 @@ class VisionObjective:
                 bad = np.fromiter(self.bank.unreadable, dtype=np.int64)
                 self.indices = self.indices[~np.isin(self.indices, bad)]
                 self._order = self._order[~np.isin(self._order, bad)]
+                self._position = self._snapshot()
             if len(y):
                 return x, y
             if len(self.indices) == 0:

@@ -70,3 +70,34 @@ def test_a_batch_paced_mid_pass_still_draws_the_rest_of_that_pass_once():
     )
     objective.batch_size = 16  # back at the full batch: plain reshuffled passes again
     assert sorted(draw(objective, 100)) == sorted(objective.indices)
+
+
+def test_a_position_read_while_a_batch_is_drawn_is_the_one_before_that_draw():
+    """A checkpoint reads the position from the compute thread while a background gradient may be drawing
+    (node/pace.py): read field by field, a new pass's generator state paired with the old pass's order."""
+    objective, _ = objective_over([3, 3], batch_size=4)
+    objective.next_batch()  # two samples left in this pass: the next draw starts a new one
+    before = objective.position()
+    real = objective.rng
+    read_mid_draw = []
+
+    def permute_and_read(x):
+        out = real.permutation(x)
+        read_mid_draw.append(objective.position())  # what a checkpoint in another thread would read now
+        return out
+
+    objective.rng = SimpleNamespace(permutation=permute_and_read, random=real.random, bit_generator=real.bit_generator)
+    objective.next_batch()
+    (mid,) = read_mid_draw
+    assert mid.rng == before.rng and mid.samples_seen == before.samples_seen == 4
+    assert np.array_equal(mid.order, before.order)
+
+
+def test_a_resumed_position_draws_the_batches_the_node_would_have_drawn():
+    objective, _ = objective_over([7, 5, 9], batch_size=4)
+    draw(objective, 30)
+    position = objective.position()
+    resumed, _ = objective_over([7, 5, 9], batch_size=4, seed=99)  # another generator, replaced by the resume
+    resumed.resume(position)
+    assert np.array_equal(draw(resumed, 60), draw(objective, 60))
+    assert resumed.samples_seen == objective.samples_seen

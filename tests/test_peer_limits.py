@@ -244,7 +244,9 @@ def test_ten_frames_for_one_round_are_taken_once_and_the_sender_is_banned(caplog
                 settings_hash="h",
                 proposer=ids[0],
             )
-            algorithm = SimpleNamespace(phases=("mix",), iteration=0, request_keyframe=lambda dst: None)
+            algorithm = SimpleNamespace(
+                phases=("mix",), iteration=0, request_keyframe=lambda dst: None, message_problem=lambda msg: None
+            )
             transport.enter_epoch(record, algorithm)
             try:
                 admit = members(honest, hostile)
