@@ -69,7 +69,7 @@ def test_daemon_state_dir_is_read_with_its_node_classes_and_exact_parameters(tmp
         tmp_path / "node2", {"run_id": "r", "fingerprint": digits_model.fingerprint, "settings_hash": "h"}
     )
     params = perturbed(digits_model, 1, 0.1, 7)[0]
-    algorithm = SimpleNamespace(state_dict=lambda: {"params": params, "iteration": torch.tensor(5)}, objective=None)
+    algorithm = SimpleNamespace(model_state_dict=lambda: {"params": params}, objective=None)
     store.save(algorithm, {"round": 5, "index": 0})  # index in state.json: the topology position, not the node
     store.write_json("result.json", {"settings": settings.to_dict()})
     store.close()
@@ -325,7 +325,7 @@ def test_state_dirs_and_save_folders_mix_in_one_report(saved_dir, tmp_path, digi
     params = perturbed(digits_model, 1, 0.05, 9)[0]
     state_dir = tmp_path / "daemon1"
     store = StateStore(state_dir, {"run_id": "r", "fingerprint": digits_model.fingerprint, "settings_hash": "h"})
-    store.save(SimpleNamespace(state_dict=lambda: {"params": params}, objective=None), {"round": 1, "index": 3})
+    store.save(SimpleNamespace(model_state_dict=lambda: {"params": params}, objective=None), {"round": 1, "index": 3})
     settings = NodeSettings(index=1, state_dir=str(state_dir))  # its classes: its share of --split, 2-3
     store.events.write("start", peer_id="p", run_id="r", settings=settings.to_dict())  # no result.json: it left
     store.close()
@@ -375,7 +375,7 @@ def test_each_map_cell_is_drawn_centred_on_the_pixels_its_patch_sees():
 def test_another_runs_set_aside_checkpoint_is_not_read_as_a_model_of_this_run(tmp_path, digits_model):
     identity = {"run_id": "r", "fingerprint": digits_model.fingerprint, "settings_hash": "old"}
     old = StateStore(tmp_path / "node2", identity)
-    old.save(SimpleNamespace(state_dict=lambda: {"params": digits_model.trainable_vector()}, objective=None), {})
+    old.save(SimpleNamespace(model_state_dict=lambda: {"params": digits_model.trainable_vector()}, objective=None), {})
     old.write_json("result.json", {"settings": NodeSettings(index=2, classes="4-6").to_dict()})
     old.close()
     StateStore(tmp_path / "node2", {**identity, "settings_hash": "new"}).close()  # a new run sets it aside
@@ -390,7 +390,7 @@ def test_p2pnodes_own_files_given_as_a_models_checkpoint_are_named_for_what_they
     identity = {"run_id": "r", "fingerprint": digits_model.fingerprint, "settings_hash": "h"}
     store = StateStore(tmp_path / "node0", identity)
     params = digits_model.trainable_vector()
-    store.save(SimpleNamespace(state_dict=lambda: {"params": params}, objective=None), {"round": 5})
+    store.save(SimpleNamespace(model_state_dict=lambda: {"params": params}, objective=None), {"round": 5})
     store.close()
     for path in (tmp_path / "node0" / "state.safetensors", saved_dir / "p2pft" / "node1.safetensors"):
         with pytest.raises(BadInput, match=r"is p2pnode's own file \(a daemon's checkpoint or a --save model"):
