@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from p2pnode.node.errors import BadInput
+from p2pnode.node.errors import BadInput, RunFailed
 from p2pnode.node.settings import NodeSettings, SimulateSettings, TestnetSettings, check_run_id
 from p2pnode.protocol.errors import one_line
 
@@ -383,10 +383,14 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point: bad input is one line on stderr and exit code 2, never a traceback."""
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv, prog_name="p2pnode", standalone_mode=False)
+        # typer returns (not raises) an exit code here, and turns Ctrl-C into code 130
+        code = command.main(args=argv, prog_name="p2pnode", standalone_mode=False)
     except BadInput as e:
         print(f"error: {one_line(str(e))}", file=sys.stderr)
         return 2
+    except RunFailed as e:
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
+        return 1
     except NoArgsIsHelpError as e:
         print(e.ctx.get_help() if e.ctx is not None else str(e))
         return 2
@@ -397,9 +401,13 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Exit as e:
         return e.exit_code
     except (typer.Abort, KeyboardInterrupt):
+        code = ABORTED
+    if code == ABORTED:
         print("aborted", file=sys.stderr)
-        return 130
-    return 0
+    return code if isinstance(code, int) else 0
+
+
+ABORTED = 130  # the shell's code for a command ended by Ctrl-C (128 + SIGINT)
 
 
 def run() -> None:

@@ -158,16 +158,15 @@ class RunSettings:
             raise BadInput(f"--device {self.device} asked for, but this machine has no CUDA GPU; use --device cpu")
         if isinstance(split, list) and len(split) != self.nodes and getattr(self, "classes", None) is None:
             raise BadInput(f"--split lists {len(split)} class sets but --nodes is {self.nodes}; give one per node")
-        for name in [self.algorithm, *getattr(self, "compare", [])]:
-            if ALGORITHMS[name].needs_undirected:
-                from .topology import make_topology
+        from .topology import make_topology
 
-                topo = make_topology(self.topology, self.nodes, self.seed)
-                if not topo.is_undirected:
-                    raise BadInput(
-                        f"{name} merges with doubly stochastic weights, which need an undirected topology: "
-                        f"{topo.name} is directed; use ring, complete or an edge-list file with A <-> B links"
-                    )
+        topo = make_topology(self.topology, self.nodes, self.seed)  # a bad file stops here, before any process
+        for name in [self.algorithm, *getattr(self, "compare", [])]:
+            if ALGORITHMS[name].needs_undirected and not topo.is_undirected:
+                raise BadInput(
+                    f"{name} merges with doubly stochastic weights, which need an undirected topology: "
+                    f"{topo.name} is directed; use ring, complete or an edge-list file with A <-> B links"
+                )
         names = [self.algorithm, *getattr(self, "compare", [])]
         merging = [name for name in names if "merge" in ALGORITHMS[name].phases]
         first_merge = self.merge_every * (self.warmup_epochs // self.merge_every + 1)  # DIMAT.is_merge's first epoch

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from .churn import ChurnEvent, initial_members, parse_churn
 from .data import parse_split
-from .errors import BadInput
+from .errors import BadInput, RunFailed
 from .netlab import exited_unreaped
 from .saved_models import save_simulation_run, save_state_dirs, set_aside_saved_models
 from .settings import RunSettings, TestnetSettings, parse_slow, to_flags
@@ -118,10 +119,14 @@ def start_bootstrap(
         text=True,
         start_new_session=True,  # its own group, which `stop_processes` can end with its p2pd
     )
-    addr = read_bootstrap_address(proc, timeout)
+    try:
+        addr = read_bootstrap_address(proc, timeout)
+    except BaseException:  # Ctrl-C or SIGTERM while it starts: its own session does not get the signal
+        stop_processes([proc])
+        raise
     if addr is None:
         stop_processes([proc])
-        raise RuntimeError(f"the bootstrap peer printed no address within {timeout:.0f} s; see {log}")
+        raise RunFailed(f"the bootstrap peer printed no address within {timeout:.0f} s; see {log}")
     return proc, [addr]
 
 
@@ -365,11 +370,11 @@ def _run_testnet(
         if node >= s.nodes and e.action != "join":
             raise BadInput(f"--churn event {e}: node {node} is past --nodes {s.nodes}, so its first event must be join")
     initial = [i for i in initial_members(events, total) if i < s.nodes]
-    workdir = Path(s.workdir or tempfile.mkdtemp(prefix="p2pnode-testnet-"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = make_workdir(s.workdir, total)
     boot = None
     fleet: _Fleet | None = None
     hosts = make_hosts(s)
+    stopped = False  # by Ctrl-C or SIGTERM
     try:
         owner = invite_nodes(workdir, [workdir / f"node{i}" for i in range(total)], s.run_id) if s.closed else None
         boot, addrs = start_bootstrap(s.run_id, workdir / "bootstrap.log", owner=owner, hosts=hosts)
@@ -380,6 +385,9 @@ def _run_testnet(
         for i in initial:
             fleet.launch(i, joiner=False, fresh=True)
         results = _watch(s, fleet, events, on_progress)
+    except (KeyboardInterrupt, SystemExit):
+        stopped = True
+        raise
     finally:
         procs = [boot] if boot is not None else []
         try:
@@ -388,7 +396,31 @@ def _run_testnet(
                 fleet.close()
         finally:
             hosts.close()
-    return _collect(s, workdir, fleet, results, events, save)
+            if stopped and s.workdir is None:
+                shutil.rmtree(workdir, ignore_errors=True)
+    result = _collect(s, workdir, fleet, results, events, save)
+    if s.workdir is None:  # nobody asked to keep the run's files: the result has what it found there
+        shutil.rmtree(workdir, ignore_errors=True)
+        result.settings["workdir"] = None
+    return result
+
+
+def make_workdir(workdir: str | None, nodes: int) -> Path:
+    """The testnet's folder with a `nodeI` state directory for each node: `workdir`, created if missing
+    (BadInput if it cannot be), or a new temporary one, deleted once the run has succeeded or was
+    stopped (a failed run's logs stay there, and its error names the folder)."""
+    path = Path(tempfile.mkdtemp(prefix="p2pnode-testnet-")) if workdir is None else Path(workdir)
+    try:
+        for i in range(nodes):
+            (path / f"node{i}").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        node_dirs = [path / f"node{i}" for i in range(nodes)]
+        files = [p for p in [*reversed(path.parents), path, *node_dirs] if p.exists() and not p.is_dir()]
+        where = f" ({files[0]} is a file)" if files else ""
+        raise BadInput(
+            f"cannot use --workdir {path}: {e.strerror or e}{where}; give a directory (created if missing)"
+        ) from None
+    return path
 
 
 MAX_EXTRA_JOINERS = 16  # node ids past --nodes that --churn may introduce with `join`
@@ -414,7 +446,7 @@ def _watch(
     while True:
         now = time.monotonic()
         if now > deadline:
-            raise RuntimeError(
+            raise RunFailed(
                 f"the testnet did not finish within {s.timeout:.0f} s ({_standing(fleet)}); logs in {fleet.workdir}"
             )
         if t0 is None and _training_started(fleet):
@@ -441,12 +473,14 @@ def _watch(
                 if p.returncode == 2 and tail and tail[-1].startswith("error: "):  # its own one-line error
                     log = fleet.workdir / f"node{i}.log"
                     raise BadInput(f"node {i} stopped: {tail[-1].removeprefix('error: ')} (log: {log})")
-                raise RuntimeError(f"node {i} exited with code {p.returncode}: {' | '.join(tail)}")
+                raise RunFailed(f"node {i} exited with code {p.returncode}: {' | '.join(tail)}")
             progress = _read_json(fleet.state(i) / "progress.json")
             if progress and on_progress:
                 on_progress(i, progress["round"], progress["rounds"], progress["accuracy"])
         running = [i for i, st in fleet.status.items() if st == "in"]
-        if running and all(i in results for i in running) and not todo:
+        if running and all(i in results for i in running):
+            if todo:  # timed after the run's end: nobody is left to crash, leave or join
+                logger.warning("the run finished before --churn %s: not applied", ",".join(map(str, todo)))
             break
         time.sleep(0.5)
     for i, r in results.items():

@@ -181,9 +181,17 @@ def read_edge_list(path: str | Path, n: int | None = None) -> Topology:
     (both directions); `#` starts a comment. Nodes are integers 0..n-1."""
     p = Path(path)
     if not p.is_file():
-        raise BadInput(f"topology file {p} does not exist; pass a built-in name ({', '.join(TOPOLOGIES[:5])})")
+        what = "is a directory" if p.is_dir() else "does not exist"
+        names = ", ".join(TOPOLOGIES[:5])
+        raise BadInput(f"topology file {p} {what}; pass an edge-list file or a built-in name ({names})")
+    try:
+        text = p.read_text()
+    except UnicodeDecodeError:
+        raise BadInput(f"topology file {p} is not text: write one link per line, 'SRC DST' or 'A <-> B'") from None
+    except OSError as e:
+        raise BadInput(f"cannot read topology file {p}: {e.strerror or e}") from None
     pairs: list[tuple[int, int]] = []
-    for lineno, raw in enumerate(p.read_text().splitlines(), 1):
+    for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue

@@ -350,3 +350,32 @@ def test_version_prints_p2pnode_hivemind_and_torch_versions(capsys):
     assert main(["--version"]) == 0
     out = capsys.readouterr().out
     assert out == f"p2pnode {version('p2pnode')} (hivemind {version('hivemind')}, torch {version('torch')})\n"
+
+
+def test_ctrl_c_during_a_command_ends_it_with_one_line_and_exit_code_130(monkeypatch, capsys):
+    """typer returns Ctrl-C as exit code 130 instead of raising it: the command exited 0, silently."""
+    from p2pnode.node import simulator
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(simulator, "simulate", interrupted)
+    code = main(["simulate", "--epochs", "1"])
+    _, err = capsys.readouterr()
+    assert code == 130 and err == "aborted\n", (code, err)
+
+
+def test_a_testnet_that_fails_after_good_input_ends_in_one_line_with_exit_code_1(monkeypatch, capsys):
+    from p2pnode.node import testnet
+    from p2pnode.node.errors import RunFailed
+
+    def late(*args, **kwargs):
+        raise RunFailed("the testnet did not finish within 10 s (node 0 in, no pass done); logs in /tmp/t")
+
+    monkeypatch.setattr(testnet, "run_testnet", late)
+    code = main(["testnet", "--epochs", "1"])
+    out, err = capsys.readouterr()
+    assert (
+        code == 1 and err == "error: the testnet did not finish within 10 s (node 0 in, no pass done); logs in /tmp/t\n"
+    )
+    assert "Traceback" not in out + err

@@ -130,3 +130,57 @@ def test_a_testnet_past_its_deadline_says_where_each_node_stood_and_leaves_no_pr
         assert f"node {i} in, " in message, message
     assert "round " in message and "/4600" in message, message  # at least one node finished a pass by then
     assert not own_processes(), "a daemon outlived the testnet's teardown"
+
+
+@pytest.mark.timeout(240)
+def test_a_testnet_without_a_workdir_ends_with_its_run_despite_churn_timed_later_and_leaves_no_folder(
+    tmp_path, monkeypatch, caplog, own_processes
+):
+    """An event timed after the run's end waited out --timeout (30 min by default) and then failed; the
+    temporary folder of every run without --workdir stayed in /tmp (3.8 MB of keys, checkpoints, logs)."""
+    import logging
+    import tempfile
+
+    from p2pnode.node.settings import TestnetSettings
+    from p2pnode.node.testnet import run_testnet
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the run's temporary folder goes here
+    settings = TestnetSettings(nodes=2, split="0-4,5-9", epochs=1, run_id="tidy", churn="crash:1@9999s", timeout=150)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="p2pnode.node.testnet"):
+        result = run_testnet(settings.validate())
+    assert time.monotonic() - started < 120
+    assert len(result.results["p2pft"].accuracy) == 2
+    assert "the run finished before --churn crash:1@9999s" in caplog.text
+    assert result.settings["workdir"] is None and list(tmp_path.iterdir()) == []
+    assert not own_processes(), "a daemon outlived the testnet"
+
+
+@pytest.mark.timeout(60)
+def test_a_bootstrap_peer_interrupted_while_it_starts_is_stopped(tmp_path, monkeypatch, own_processes):
+    """It runs in its own session, so Ctrl-C does not reach it: stopped before it printed its address,
+    it ran on after the testnet had exited."""
+    from p2pnode.node import testnet
+
+    def interrupted(proc, timeout):
+        time.sleep(1.0)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(testnet, "read_bootstrap_address", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        testnet.start_bootstrap("boot", tmp_path / "bootstrap.log")
+    assert not own_processes(), "the bootstrap peer outlived the interrupted start"
+
+
+def test_a_workdir_that_is_a_file_or_holds_one_where_a_node_folder_goes_is_refused_naming_it(tmp_path):
+    from p2pnode.node.errors import BadInput
+    from p2pnode.node.testnet import make_workdir
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(BadInput, match=r"cannot use --workdir .*/file/w: .*\(.*/file is a file\)"):
+        make_workdir(str(tmp_path / "file" / "w"), 2)
+    (tmp_path / "w" / "node1").parent.mkdir()
+    (tmp_path / "w" / "node1").write_text("")
+    with pytest.raises(BadInput, match=r"\(.*/w/node1 is a file\)"):
+        make_workdir(str(tmp_path / "w"), 2)
+    assert sorted(p.name for p in make_workdir(str(tmp_path / "fresh"), 2).iterdir()) == ["node0", "node1"]

@@ -219,3 +219,23 @@ def test_edge_list_without_links_raises_bad_input(tmp_path):
 def test_missing_edge_list_file_raises_bad_input(tmp_path):
     with pytest.raises(BadInput, match="does not exist"):
         make_topology(str(tmp_path / "nope.txt"), 4)
+
+
+def test_an_edge_list_that_is_not_text_or_is_a_directory_raises_bad_input_saying_so(tmp_path):
+    binary = tmp_path / "e7.txt"
+    binary.write_bytes(b"\x00\xff\xfe")
+    with pytest.raises(BadInput, match=r"topology file .*e7\.txt is not text"):  # was a UnicodeDecodeError
+        make_topology(str(binary), 4)
+    (tmp_path / "edges").mkdir()
+    with pytest.raises(BadInput, match=r"topology file .*edges is a directory"):  # said "does not exist"
+        make_topology(str(tmp_path / "edges"), 4)
+
+
+def test_a_testnet_checks_its_topology_file_before_it_starts_a_process(tmp_path):
+    """Checked only by each daemon, a bad file made four daemons fail with tracebacks in their logs."""
+    from p2pnode.node.settings import TestnetSettings
+
+    binary = tmp_path / "e7.txt"
+    binary.write_bytes(b"\x00\xff\xfe")
+    with pytest.raises(BadInput, match="is not text"):
+        TestnetSettings(topology=str(binary)).validate()
