@@ -40,7 +40,10 @@ class RunAccess:
 
 def check_identity_file(identity: str | None) -> None:
     """An --identity file that exists is a key from `p2pnode keygen` (a missing one is written by the DHT's
-    start); else BadInput. p2pd itself would only say 'cannot parse invalid wire-format data'."""
+    start, into a folder that must exist); else BadInput. p2pd itself would only say 'cannot parse invalid
+    wire-format data', and hivemind blames the DHT for a missing folder."""
+    if identity is not None and not Path(identity).exists() and not Path(identity).parent.is_dir():
+        raise BadInput(f"--identity {identity}: its folder does not exist; create it (the key is written there)")
     if identity is not None and Path(identity).exists():
         try:
             load_private_key(identity)

@@ -43,7 +43,7 @@ from .peer_gate import PeerGate
 from .rounds import Inbox
 from .run_log import RunLog
 from .settings import NodeSettings
-from .simulator import iterations_per_epoch, local_steps, objective_seed, step_schedule
+from .simulator import check_local_steps, iterations_per_epoch, local_steps, objective_seed, step_schedule
 from .state_store import StateDirLock, StateStore
 from .topology import make_topology
 from .training import FeatureBank, VisionObjective, accuracy, local_indices, prepare_model_and_data
@@ -265,6 +265,7 @@ class Node:
         """The run's length, fixed at epoch 0 from the first members' data (shared by all nodes)."""
         s = self.settings
         samples = sum(m.samples for m in members)
+        check_local_steps(samples, len(members), s.batch_size, local_steps(s, s.algorithm))
         per_epoch = iterations_per_epoch(samples, len(members), s.batch_size, local_steps(s, s.algorithm))
         return per_epoch * s.epochs, per_epoch
 

@@ -214,7 +214,8 @@ def _read_path(path: Path) -> list[SavedModel]:
     if path.is_file() and path.suffix == ".json":
         return [_read_node_file(path)]
     if not path.is_dir():
-        raise BadInput(f"{path} does not exist: pass a `--save` directory or a daemon's --state-dir")
+        what = "is a file, not a saved model's nodeI.json" if path.is_file() else "does not exist"
+        raise BadInput(f"{path} {what}: pass a `--save` directory or a daemon's --state-dir")
     if (path / "state.json").is_file():
         return [_read_state_dir(path)]
     own = sorted(path.glob("node*.json"), key=_node_number)

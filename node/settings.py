@@ -55,8 +55,8 @@ class RunSettings:
     algorithm: str = opt("p2pft", "p2pft, sgp, dsgd, cdsgd, dimat, wa, wm, local or central (see README)")
     codec: str = opt(
         "int8",
-        "compression of exchanged tensors: int8 (blockwise, the default), int4 (blockwise), none, fp16, bf16, "
-        "topk:FRACTION",
+        "compression of exchanged tensors: int8 (blockwise, one scale per 256 values; int8:BLOCK for another "
+        "block), int4 (blockwise; int4:BLOCK), none, fp16, bf16, topk:FRACTION (0 < FRACTION <= 1)",
     )
     gamma: float = opt(1.0, "consensus step for compressed exchange (<= 1; lower for aggressive top-k)")
     robust: str = opt("none", "mixing that survives a bad neighbour: none, or clip (self-centred clipping; not exact)")
@@ -204,7 +204,11 @@ class RunSettings:
 
 @dataclass
 class SimulateSettings(RunSettings):
-    compare: list[str] = opt([], "other algorithms to run on the same data, e.g. local,central,dsgd")
+    compare: list[str] = opt(
+        [],
+        "other algorithms to run on the same data (simulated): any of p2pft, sgp, dsgd, cdsgd, dimat, wa, wm, "
+        "local, central",
+    )
     churn: str | None = opt(
         None,
         "membership changes, ACTION:NODE@ROUND with ACTION join, leave, crash or rejoin: e.g. leave:3@200,join:3@400",
@@ -403,7 +407,11 @@ class TestnetSettings(RunSettings):
     __test__ = False  # not a pytest class
 
     run_id: str = opt("testnet", "name of the run")
-    compare: list[str] = opt([], "algorithms to run in-process on the same data for reference, e.g. local,central,dsgd")
+    compare: list[str] = opt(
+        [],
+        "algorithms to simulate in-process on the same data for reference: any of p2pft, sgp, dsgd, cdsgd, dimat, "
+        "wa, wm, local, central",
+    )
     workdir: str | None = opt(
         None,
         "folder for each node's state and log (default: a temporary folder); reused, the last run's files go to "

@@ -115,6 +115,17 @@ def iterations_per_epoch(total_samples: int, nodes: int, batch_size: int, local_
     return max(1, math.ceil(total_samples / (nodes * batch_size * local_steps)))
 
 
+def check_local_steps(total_samples: int, nodes: int, batch_size: int, local_steps: int) -> None:
+    """BadInput if --local-steps K asks for more mini-batches a round than a pass over the data holds: an
+    epoch would still be one round, and each would train K / (those mini-batches) passes."""
+    per_pass = iterations_per_epoch(total_samples, nodes, batch_size)
+    if local_steps > per_pass:
+        raise BadInput(
+            f"--local-steps {local_steps} is more than a pass over the data: {per_pass} mini-batches of "
+            f"--batch-size {batch_size} make one here; use at most {per_pass}"
+        )
+
+
 def local_steps(settings: RunSettings, algorithm: str) -> int:
     """Gradient steps per round of `algorithm` in this run: --local-steps for an algorithm that takes them."""
     return settings.local_steps if ALGORITHMS[algorithm].local_steps_supported else 1
@@ -260,6 +271,7 @@ class Simulation:
             self.data.train_labels, parse_split(s.split), s.nodes, s.seed, self.data.num_classes, self.data.name
         )
         samples = sum(len(p) for p in self.parts)
+        check_local_steps(samples, s.nodes, s.batch_size, local_steps(s, s.algorithm))
         rounds = iterations_per_epoch(samples, s.nodes, s.batch_size, local_steps(s, s.algorithm)) * s.epochs
         check_churn(self.churn, s, rounds)
         self.topology: Topology = make_topology(s.topology, s.nodes, s.seed)

@@ -275,3 +275,13 @@ def test_bootstrap_refuses_an_identity_that_is_not_a_key_before_starting_p2pd(tm
     assert main(["bootstrap", "--identity", str(not_a_key)]) == 2
     err = capsys.readouterr().err
     assert err == f"error: --identity: {not_a_key} is not an RSA key file from `p2pnode keygen`\n"
+
+
+def test_an_identity_in_a_folder_that_does_not_exist_is_refused_naming_the_flag(tmp_path):
+    """hivemind would write a new key there, and failing, said the DHT could not start."""
+    from p2pnode.node.access import check_identity_file
+    from p2pnode.node.errors import BadInput
+
+    with pytest.raises(BadInput, match=r"--identity .*/missing/k\.key: its folder does not exist"):
+        check_identity_file(str(tmp_path / "missing" / "k.key"))
+    check_identity_file(str(tmp_path / "k.key"))  # a new key in an existing folder: written at start

@@ -395,3 +395,12 @@ def test_p2pnodes_own_files_given_as_a_models_checkpoint_are_named_for_what_they
     for path in (tmp_path / "node0" / "state.safetensors", saved_dir / "p2pft" / "node1.safetensors"):
         with pytest.raises(BadInput, match=r"is p2pnode's own file \(a daemon's checkpoint or a --save model"):
             build_model("vit_digits", num_classes=10, checkpoint=path)
+
+
+def test_a_file_given_where_a_saved_model_folder_goes_is_named_as_a_file(tmp_path):
+    from p2pnode.node.errors import BadInput
+    from p2pnode.node.saved_models import load_saved_models
+
+    (tmp_path / "notes.txt").write_text("")
+    with pytest.raises(BadInput, match=r"notes\.txt is a file, not a saved model"):  # said "does not exist"
+        load_saved_models([tmp_path / "notes.txt"])
