@@ -7,9 +7,12 @@ node. `FineTuneModel.fingerprint` hashes the trunk so peers can check they fine-
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import json
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -65,6 +68,19 @@ def _sincos_position_embedding(model: VisionTransformer) -> VisionTransformer:
         model.pos_embed[:, model.num_prefix_tokens :] = build_sincos2d_pos_embed(list(grid), model.embed_dim)
         model.pos_embed[:, : model.num_prefix_tokens] = 0.0
     return model
+
+
+@contextlib.contextmanager
+def _quiet_hub() -> Iterator[None]:
+    """Without the Hugging Face hub, its client logs every retry ('Retrying in 8s [Retry 3/5]', 23 lines)
+    before the one line that says what to do; its errors still reach that line."""
+    hub = logging.getLogger("huggingface_hub")
+    level = hub.level
+    hub.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hub.setLevel(level)
 
 
 def _no_weights(name: str, pretrained: bool) -> None:
@@ -323,7 +339,7 @@ def build_model(
     _check_name(name)
     if trainable_blocks < 1:
         raise BadInput(f"--trainable-blocks must be at least 1 (got {trainable_blocks})")
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _quiet_hub():
         torch.manual_seed(seed)
         try:
             model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes)

@@ -277,3 +277,26 @@ def test_unreadable_checkpoint_file_raises_bad_input(tmp_path):
     path.write_bytes(b"not a safetensors file at all")
     with pytest.raises(BadInput, match="is not a weights file"):
         build_model("vit_digits", checkpoint=path)
+
+
+def test_pretrained_weights_out_of_reach_end_in_one_line_without_the_hub_clients_retry_log(monkeypatch):
+    """Without internet the hub client logged 'Retrying in Ns [Retry k/5]' 23 times before that line."""
+    import logging
+
+    def offline(name, pretrained=False, **kwargs):
+        logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 8s [Retry 3/5].")
+        raise OSError("no route to huggingface.co")
+
+    logged: list[logging.LogRecord] = []
+    seen = logging.Handler()
+    seen.emit = logged.append
+    hub = logging.getLogger("huggingface_hub")  # where the client's own stderr handler sits
+    hub.addHandler(seen)
+    monkeypatch.setattr(timm, "create_model", offline)
+    try:
+        with pytest.raises(BadInput, match="could not load pretrained weights for vit_small_patch16_224"):
+            build_model("vit_small_patch16_224", pretrained=True)
+    finally:
+        hub.removeHandler(seen)
+    assert [r.getMessage() for r in logged] == []
+    assert hub.level != logging.ERROR  # quieted only while loading
