@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import weakref
 from concurrent.futures import TimeoutError as FutureTimeout
 from multiprocessing import util as mp_util
@@ -26,6 +27,7 @@ STOP_TIMEOUT_S = 5.0  # stop_dht: the child's own bounded shutdown fits in this 
 CHILD_NODE_SHUTDOWN_S = 1.0  # in the child: remove handlers and stop the DHT node, normally milliseconds
 CHILD_P2PD_SHUTDOWN_S = 2.0  # in the child: then make sure its p2pd is terminated and reaped
 KILLED_JOIN_S = 5.0  # a SIGKILLed child is reaped at once; this only bounds the join
+P2PD_SOCKETS = Path("/tmp/hivemind-p2pd-*.sock")  # where hivemind puts each p2pd's control socket
 
 
 def _drop_p2pd_stop_noise(record: logging.LogRecord) -> bool:
@@ -83,14 +85,29 @@ def start_dht(**dht_kwargs) -> hivemind.DHT:
     dht = _ChildSafeDHT(start=False, **dht_kwargs)
     if not start:
         return dht
+    sockets_before = set(P2PD_SOCKETS.parent.glob(P2PD_SOCKETS.name))
     dht.start()
     if await_ready:
         try:
             _wait_until_ready(dht)
         except BaseException:
             stop_dht(dht)
+            _remove_dead_sockets(set(P2PD_SOCKETS.parent.glob(P2PD_SOCKETS.name)) - sockets_before)
             raise
     return dht
+
+
+def _remove_dead_sockets(paths: set[Path]) -> None:
+    """Unlink those of `paths` no process listens on: a p2pd that fails to start (no bootstrap peer reached)
+    exits without removing its control socket, and every failed `status` or `start` left one in /tmp."""
+    for path in paths:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(path))
+            except ConnectionRefusedError:
+                path.unlink(missing_ok=True)
+            except OSError:  # gone already, or not a socket
+                pass
 
 
 def _wait_until_ready(dht: hivemind.DHT) -> None:

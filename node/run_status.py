@@ -35,9 +35,8 @@ class RunStatus:
 def read_run_status(peers: list[str], run_id: str, owner: str | None = None) -> RunStatus:
     """Read a run's heartbeats and epoch records through a client-mode DHT peer (then shut it down).
     A closed run's `owner` key is needed to read it (every peer of a run uses the same validators)."""
-    import hivemind
-
     from ..protocol.admission import Admission, AdmissionError
+    from .dht_process import start_dht, stop_dht
 
     try:
         validators = run_validators(run_id, owner=owner)
@@ -45,14 +44,14 @@ def read_run_status(peers: list[str], run_id: str, owner: str | None = None) -> 
     except AdmissionError as e:
         raise BadInput(str(e)) from None
     try:
-        dht = hivemind.DHT(initial_peers=peers, client_mode=True, start=True, record_validators=validators)
+        dht = start_dht(initial_peers=peers, client_mode=True, record_validators=validators)
     except Exception as e:
         raise BadInput(f"could not reach --peers ({type(e).__name__}: {e})") from None
     try:
         membership = Membership(dht, run_id, validators[0], admission=admission)
         infos, records = membership.members(), membership.epochs()
     finally:
-        dht.shutdown()
+        stop_dht(dht)
     ranked = sorted((r for r in records if r.members), key=lambda r: r.rank, reverse=True)
     return RunStatus(run_id, ranked[0] if ranked else None, infos)
 

@@ -234,3 +234,19 @@ def test_a_node_stopped_while_waiting_for_its_run_says_so_and_logs_no_error(tmp_
                     os.killpg(proc.pid, signal.SIGKILL)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(5)
+
+
+@pytest.mark.timeout(120)
+def test_a_dht_that_cannot_reach_its_peers_leaves_no_p2pd_socket_behind(own_processes):
+    """p2pd exits without removing its control socket when no bootstrap peer answers: every failed
+    `p2pnode status` or `start` left a /tmp/hivemind-p2pd-*.sock."""
+    import glob
+
+    from p2pnode.node import dht_process
+
+    before = set(glob.glob(str(dht_process.P2PD_SOCKETS)))
+    unreachable = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWCNDSJbFxTvzbvYYPsPdQD6FEcpASS3NzqZUzkbNx6X2o"
+    with pytest.raises(Exception, match="failed to connect to bootstrap peers"):
+        start_dht(initial_peers=[unreachable], client_mode=True)
+    assert set(glob.glob(str(dht_process.P2PD_SOCKETS))) - before == set()
+    assert not own_processes(), "the DHT child or its p2pd outlived the failed start"
