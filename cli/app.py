@@ -385,12 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # typer returns (not raises) an exit code here, and turns Ctrl-C into code 130
         code = command.main(args=argv, prog_name="p2pnode", standalone_mode=False)
-    except BadInput as e:
+    except (BadInput, RunFailed) as e:  # bad input: 2; a run that failed after good input: 1
         print(f"error: {one_line(str(e))}", file=sys.stderr)
-        return 2
-    except RunFailed as e:
-        print(f"error: {one_line(str(e))}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, BadInput) else 1
     except NoArgsIsHelpError as e:
         print(e.ctx.get_help() if e.ctx is not None else str(e))
         return 2
@@ -410,9 +407,5 @@ def main(argv: list[str] | None = None) -> int:
 ABORTED = 130  # the shell's code for a command ended by Ctrl-C (128 + SIGINT)
 
 
-def run() -> None:
+if __name__ == "__main__":  # `python -m p2pnode.cli.app`, as testnets start their daemons; the script: cli.run
     sys.exit(main())
-
-
-if __name__ == "__main__":
-    run()

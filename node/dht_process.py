@@ -85,16 +85,20 @@ def start_dht(**dht_kwargs) -> hivemind.DHT:
     dht = _ChildSafeDHT(start=False, **dht_kwargs)
     if not start:
         return dht
-    sockets_before = set(P2PD_SOCKETS.parent.glob(P2PD_SOCKETS.name))
+    sockets_before = _p2pd_sockets()
     dht.start()
     if await_ready:
         try:
             _wait_until_ready(dht)
         except BaseException:
             stop_dht(dht)
-            _remove_dead_sockets(set(P2PD_SOCKETS.parent.glob(P2PD_SOCKETS.name)) - sockets_before)
+            _remove_dead_sockets(_p2pd_sockets() - sockets_before)
             raise
     return dht
+
+
+def _p2pd_sockets() -> set[Path]:
+    return set(P2PD_SOCKETS.parent.glob(P2PD_SOCKETS.name))
 
 
 def _remove_dead_sockets(paths: set[Path]) -> None:

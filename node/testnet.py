@@ -414,9 +414,9 @@ def make_workdir(workdir: str | None, nodes: int) -> Path:
         for i in range(nodes):
             (path / f"node{i}").mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        node_dirs = [path / f"node{i}" for i in range(nodes)]
-        files = [p for p in [*reversed(path.parents), path, *node_dirs] if p.exists() and not p.is_dir()]
-        where = f" ({files[0]} is a file)" if files else ""
+        candidates = [*reversed(path.parents), path, *(path / f"node{i}" for i in range(nodes))]
+        blocking = next((p for p in candidates if p.exists() and not p.is_dir()), None)
+        where = f" ({blocking} is a file)" if blocking else ""
         raise BadInput(
             f"cannot use --workdir {path}: {e.strerror or e}{where}; give a directory (created if missing)"
         ) from None
