@@ -72,7 +72,7 @@ def _sincos_position_embedding(model: VisionTransformer) -> VisionTransformer:
 
 @contextlib.contextmanager
 def _quiet_hub() -> Iterator[None]:
-    """Without the Hugging Face hub, its client logs every retry ('Retrying in 8s [Retry 3/5]', 23 lines)
+    """Without the Hugging Face hub, its client logs every retry ('Retrying in 8s [Retry 3/5]')
     before the one line that says what to do; its errors still reach that line."""
     hub = logging.getLogger("huggingface_hub")
     level = hub.level

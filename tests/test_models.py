@@ -280,7 +280,7 @@ def test_unreadable_checkpoint_file_raises_bad_input(tmp_path):
 
 
 def test_pretrained_weights_out_of_reach_end_in_one_line_without_the_hub_clients_retry_log(monkeypatch):
-    """Without internet the hub client logged 'Retrying in Ns [Retry k/5]' 23 times before that line."""
+    """Without internet the hub client logged 'Retrying in Ns [Retry k/5]' at every retry before that line."""
     import logging
 
     def offline(name, pretrained=False, **kwargs):

@@ -137,7 +137,7 @@ def test_a_testnet_without_a_workdir_ends_with_its_run_despite_churn_timed_later
     tmp_path, monkeypatch, caplog, own_processes
 ):
     """An event timed after the run's end waited out --timeout (30 min by default) and then failed; the
-    temporary folder of every run without --workdir stayed in /tmp (3.8 MB of keys, checkpoints, logs)."""
+    temporary folder of every run without --workdir stayed in /tmp (keys, checkpoints, logs)."""
     import logging
     import tempfile
 
