@@ -114,7 +114,7 @@ class RoundDriver:
             out |= set(node.record.members) - set(latest.members)
             # a sender of frames of an epoch this node has not read yet keeps its grace: skipping it would
             # let this node race ahead alone until it reads the record (it asks for it at once)
-            out |= {sender for sender, env in node.inbox.held if env.epoch <= latest.number}
+            out |= {h.sender for h in node.inbox.held if h.env.epoch <= latest.number}
         index_of = node.transport.index_of
         return {index_of[p] for p in out if p in index_of and p != node.peer_id}
 
@@ -243,6 +243,7 @@ class RoundDriver:
                     self.enter_epoch(latest, latest.start_round)
                     await self.jump(k, latest.start_round)
                     k = latest.start_round
+            node.transport.release_unclaimed(max(node.record.number, latest.number if latest is not None else -1))
             if node.agent.deserted:  # it slept, and woke to find no trace of the others (node/membership.py)
                 return FINISHED_WITHOUT_THIS_NODE
             if self.finished_without_this_node():  # it rejoins, learns that the run finished, writes its result

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 from ..protocol.envelope import Envelope
 from ..protocol.message import Message
@@ -30,6 +31,18 @@ MAX_HELD = 4096
 MAX_HELD_BYTES = 1 << 30
 MAX_HELD_PER_SENDER = 64
 MAX_HELD_BYTES_PER_SENDER = 256 << 20
+# A frame of an epoch that no record this node has read names, held this long, is let go: an honest
+# sender entered that epoch from a record in the DHT, which this node reads within seconds of the
+# frame (the frame wakes its read). Its pull value is superseded and its pushed mass is in the next
+# running sum, so letting it go loses nothing; a member that parks frames of an epoch that never
+# comes no longer keeps its share of the hold until the run ends.
+UNCLAIMED_HOLD_S = 60.0
+
+
+class HeldFrame(NamedTuple):
+    sender: str  # peer id
+    env: Envelope  # a frame of a later epoch
+    since: float  # monotonic time it was held
 
 
 class Inbox:
@@ -43,7 +56,7 @@ class Inbox:
         self.max_held, self.max_held_per_sender = max_held, max_held_per_sender  # (frames, payload bytes)
         self.last_heard: dict[int, float] = {}  # in-neighbour -> monotonic time of its last message
         self.by_phase: dict[str, list[Message]] = {}
-        self.held: list[tuple[str, Envelope]] = []  # (sender peer id, envelope of a later epoch)
+        self.held: list[HeldFrame] = []
         self.arrival = asyncio.Event()
         self.misses: dict[int, int] = {}  # in-neighbour -> deadlines missed in a row
         self.entered = time.monotonic()
@@ -63,14 +76,24 @@ class Inbox:
         """Keep a frame of a later epoch; False (not kept) when that would pass a bound, in all or for
         `sender`. The newest frame is the one refused: its sender hears so and sends full state later."""
         size = env.nbytes
-        frames, nbytes = len(self.held), sum(e.nbytes for _, e in self.held)
-        mine = [e.nbytes for s, e in self.held if s == sender]
+        frames, nbytes = len(self.held), sum(h.env.nbytes for h in self.held)
+        mine = [h.env.nbytes for h in self.held if h.sender == sender]
         if frames + 1 > self.max_held[0] or nbytes + size > self.max_held[1]:
             return False
         if len(mine) + 1 > self.max_held_per_sender[0] or sum(mine) + size > self.max_held_per_sender[1]:
             return False
-        self.held.append((sender, env))
+        self.held.append(HeldFrame(sender, env, time.monotonic()))
         return True
+
+    def release_unclaimed(self, newest_epoch: int, after: float = UNCLAIMED_HOLD_S) -> list[HeldFrame]:
+        """Let go of the frames of epochs after `newest_epoch` (the newest this node has read) held longer
+        than `after` seconds; returns them."""
+        now = time.monotonic()
+        keep, unclaimed = [], []
+        for h in self.held:
+            (unclaimed if h.env.epoch > newest_epoch and now - h.since > after else keep).append(h)
+        self.held = keep
+        return unclaimed
 
     def enter_epoch(self, epoch: int, convert: Callable[[str, Envelope], Message | None]) -> int:
         """Forget the old epoch's messages and take the held ones of `epoch`; returns how many."""
@@ -78,7 +101,8 @@ class Inbox:
         self.entered = time.monotonic()
         self.newest_round, self.sent_round = -1, {}
         keep, taken = [], 0
-        for sender, env in self.held:
+        for held in self.held:
+            sender, env = held.sender, held.env
             if env.epoch == epoch:
                 msg = convert(sender, env)
                 if msg is not None:
@@ -88,7 +112,7 @@ class Inbox:
                     self.sent_round[key] = max(self.sent_round.get(key, -1), msg.round)
                     taken += 1
             elif env.epoch > epoch:
-                keep.append((sender, env))
+                keep.append(held)
         self.held = keep
         return taken
 

@@ -32,7 +32,7 @@ from ..protocol.links import Links
 from ..protocol.membership import EpochRecord
 from ..protocol.message import Message
 from .algorithms import Algorithm
-from .rounds import Inbox
+from .rounds import UNCLAIMED_HOLD_S, Inbox
 
 logger = logging.getLogger(__name__)
 
@@ -211,6 +211,17 @@ class Transport:
         if env.epoch > self.epoch:
             self.on_newer_epoch(env.epoch)  # the sender entered a later epoch first: keep it for then
 
+    def release_unclaimed(self, newest_epoch: int) -> None:
+        """Let go of frames held for an epoch after `newest_epoch` that no record has named for a while
+        (rounds.UNCLAIMED_HOLD_S); logged and counted as refused once a sender, which may send those rounds again."""
+        by_sender: dict[str, list[int]] = {}
+        for h in self.inbox.release_unclaimed(newest_epoch):
+            self.seen.forget(h.sender, (h.env.epoch, h.env.phase, h.env.round))
+            by_sender.setdefault(h.sender, []).append(h.env.epoch)
+        for sender, epochs in by_sender.items():
+            held = f"{len(epochs)} frames of epoch {max(epochs)} held {UNCLAIMED_HOLD_S:.0f} s"
+            self._refuse(sender, f"{held}: no epoch record names that epoch")
+
     def _refuse(self, sender: str, reason: str) -> bool:
         logger.warning("dropped a message from %s: %s", sender[-8:], reason)
         self.on_refused(sender, reason)
@@ -308,7 +319,7 @@ class Transport:
             if peer not in staying:
                 task.cancel()
         self.inbox.enter_epoch(record.number, self.to_message)
-        self.seen.keep_only(set(record.members) | {sender for sender, _ in self.inbox.held})
+        self.seen.keep_only(set(record.members) | {h.sender for h in self.inbox.held})
 
     def cancel(self) -> None:
         for task in list(self.pending):

@@ -369,6 +369,7 @@ def node_c_at_round_40(old: EpochRecord, latest: EpochRecord, rounds: int, infos
         algorithm=SimpleNamespace(objective=None, asynchronous=False),
         log=SimpleNamespace(round_seconds=0.0),
         metrics=None,
+        transport=SimpleNamespace(release_unclaimed=lambda newest_epoch: None),
     )
     driver = RoundDriver(node)
     driver.enter_epoch = lambda r, k: setattr(node, "record", r)

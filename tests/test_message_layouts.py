@@ -15,7 +15,7 @@ from test_exactness import problem
 
 from p2pnode.node.algorithms import ALGORITHMS
 from p2pnode.node.algorithms.base import StepRule
-from p2pnode.node.rounds import Inbox
+from p2pnode.node.rounds import UNCLAIMED_HOLD_S, Inbox
 from p2pnode.node.topology import complete
 from p2pnode.node.transport import Transport
 from p2pnode.protocol.codecs import get_codec
@@ -129,3 +129,24 @@ def test_a_malformed_frame_held_for_a_later_epoch_is_dropped_when_the_node_enter
     assert inbox.enter_epoch(1, transport.to_message) == 0
     assert inbox.by_phase == {} and inbox.held == []
     assert refused and "shape" in refused[0][1]
+
+
+def test_frames_held_for_an_epoch_no_record_names_are_let_go_after_a_while_and_can_come_again():
+    """A member could park frames of an epoch that never comes in its share of the hold until the run
+    ended. Held past UNCLAIMED_HOLD_S with no record of their epoch read, they are let go (one refusal
+    logged a sender), while frames of an epoch a record names, and young ones, stay; a let-go frame sent again is
+    held again, not taken for a repeat of one already used."""
+    algo = node("p2pft")
+    transport, inbox, refused = transport_for(algo)
+    good = next(m for m in node("p2pft", 1).send("pull", 0) if m.dst == 0)
+    frames = {epoch: pack(from_message(good, RUN, epoch, "p1")) for epoch in (1, 7, 8)}
+    for frame in frames.values():
+        assert asyncio.run(transport.on_frame(frame, "p1")) is True
+    transport.release_unclaimed(1)
+    assert len(inbox.held) == 3 and refused == []  # young: the record may not have been read yet
+    inbox.held = [h._replace(since=h.since - UNCLAIMED_HOLD_S - 1) for h in inbox.held]
+    transport.release_unclaimed(1)
+    assert [h.env.epoch for h in inbox.held] == [1]  # epoch 1 is named by a record this node has read
+    assert len(refused) == 1 and refused[0][0] == "p1" and "epoch 8" in refused[0][1]
+    assert asyncio.run(transport.on_frame(frames[7], "p1")) is True
+    assert [h.env.epoch for h in inbox.held] == [1, 7]

@@ -398,3 +398,15 @@ def test_frames_wait_for_room_in_the_inbound_buffer_and_are_refused_when_it_stay
     assert first and second and not refused
     assert links.refused["buffer"] == 1 and not links.banned  # a busy receiver is not the sender's fault
     assert links.budget.peak <= MAX and links.budget.used == 0
+
+
+def test_only_frames_of_epochs_after_the_newest_read_and_held_long_enough_are_released():
+    inbox = Inbox()
+    frame = {e: Envelope(RUN, e, 0, "mix", 0, "a", "value", {"x": get_codec("none").encode(torch.zeros(4))})
+             for e in (2, 3, 4)}  # fmt: skip
+    for e in (2, 3, 4):
+        assert inbox.hold("a", frame[e])
+    assert inbox.release_unclaimed(2, after=60.0) == []  # each held a moment ago
+    released = inbox.release_unclaimed(2, after=0.0)
+    assert [h.env.epoch for h in released] == [3, 4] and [h.env.epoch for h in inbox.held] == [2]
+    assert inbox.hold("a", frame[3])  # room again
