@@ -262,3 +262,18 @@ def test_a_layer_whose_permutation_gains_little_overall_keeps_the_identity() -> 
     corr["mlp"][0, 1] = corr["mlp"][1, 0] = 0.8  # two units gain 0.3 each: 0.006 for the layer's mean
     assert al.permutation_from_correlations(corr, 4, False, margin=0.1).is_identity()
     assert al.permutation_from_correlations(corr, 4, False, margin=0.0).mlp.tolist()[:2] == [1, 0]
+
+
+@pytest.mark.parametrize("scale", [1e150, 1e300])
+def test_a_neighbour_whose_parameters_overflow_the_activations_is_matched_by_the_identity_not_an_error(
+    setups, scale: float
+) -> None:
+    """A hostile (or diverged) neighbour's finite parameters, scaled until its activations overflow, made
+    the linear assignment raise ('matrix contains invalid numeric entries') inside a DIMAT merge: the
+    daemon's compute thread died. Correlations that are not finite count as none, so the identity stays."""
+    s = setups("vit_digits")
+    other = {n: scale * t for n, t in s.params.items()}
+    for perm in al.match_activations(s.model, s.params, other, s.features):
+        assert perm.is_identity()
+    for perm in al.match_weights(s.params, other, s.kind, s.num_heads):
+        assert all(len(torch.unique(p)) == p.shape[-1] for p in (perm.mlp, perm.heads))  # permutations

@@ -64,7 +64,8 @@ class DIMAT(Algorithm):
 
     def incoming(self, phase: str, k: int, messages: Sequence[Message]) -> None:
         self.params = self.params - self.local_step(k, self.params)
-        received = {m.src: as_tensor(m.tensors["x"]) for m in messages if m.kind == "params"}
+        # in this node's dtype: a model of another float dtype made the alignment's forward pass raise
+        received = {m.src: as_tensor(m.tensors["x"]).to(self.params.dtype) for m in messages if m.kind == "params"}
         if self.asynchronous:  # merge with each neighbour's newest model, whenever it was sent
             for m in messages:
                 if m.kind == "params" and m.round >= self.newest.get(m.src, (-1, None))[0]:
