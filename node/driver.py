@@ -291,14 +291,14 @@ class RoundDriver:
                 if algo.expects_messages(phase, k):
                     limit = 1.0 if self.hurry() else node.settings.round_timeout
                     skip = self.excluded if phase == algo.phases[0] else self.excluded_in_later_phases
-                    await node.inbox.wait_for_lag(phase, k, algo.hood.in_neighbours, MAX_LAG, limit, skip)
+                    await node.inbox.wait_for_lag(phase, k, algo.hood.senders(k), MAX_LAG, limit, skip)
                 arrived = node.inbox.take(phase, k)
             else:
-                wait = bool(algo.hood.in_neighbours) and algo.expects_messages(phase, k)
+                wait = bool(algo.hood.senders(k)) and algo.expects_messages(phase, k)
                 arrived = await node.inbox.collect(
                     phase,
                     k,
-                    algo.hood.in_neighbours,
+                    algo.hood.senders(k),  # on a graph whose links change by round, that round's only
                     node.settings.round_timeout,
                     self.hurry,
                     self.excluded,

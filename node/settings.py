@@ -51,7 +51,11 @@ class RunSettings:
     split: str = opt("0-1,2-3,4-6,7-9", "class sets per node (0-1,2-3,4-6,7-9), iid, or dirichlet:ALPHA")
     nodes: int | None = opt(None, "number of nodes (default: one per --split class set, else 4)")
     # graph and algorithm
-    topology: str = opt("directed-ring", "directed-ring, exponential, complete, ring, random:K, or an edge-list file")
+    topology: str = opt(
+        "directed-ring",
+        "directed-ring, exponential, one-peer-exponential (the exponential graph's links, one a round in turn: "
+        "the ring's messages; p2pft and dsgd), complete, ring, random:K, or an edge-list file",
+    )
     algorithm: str = opt("p2pft", "p2pft, sgp, dsgd, cdsgd, dimat, wa, wm, local or central (see README)")
     codec: str = opt(
         "int8",
@@ -168,6 +172,12 @@ class RunSettings:
                     f"{topo.name} is directed; use ring, complete or an edge-list file with A <-> B links"
                 )
         names = [self.algorithm, *getattr(self, "compare", [])]
+        fixed = [name for name in names if ALGORITHMS[name].communicates and not ALGORITHMS[name].time_varying_graphs]
+        if topo.time_varying and fixed:
+            raise BadInput(
+                f"{fixed[0]} mixes over a fixed graph, and --topology {topo.name} changes its links every round: "
+                "use it with p2pft or dsgd, or choose another topology"
+            )
         merging = [name for name in names if "merge" in ALGORITHMS[name].phases]
         first_merge = self.merge_every * (self.warmup_epochs // self.merge_every + 1)  # DIMAT.is_merge's first epoch
         if merging and first_merge > self.epochs:

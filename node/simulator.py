@@ -28,7 +28,7 @@ from .engine import Delay, InMemoryNetwork
 from .errors import BadInput
 from .pace import slow_objective, unwrapped
 from .settings import RunSettings, SimulateSettings, parse_slow
-from .topology import Topology, make_topology
+from .topology import BUILT_IN, Topology, make_topology
 from .training import FeatureBank, VisionObjective, accuracy, prepare_model_and_data
 
 # (algorithm, epoch, epochs, mean accuracy) after each evaluated epoch
@@ -41,8 +41,6 @@ LATE_MASS_STREAM = 7  # --late-mass draws from its own stream of the run's seed:
 # Rounds from a crash to the epoch without the crashed node: its neighbours report it after 3 silent
 # rounds, then the coordinator announces the new epoch 2 rounds ahead, as the daemon does.
 CRASH_DETECTION_ROUNDS = 5
-
-BUILT_IN_TOPOLOGIES = ("directed-ring", "exponential", "complete", "ring")
 
 
 @dataclass
@@ -141,9 +139,9 @@ def check_churn(events: list[ChurnEvent], settings: RunSettings, total: int) -> 
     if not events:
         return
     spec = settings.topology
-    if spec not in BUILT_IN_TOPOLOGIES and not spec.startswith("random:"):
+    if spec not in BUILT_IN and not spec.startswith("random:"):
         raise BadInput(
-            f"--churn needs a built-in topology ({', '.join(BUILT_IN_TOPOLOGIES)} or random:K) to rebuild over "
+            f"--churn needs a built-in topology ({', '.join(BUILT_IN)} or random:K) to rebuild over "
             f"each member list; {spec!r} is an edge-list file over fixed nodes"
         )
     for e in events:

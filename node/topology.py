@@ -3,6 +3,14 @@
 Weights follow DESIGN §2 with w_ij = 1 on every link and self-loop, so node i needs only
 its own in- and out-degree: a_ij = 1 / (in_degree(i) + 1) (row-stochastic, applied by the
 receiver) and b_li = 1 / (out_degree(i) + 1) (column-stochastic, applied by the sender).
+
+One graph changes from round to round: `one-peer-exponential` (Ying et al. 2021, "Exponential
+graph is provably efficient for decentralized deep training"). Its links are the exponential
+graph's, i -> i + 2^m (mod n), but round k uses one hop only, 2^(k mod log2 n) in turn: each node
+sends to one peer and hears from one (the directed ring's messages), with weights 1/2 and 1/2 on
+that round's links, so A_k and B_k stay row- and column-stochastic every round. With n a power of
+two the product of log2 n rounds' matrices is the exact average (J): it mixes like the complete
+graph over those rounds.
 """
 
 from __future__ import annotations
@@ -18,7 +26,8 @@ from .errors import BadInput
 if TYPE_CHECKING:
     import torch
 
-TOPOLOGIES = ("directed-ring", "exponential", "complete", "ring", "random:K", "FILE")
+TOPOLOGIES = ("directed-ring", "exponential", "one-peer-exponential", "complete", "ring", "random:K", "FILE")
+BUILT_IN = TOPOLOGIES[:5]  # by name; random:K is built too, from its K
 
 
 @dataclass(frozen=True)
@@ -30,6 +39,32 @@ class Neighbourhood:
     out_neighbours: tuple[int, ...]
     # in-degree of each in-neighbour: lets a node of an undirected graph compute Metropolis weights
     neighbour_degrees: tuple[tuple[int, int], ...] = ()
+    hops: tuple[int, ...] = ()  # a one-peer graph's hops, one a round in turn (empty: every link every round)
+    size: int = 0  # the graph's node count, where hops are used
+
+    @property
+    def time_varying(self) -> bool:
+        return bool(self.hops)
+
+    def senders(self, k: int) -> tuple[int, ...]:
+        """The in-neighbours whose links round k uses (all of them on a fixed graph)."""
+        if not self.hops:
+            return self.in_neighbours
+        return ((self.node - self.hops[k % len(self.hops)]) % self.size,)
+
+    def receivers(self, k: int) -> tuple[int, ...]:
+        """The out-neighbours round k sends to (all of them on a fixed graph)."""
+        if not self.hops:
+            return self.out_neighbours
+        return ((self.node + self.hops[k % len(self.hops)]) % self.size,)
+
+    def row_weight_at(self, k: int) -> float:
+        """a_ij of round k, for i itself and each of that round's senders."""
+        return 1.0 / (len(self.senders(k)) + 1)
+
+    def col_weight_at(self, k: int) -> float:
+        """b_li of round k, for this node itself and each of that round's receivers."""
+        return 1.0 / (len(self.receivers(k)) + 1)
 
     @property
     def self_row_weight(self) -> float:
@@ -61,6 +96,7 @@ class Topology:
     n: int
     edges: frozenset[tuple[int, int]]  # (src, dst): src sends to dst
     name: str = "custom"
+    hops: tuple[int, ...] = ()  # one-peer graphs: the hop each round uses, in turn (Neighbourhood.senders)
     _in: dict[int, tuple[int, ...]] = field(init=False, repr=False, compare=False)
     _out: dict[int, tuple[int, ...]] = field(init=False, repr=False, compare=False)
 
@@ -84,7 +120,11 @@ class Topology:
 
     def neighbourhood(self, i: int) -> Neighbourhood:
         degrees = tuple((j, len(self._in[j])) for j in self._in[i])
-        return Neighbourhood(i, self._in[i], self._out[i], degrees)
+        return Neighbourhood(i, self._in[i], self._out[i], degrees, self.hops, self.n if self.hops else 0)
+
+    @property
+    def time_varying(self) -> bool:
+        return bool(self.hops)
 
     @property
     def is_undirected(self) -> bool:
@@ -114,27 +154,28 @@ class Topology:
             )
         return self
 
-    def row_stochastic(self) -> torch.Tensor:
-        """The full matrix A (for tests and analysis; nodes never build it)."""
+    def row_stochastic(self, k: int = 0) -> torch.Tensor:
+        """The full matrix A of round k (for tests and analysis; nodes never build it)."""
         import torch
 
         a = torch.zeros(self.n, self.n, dtype=torch.float64)
         for i in range(self.n):
             h = self.neighbourhood(i)
-            a[i, i] = h.self_row_weight
-            for j in h.in_neighbours:
-                a[i, j] = h.row_weight(j)
+            a[i, i] = h.row_weight_at(k)
+            for j in h.senders(k):
+                a[i, j] = h.row_weight_at(k)
         return a
 
-    def column_stochastic(self) -> torch.Tensor:
+    def column_stochastic(self, k: int = 0) -> torch.Tensor:
+        """The full matrix B of round k."""
         import torch
 
         b = torch.zeros(self.n, self.n, dtype=torch.float64)
         for j in range(self.n):
             h = self.neighbourhood(j)
-            b[j, j] = h.self_col_weight
-            for l in h.out_neighbours:  # noqa: E741
-                b[l, j] = h.col_weight(l)
+            b[j, j] = h.col_weight_at(k)
+            for l in h.receivers(k):  # noqa: E741
+                b[l, j] = h.col_weight_at(k)
         return b
 
 
@@ -146,10 +187,19 @@ def directed_ring(n: int) -> Topology:
     return Topology(n, _edges((i, (i + 1) % n) for i in range(n)), "directed-ring")
 
 
+def _exponential_hops(n: int) -> tuple[int, ...]:
+    return tuple(2**k for k in range(n.bit_length()) if 2**k < n)
+
+
 def exponential(n: int) -> Topology:
     """Directed exponential graph: i sends to i + 2^k (mod n) for every 2^k < n."""
-    hops = [2**k for k in range(n.bit_length()) if 2**k < n]
+    hops = _exponential_hops(n)
     return Topology(n, _edges((i, (i + h) % n) for i in range(n) for h in hops), "exponential")
+
+
+def one_peer_exponential(n: int) -> Topology:
+    """The exponential graph's links, one hop a round in turn (module docstring)."""
+    return Topology(n, exponential(n).edges, "one-peer-exponential", _exponential_hops(n))
 
 
 def complete(n: int) -> Topology:
@@ -182,7 +232,7 @@ def read_edge_list(path: str | Path, n: int | None = None) -> Topology:
     p = Path(path)
     if not p.is_file():
         what = "is a directory" if p.is_dir() else "does not exist"
-        names = ", ".join(TOPOLOGIES[:5])
+        names = ", ".join((*BUILT_IN, "random:K"))
         raise BadInput(f"topology file {p} {what}; pass an edge-list file or a built-in name ({names})")
     try:
         text = p.read_text()
@@ -218,7 +268,13 @@ def make_topology(spec: str, n: int, seed: int = 0) -> Topology:
     """Build a named topology (see TOPOLOGIES) or read an edge-list file, checked strongly connected."""
     if n < 1:
         raise BadInput(f"a run needs at least one node (got {n})")
-    builders = {"directed-ring": directed_ring, "exponential": exponential, "complete": complete, "ring": ring}
+    builders = {
+        "directed-ring": directed_ring,
+        "exponential": exponential,
+        "one-peer-exponential": one_peer_exponential,
+        "complete": complete,
+        "ring": ring,
+    }
     if spec in builders:
         topo = builders[spec](n)
     elif spec.startswith("random:"):
@@ -230,5 +286,5 @@ def make_topology(spec: str, n: int, seed: int = 0) -> Topology:
     elif Path(spec).suffix or Path(spec).exists():
         topo = read_edge_list(spec, n)
     else:
-        raise BadInput(f"unknown topology {spec!r}: use one of {', '.join(TOPOLOGIES[:5])} or an edge-list file")
+        raise BadInput(f"unknown topology {spec!r}: use one of {', '.join(BUILT_IN)}, random:K or an edge-list file")
     return topo.check_strongly_connected()

@@ -10,7 +10,7 @@ import torch
 from p2pnode.node.algorithms import ALGORITHMS, StepRule
 from p2pnode.node.engine import InMemoryNetwork
 from p2pnode.node.pace import StaleGradients
-from p2pnode.node.topology import Topology, directed_ring
+from p2pnode.node.topology import Topology, directed_ring, one_peer_exponential
 from p2pnode.protocol.codecs import get_codec
 
 
@@ -52,11 +52,13 @@ def run(
     wrap=None,
     local_steps: int = 1,
     algorithm=None,
+    topology=ring_with_chord,
+    net_out: list | None = None,
 ):
     objectives, x_star = problem()
     if wrap is not None:
         objectives = [wrap(o) for o in objectives]
-    topo = ring_with_chord(len(objectives))
+    topo = topology(len(objectives))
     x0 = torch.zeros(objectives[0].dim, dtype=torch.float64)
     compress = None if codec == "none" else get_codec(codec)
     cls = algorithm or ALGORITHMS[name]
@@ -66,6 +68,8 @@ def run(
     for node in nodes:
         node.local_steps = local_steps
     net = InMemoryNetwork(nodes, deliver)
+    if net_out is not None:
+        net_out.append(net)
     for k in range(iterations):
         net.iteration(k)
         if check is not None:
@@ -100,6 +104,50 @@ def test_compressed_p2pft_still_reaches_the_global_least_squares_solution(codec,
     _, errors = run("p2pft", iterations, codec=codec, check=lambda nodes: gaps.append(tracking_gap(nodes)))
     assert max(errors) <= 1e-8, errors
     assert max(gaps) <= 1e-10, max(gaps)
+
+
+@pytest.mark.parametrize(("codec", "iterations"), [("none", 4000), ("int8", 4000), ("int4", 6000)])
+def test_p2pft_on_the_one_peer_exponential_graph_reaches_the_global_solution_with_one_message_a_phase(
+    codec, iterations
+):
+    """8 nodes, each round one hop of 1, 2, 4 in turn: each node sends one message a phase (the ring's
+    count) and the run ends at the global solution, the tracking identity held every round. Compressed,
+    every message is an increment of its link's own copy: with one copy for all out-links, each receiver
+    would miss the increments sent on the other hops and need a keyframe every time."""
+    gaps: list[float] = []
+    nets: list = []
+    _, errors = run(
+        "p2pft",
+        iterations,
+        codec=codec,
+        topology=one_peer_exponential,
+        check=lambda nodes: gaps.append(tracking_gap(nodes)),
+        net_out=nets,
+    )
+    assert max(errors) <= 1e-8, errors
+    assert max(gaps) <= 1e-10, max(gaps)
+    assert nets[0].messages_sent == [2 * iterations] * 8
+    if codec != "none":
+        assert all(n.pull.gaps == set() for n in nets[0].nodes)
+        assert not any(n.pull.keyframe_due for n in nets[0].nodes)
+
+
+def test_one_peer_pull_copies_are_one_per_link_and_each_receiver_s_replica_equals_its_link_s_copy():
+    nets: list = []
+    run("p2pft", 7, codec="int8", topology=one_peer_exponential, net_out=nets)
+    nodes = nets[0].nodes
+    for n in nodes:
+        assert sorted(n.pull.link_copies) == sorted(n.hood.out_neighbours)
+        for d, copy in n.pull.link_copies.items():
+            if d in nodes[d].pull.replicas:  # hop 4 last ran in round 6: every link has sent
+                assert torch.equal(nodes[d].pull.replicas[n.node], copy)
+
+
+def test_dsgd_on_the_one_peer_exponential_graph_sends_one_message_a_round():
+    nets: list = []
+    _, errors = run("dsgd", 400, topology=one_peer_exponential, net_out=nets)
+    assert nets[0].messages_sent == [400] * 8
+    assert max(errors) < 1.0  # it trains (and stays biased, like D-SGD on any graph)
 
 
 def test_fp16_p2pft_stops_at_half_precisions_smallest_step():

@@ -92,7 +92,7 @@ def test_clipped_pull_mix_moves_a_node_at_most_its_neighbour_weight_times_the_ra
     channel = PullChannel(hood, own)
     sent = {1: torch.full((20,), 0.01), 3: torch.full((20,), -0.02), 4: torch.full((20,), 1e6)}
     channel.receive([Message(j, 0, 0, "mix", "value", {"v": v}) for j, v in sent.items()])
-    plain, clipped = channel.mix(own), channel.mix(own, clipping=True)
+    plain, clipped = channel.mix(own, 0), channel.mix(own, 0, clipping=True)
     radius = float(torch.linalg.vector_norm(sent[3]))
     assert float(torch.linalg.vector_norm(plain)) > 1e6  # one huge value drags the plain mix away
     assert float(torch.linalg.vector_norm(clipped)) <= 3 * hood.row_weight(4) * radius + 1e-6

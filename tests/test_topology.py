@@ -23,7 +23,7 @@ def reachable(topo: Topology, start: int) -> set[int]:
 
 
 @pytest.mark.parametrize("n", SIZES)
-@pytest.mark.parametrize("name", NAMED)
+@pytest.mark.parametrize("name", [*NAMED, "one-peer-exponential"])
 def test_named_topology_is_strongly_connected(name, n):
     topo = make_topology(name, n, seed=0)
     assert topo.n == n
@@ -239,3 +239,52 @@ def test_a_testnet_checks_its_topology_file_before_it_starts_a_process(tmp_path)
     binary.write_bytes(b"\x00\xff\xfe")
     with pytest.raises(BadInput, match="is not text"):
         TestnetSettings(topology=str(binary)).validate()
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 8, 13])
+def test_one_peer_exponential_uses_one_in_and_one_out_link_a_round_with_stochastic_weights(n):
+    topo = make_topology("one-peer-exponential", n)
+    assert topo.edges == make_topology("exponential", n).edges and topo.unreachable_pair() is None
+    hops = [2**m for m in range(n.bit_length()) if 2**m < n]
+    for k in range(2 * len(hops)):
+        a, b = topo.row_stochastic(k), topo.column_stochastic(k)
+        assert torch.equal(a.sum(1), torch.ones(n, dtype=torch.float64))
+        assert torch.equal(b.sum(0), torch.ones(n, dtype=torch.float64))
+        for i in range(n):
+            h = topo.neighbourhood(i)
+            hop = hops[k % len(hops)]
+            assert h.senders(k) == ((i - hop) % n,) and h.receivers(k) == ((i + hop) % n,)
+            assert a[i, i] == 0.5 and a[i, (i - hop) % n] == 0.5 and b[(i + hop) % n, i] == 0.5
+
+
+@pytest.mark.parametrize("n", [4, 8, 16])
+def test_one_peer_exponential_averages_exactly_over_log2_n_rounds_where_n_is_a_power_of_two(n):
+    topo = make_topology("one-peer-exponential", n)
+    rounds = n.bit_length() - 1
+    for start in range(rounds):  # whichever round a node starts at
+        product = torch.eye(n, dtype=torch.float64)
+        for k in range(start, start + rounds):
+            product = topo.row_stochastic(k) @ product
+        assert torch.allclose(product, torch.full((n, n), 1 / n, dtype=torch.float64), atol=1e-15)
+
+
+def test_a_fixed_graph_uses_every_link_every_round_with_its_degree_weights():
+    topo = make_topology("exponential", 8)
+    for i in range(8):
+        h = topo.neighbourhood(i)
+        assert not h.time_varying
+        for k in range(3):
+            assert h.senders(k) == h.in_neighbours and h.receivers(k) == h.out_neighbours
+            assert h.row_weight_at(k) == h.self_row_weight and h.col_weight_at(k) == h.self_col_weight
+
+
+@pytest.mark.parametrize("algorithm", ["sgp", "dimat", "cdsgd"])
+def test_algorithms_that_mix_over_a_fixed_graph_refuse_one_peer_exponential(algorithm):
+    from p2pnode.node.settings import SimulateSettings
+
+    reason = "changes its links every round" if algorithm == "sgp" else "need an undirected topology"
+    with pytest.raises(BadInput, match=f"^{algorithm} .*{reason}"):
+        SimulateSettings(topology="one-peer-exponential", algorithm=algorithm, nodes=4).validate()
+    with pytest.raises(BadInput, match="sgp mixes over a fixed graph"):
+        SimulateSettings(topology="one-peer-exponential", compare=["sgp"], nodes=4).validate()
+    assert SimulateSettings(topology="one-peer-exponential", compare=["dsgd", "local", "central"]).validate()

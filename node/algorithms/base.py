@@ -115,6 +115,7 @@ class Algorithm(ABC):
     phases: ClassVar[tuple[str, ...]]
     communicates: ClassVar[bool] = True
     needs_undirected: ClassVar[bool] = False
+    time_varying_graphs: ClassVar[bool] = False  # mixes with each round's links and weights (Neighbourhood.senders)
     local_steps_supported: ClassVar[bool] = False  # takes --local-steps gradient steps per round
     # What in-neighbours send, by phase: each kind of message and the layouts it may carry. A daemon
     # refuses any other message when it arrives (`message_problem`), so a peer's malformed message never

@@ -19,6 +19,7 @@ class DSGD(Algorithm):
     messages: ClassVar[Layouts] = {"mix": PULL_MESSAGES}
 
     metropolis = False
+    time_varying_graphs = True
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -33,7 +34,7 @@ class DSGD(Algorithm):
     def incoming(self, phase: str, k: int, messages: Sequence[Message]) -> None:
         step = self.local_step(k, self.params)
         self.pull.receive(messages)
-        mixed = self.pull.mix(self.params, self.clipping, self.oldest_mixed(k))
+        mixed = self.pull.mix(self.params, k, self.clipping, self.oldest_mixed(k))
         self.params = mixed - step
         self.iteration = k + 1
 
@@ -59,3 +60,4 @@ class CDSGD(DSGD):
     name = "cdsgd"
     needs_undirected = True
     metropolis = True
+    time_varying_graphs = False

@@ -43,6 +43,7 @@ class P2PFT(Algorithm):
     phases = ("pull", "push")
     messages: ClassVar[Layouts] = {"pull": PULL_MESSAGES, "push": PUSH_MESSAGES}
     local_steps_supported = True
+    time_varying_graphs = True
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -80,7 +81,7 @@ class P2PFT(Algorithm):
     def incoming(self, phase: str, k: int, messages: Sequence[Message]) -> None:
         if phase == "pull":
             self.pull.receive(messages)
-            self.params = self.pull.mix(self.v, self.clipping, self.oldest_mixed(k))
+            self.params = self.pull.mix(self.v, k, self.clipping, self.oldest_mixed(k))
             grad, self.last_loss = self.objective.gradient(self.params)
             if self.clipping:  # leaky tracker: clipped mass must not pile up (robust.py)
                 self.z = grad + (1 - TRACKER_LEAK) * (self.tau - self.grad)
@@ -89,9 +90,10 @@ class P2PFT(Algorithm):
             self.grad = grad
             return
         arrived = self.receiver.receive(messages)
+        kept = self.hood.col_weight_at(k)  # b_ii of this round
         if self.clipping:
-            arrived = self.clipper.apply(self.hood.self_col_weight * self.z, self.receiver.rho)
-        self.tau = self.hood.self_col_weight * self.z
+            arrived = self.clipper.apply(kept * self.z, self.receiver.rho)
+        self.tau = kept * self.z
         if arrived is not None:
             self.tau = self.tau + arrived.to(self.tau.dtype)
         self.iteration = k + 1

@@ -10,7 +10,15 @@ consensus step  theta_i = v_i + gamma * sum_j a_ij (H_j - h_i),  which with exac
 gamma = 1 is the plain mix sum_j a_ij v_j. Replicas need every increment in order: after a gap the
 receiver lists the sender in `gaps` and ignores increments until a keyframe (tensor `h`) arrives.
 
-`mix(v, clipping=True)` is `--robust clip`: each H_j - h_i (or v_j - v_i) is clipped first (robust.py).
+`mix(v, k, clipping=True)` is `--robust clip`: each H_j - h_i (or v_j - v_i) is clipped first (robust.py).
+
+On a graph whose links change from round to round (`one-peer-exponential`), round k sends only to
+that round's receivers and mixes only that round's senders, with that round's weights. A link is then
+used every few rounds, so one copy for all out-links would leave each receiver's replica missing the
+increments sent on the others: each out-link keeps its own copy h_il (and its own sequence numbers),
+and the mix takes the replicas directly, theta_i = v_i + gamma * sum_j a_ij (H_j - v_i) (there is no
+one copy of v_i to centre on). With exact copies it is the same plain mix; the copies' errors shrink
+with the increments, so the fixed point is still exact (tests/test_exactness.py).
 """
 
 from __future__ import annotations
@@ -42,6 +50,8 @@ class PullChannel:
         self.weight = hood.metropolis_weight if metropolis else hood.row_weight
         self.self_weight = hood.self_metropolis_weight if metropolis else hood.self_row_weight
         self.copy = torch.zeros_like(like)  # h_i, compressed mode only
+        self.link_copies: dict[int, torch.Tensor] = {}  # h_il per out-link, on a graph that changes by round
+        self.link_seq: dict[int, int] = {}
         self.replicas: dict[int, torch.Tensor] = {}  # H_j, or the newest exact value v_j
         self.replica_round = dict.fromkeys(hood.in_neighbours, -1)
         self.seq = 0
@@ -52,7 +62,9 @@ class PullChannel:
     def send(self, v: torch.Tensor, round_: int, phase: str) -> list[Message]:
         me = self.hood.node
         if self.codec is None:
-            return [Message(me, d, round_, phase, "value", {"v": v}) for d in self.hood.out_neighbours]
+            return [Message(me, d, round_, phase, "value", {"v": v}) for d in self.hood.receivers(round_)]
+        if self.hood.time_varying:
+            return [self._send_on_link(v, d, round_, phase) for d in self.hood.receivers(round_)]
         self.seq += 1
         increment = self.codec.encode(v - self.copy)
         self.copy += as_tensor(increment).to(self.copy)  # the codec decodes on the CPU
@@ -64,6 +76,17 @@ class PullChannel:
             else:
                 out.append(Message(me, d, round_, phase, "copy", {"d": increment}, self.seq))
         return out
+
+    def _send_on_link(self, v: torch.Tensor, d: int, round_: int, phase: str) -> Message:
+        """The increment of link d's own copy (a graph whose links change by round)."""
+        copy = self.link_copies.setdefault(d, torch.zeros_like(self.copy))
+        self.link_seq[d] = seq = self.link_seq.get(d, 0) + 1
+        increment = self.codec.encode(v - copy)
+        copy += as_tensor(increment).to(copy)
+        if d in self.keyframe_due:
+            self.keyframe_due.discard(d)
+            return Message(self.hood.node, d, round_, phase, "copy", {"h": copy.clone()}, seq)
+        return Message(self.hood.node, d, round_, phase, "copy", {"d": increment}, seq)
 
     def receive(self, messages: Sequence[Message]) -> None:
         for m in sorted(messages, key=lambda m: (m.seq, m.round)):
@@ -85,23 +108,28 @@ class PullChannel:
                     continue
                 self.last_seq[j], self.replica_round[j] = m.seq, m.round
 
-    def mix(self, v: torch.Tensor, clipping: bool = False, oldest: int | None = None) -> torch.Tensor:
-        """The mix of v with the in-neighbours' values; with `clipping`, each of them first moved to
-        within the clipping radius of this node's own (self-centred clipping, robust.py). Values sent
-        before round `oldest` are left out, their weight staying on v (the mix stays stochastic)."""
-        fresh = self.replicas
+    def mix(self, v: torch.Tensor, k: int, clipping: bool = False, oldest: int | None = None) -> torch.Tensor:
+        """The mix of round k of v with the in-neighbours' values; with `clipping`, each of them first
+        moved to within the clipping radius of this node's own (self-centred clipping, robust.py). Values
+        sent before round `oldest` are left out, their weight staying on v (the mix stays stochastic)."""
+        fresh, weight, self_weight = self.replicas, self.weight, self.self_weight
+        if self.hood.time_varying:
+            senders, share = self.hood.senders(k), self.hood.row_weight_at(k)
+            fresh, self_weight = {j: r for j, r in fresh.items() if j in senders}, share
+            weight = lambda j: share  # noqa: E731
         if oldest is not None:
-            fresh = {j: r for j, r in self.replicas.items() if self.replica_round[j] >= oldest}
+            fresh = {j: r for j, r in fresh.items() if self.replica_round[j] >= oldest}
         if self.codec is None:
             replicas = clip_around(v, fresh) if clipping else fresh
-            total, weight = v * self.self_weight, self.self_weight
+            total, mass = v * self_weight, self_weight
             for j, vj in replicas.items():
-                total, weight = total + self.weight(j) * vj.to(v.dtype), weight + self.weight(j)
-            return total / weight if abs(weight - 1.0) > 1e-12 else total
-        replicas = clip_around(self.copy, fresh) if clipping else fresh
+                total, mass = total + weight(j) * vj.to(v.dtype), mass + weight(j)
+            return total / mass if abs(mass - 1.0) > 1e-12 else total
+        own = v if self.hood.time_varying else self.copy
+        replicas = clip_around(own, fresh) if clipping else fresh
         step = torch.zeros_like(v)
         for j, hj in replicas.items():
-            step += self.weight(j) * (hj.to(v.dtype) - self.copy)
+            step += weight(j) * (hj.to(v.dtype) - own)
         return v + self.gamma * step
 
     def request_keyframe(self, dst: int) -> None:
@@ -109,6 +137,9 @@ class PullChannel:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {"pull.copy": self.copy, "pull.seq": torch.tensor(self.seq)}
+        for d, copy in self.link_copies.items():
+            state[f"pull.link_copy.{d}"] = copy
+            state[f"pull.link_seq.{d}"] = torch.tensor(self.link_seq[d])
         for j, r in self.replicas.items():
             state[f"pull.replica.{j}"] = r
             state[f"pull.replica_round.{j}"] = torch.tensor(self.replica_round[j])
@@ -118,6 +149,10 @@ class PullChannel:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.copy = state["pull.copy"].clone()
         self.seq = int(state["pull.seq"])
+        for d in self.hood.out_neighbours:
+            if f"pull.link_copy.{d}" in state:
+                self.link_copies[d] = state[f"pull.link_copy.{d}"].clone()
+                self.link_seq[d] = int(state[f"pull.link_seq.{d}"])
         for j in self.hood.in_neighbours:
             if f"pull.replica.{j}" in state:
                 self.replicas[j] = state[f"pull.replica.{j}"].clone()

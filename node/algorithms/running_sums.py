@@ -33,10 +33,11 @@ class PushSender:
         self.keyframe_due: set[int] = set()
 
     def send(self, z: torch.Tensor, round_: int, phase: str) -> list[Message]:
-        """Add b_li * z to every out-link's counter; return the messages that carry it."""
+        """Add b_li * z to the counter of every out-link this round uses; return the messages that carry
+        it (a link a round does not use adds nothing: its mass is the sender's own)."""
         out = []
-        for dst in self.hood.out_neighbours:
-            self.sigma[dst] += self.hood.col_weight(dst) * z.to(torch.float64)
+        for dst in self.hood.receivers(round_):
+            self.sigma[dst] += self.hood.col_weight_at(round_) * z.to(torch.float64)
             self.seq[dst] += 1
             if dst in self.keyframe_due:
                 self.keyframe_due.discard(dst)
