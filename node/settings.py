@@ -178,6 +178,13 @@ class RunSettings:
                 f"{fixed[0]} mixes over a fixed graph, and --topology {topo.name} changes its links every round: "
                 "use it with p2pft or dsgd, or choose another topology"
             )
+        if topo.time_varying and self.robust != "none":
+            # one in-neighbour a round gives no radius to clip by, and its links' totals grow at a fraction
+            # of this node's own pace, which MassClipper would clip as if they were bad (40 epochs: 90.3%)
+            raise BadInput(
+                f"--robust {self.robust} needs at least 3 in-neighbours a round to tell a bad one, and --topology "
+                f"{topo.name} hears one: use exponential, complete or random:K with it"
+            )
         merging = [name for name in names if "merge" in ALGORITHMS[name].phases]
         first_merge = self.merge_every * (self.warmup_epochs // self.merge_every + 1)  # DIMAT.is_merge's first epoch
         if merging and first_merge > self.epochs:

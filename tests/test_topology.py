@@ -288,3 +288,13 @@ def test_algorithms_that_mix_over_a_fixed_graph_refuse_one_peer_exponential(algo
     with pytest.raises(BadInput, match="sgp mixes over a fixed graph"):
         SimulateSettings(topology="one-peer-exponential", compare=["sgp"], nodes=4).validate()
     assert SimulateSettings(topology="one-peer-exponential", compare=["dsgd", "local", "central"]).validate()
+
+
+def test_robust_clipping_refuses_one_peer_exponential_which_hears_one_in_neighbour_a_round():
+    """Self-centred clipping takes its radius from several in-neighbours and compares each link's total
+    with this node's own; on a graph of one in-link a round neither holds (a clipped run ended at 90.3%
+    where the ring's ends at 96.9%)."""
+    from p2pnode.node.settings import SimulateSettings
+
+    with pytest.raises(BadInput, match="--robust clip needs at least 3 in-neighbours a round"):
+        SimulateSettings(topology="one-peer-exponential", robust="clip").validate()
