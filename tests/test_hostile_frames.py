@@ -8,8 +8,9 @@ tensor dropped or added). Each frame goes through `Transport.on_frame` as it wou
 frames taken go through the receiver's rounds (`send`, then `receive` for each phase, as the driver calls
 them). The DIMAT family merges with a real model (its alignment runs the received parameters), the
 others run the exactness tests' least squares. test_message_layouts.py names the cases found by hand;
-this searches for the ones not named. It found the DIMAT merge that raised on parameters large enough to
-overflow the activations (test_alignment.py has that case by name)."""
+this searches for the ones not named. It found the DIMAT merge that raised on a model of another float
+dtype (named below); one that raised on parameters large enough to overflow the activations came from
+`simulate --attack 1:scale:1e6` (test_alignment.py names it)."""
 
 from __future__ import annotations
 
