@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from p2pnode.cli.app import main as cli_main
 from p2pnode.node.daemon import Node
 from p2pnode.node.errors import BadInput
+from p2pnode.node.rounds import ABSENT_GRACE_S
 from p2pnode.node.settings import NodeSettings, SimulateSettings, TestnetSettings
 from p2pnode.node.simulator import Simulation
 from p2pnode.node.testnet import node_command, run_testnet, start_bootstrap, stop_processes
@@ -83,6 +84,27 @@ def test_four_daemons_match_the_simulator_after_five_rounds_and_leave_nothing_be
     assert all(10 * 34250 * 4 < b < 10 * 34250 * 4 * 1.01 for b in daemons.bytes_sent)
     assert not own_processes(), "a daemon or node process outlived the testnet"
     assert not set(glob.glob("/tmp/hivemind-*")) - sockets_before, "p2pd sockets outlived the testnet"
+
+
+@pytest.mark.timeout(300)
+def test_daemons_on_the_one_peer_exponential_graph_match_the_simulator_and_wait_only_for_each_round_s_sender(
+    tmp_path,
+):
+    """Its links change every round: a daemon that waited for every in-neighbour of the union graph would
+    wait out the 2 s grace (ABSENT_GRACE_S) for the one not sending in each of the run's 10 phases
+    (20 s and more, its first miss a whole --round-timeout), where all its waits take about a second."""
+    exact = {"codec": "none", "topology": "one-peer-exponential", **FAST}
+    settings = TestnetSettings(nodes=4, workdir=str(tmp_path), run_id="one-peer", timeout=240, **exact).validate()
+    daemons = run_testnet(settings).results["p2pft"]
+    assert daemons.iterations == 5
+    sim = Simulation(SimulateSettings(nodes=4, **exact))
+    sim.run("p2pft")
+    for i in range(4):
+        state = load_file(str(tmp_path / f"node{i}" / "state.safetensors"))
+        assert (state["params"] - sim.nodes[i].params).abs().max() <= 1e-5
+    assert all(n == 10 for n in daemons.messages_sent)  # one out-link a phase: the directed ring's count
+    waits = [json.loads((tmp_path / f"node{i}" / "result.json").read_text())["wait_seconds"] for i in range(4)]
+    assert max(waits) < 5 * ABSENT_GRACE_S, waits  # half of what the 10 graces alone would take
 
 
 def three_nodes(run_id: str) -> TestnetSettings:
