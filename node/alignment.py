@@ -221,12 +221,16 @@ def merge(own: Params, others: Sequence[tuple[float, Params]], self_weight: floa
     return merged
 
 
+def _finite(a: np.ndarray) -> np.ndarray:
+    """`a` with every value that is not finite set to 0: a neighbour's parameters so large that its
+    activations or weight products overflow give no evidence either way (linear_sum_assignment raises
+    on NaN, and a NaN gain would keep any permutation)."""
+    return a if np.isfinite(a).all() else np.where(np.isfinite(a), a, 0.0)
+
+
 def _assign(score: np.ndarray) -> np.ndarray:
-    """cols[i] = the column matched to row i, maximising the total score. A score that is not finite (a
-    neighbour's parameters so large that activations overflow) counts as no evidence: 0."""
-    if not np.isfinite(score).all():
-        score = np.where(np.isfinite(score), score, 0.0)
-    _, cols = linear_sum_assignment(score, maximize=True)
+    """cols[i] = the column matched to row i, maximising the total score (scores that are not finite: 0)."""
+    _, cols = linear_sum_assignment(_finite(score), maximize=True)
     return cols
 
 
@@ -276,9 +280,7 @@ class _Correlation:
         # a constant unit has no correlation with anything (instead of 0/0)
         std_a = (saa - sa * sa).clamp_min(1e-12).sqrt()
         std_b = (sbb - sb * sb).clamp_min(1e-12).sqrt()
-        corr = (cov / (std_a[:, None] * std_b[None, :])).cpu().numpy()
-        # activations that overflowed (a neighbour's parameters far too large) correlate with nothing
-        return np.where(np.isfinite(corr), corr, 0.0) if not np.isfinite(corr).all() else corr
+        return _finite((cov / (std_a[:, None] * std_b[None, :])).cpu().numpy())
 
 
 def _run_block(block: nn.Module, params: Params, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
