@@ -48,6 +48,13 @@ def wait_for(predicate, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def assert_daemons_hold_the_simulators_parameters(workdir, sim: Simulation) -> None:
+    """Each daemon's checkpointed parameters equal the simulator's node's after its last run, to 1e-5."""
+    for i, node in enumerate(sim.nodes):
+        state = load_file(str(workdir / f"node{i}" / "state.safetensors"))
+        assert (state["params"] - node.params).abs().max() <= 1e-5
+
+
 @pytest.mark.timeout(300)
 def test_four_daemons_match_the_simulator_after_five_rounds_and_leave_nothing_behind(tmp_path, own_processes):
     assert not own_processes()
@@ -70,9 +77,7 @@ def test_four_daemons_match_the_simulator_after_five_rounds_and_leave_nothing_be
 
     sim = Simulation(SimulateSettings(nodes=4, **exact))
     reference = sim.run("p2pft")
-    for i in range(4):
-        state = load_file(str(tmp_path / f"node{i}" / "state.safetensors"))
-        assert (state["params"] - sim.nodes[i].params).abs().max() <= 1e-5
+    assert_daemons_hold_the_simulators_parameters(tmp_path, sim)
     for got, want in zip(daemons.accuracy, reference.accuracy, strict=True):
         assert abs(got - want) <= 0.005
     # every daemon times and counts its gradients in lockstep too (its DHT record says how long they take)
@@ -99,9 +104,7 @@ def test_daemons_on_the_one_peer_exponential_graph_match_the_simulator_and_wait_
     assert daemons.iterations == 5
     sim = Simulation(SimulateSettings(nodes=4, **exact))
     sim.run("p2pft")
-    for i in range(4):
-        state = load_file(str(tmp_path / f"node{i}" / "state.safetensors"))
-        assert (state["params"] - sim.nodes[i].params).abs().max() <= 1e-5
+    assert_daemons_hold_the_simulators_parameters(tmp_path, sim)
     assert all(n == 10 for n in daemons.messages_sent)  # one out-link a phase: the directed ring's count
     waits = [json.loads((tmp_path / f"node{i}" / "result.json").read_text())["wait_seconds"] for i in range(4)]
     assert max(waits) < 5 * ABSENT_GRACE_S, waits  # half of what the 10 graces alone would take
