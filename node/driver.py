@@ -197,6 +197,15 @@ class RoundDriver:
         lead = self.node.agent.lead_rounds()
         return latest.start_round - k > max(2 * lead, lead + 10)
 
+    def others_entered(self, latest: EpochRecord) -> bool:
+        """Whether another member of `latest` has entered it (its heartbeat acknowledges it): the run's
+        rounds up to its start are over, and a node that fell behind them (a leaver nobody waits for, and
+        with `--sync async` a slow one) would train the rest of its old epoch alone on its own data (a 5x
+        leaver once ran 70 rounds so and saved a checkpoint at 80% where it had had 93%)."""
+        node = self.node
+        return any(m.epoch_hash == latest.hash and m.peer_id != node.peer_id for m in node.agent.infos
+                   if m.peer_id in latest.members)  # fmt: skip
+
     def finished_without_this_node(self) -> bool:
         """Whether a member of this node's epoch finished the run in another epoch: the run went on without
         this node (its machine slept) and ended before this node read the epochs that left it out. Training
@@ -227,8 +236,9 @@ class RoundDriver:
             if latest is not None and latest.rank > node.record.rank:
                 due = k >= latest.start_round
                 behind = not due and self.far_behind(latest, k)
-                if (due or behind) and not node.in_record(latest):
-                    # left out; one far behind stops now: waiting out the old epoch's rounds helps nobody
+                if (due or behind or self.others_entered(latest)) and not node.in_record(latest):
+                    # left out; one far behind, or behind the others, stops now: waiting out the old epoch's
+                    # rounds helps nobody
                     return "left" if node.leave_by is not None else "left out"
                 if due:
                     self.enter_epoch(latest, k)  # at its start round, or at once if this node read it late

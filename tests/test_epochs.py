@@ -545,3 +545,20 @@ def test_dropping_a_member_while_others_remain_is_not_delayed():
     c = info("C", round_=100, record=r)
     (proposed,) = coordinator_a_whose_reads_find([[c]], heartbeat=0.2)
     assert [p.members for p in proposed] == [("A", "C")]
+
+
+def test_a_node_left_out_by_an_epoch_the_others_have_entered_stops_its_old_epochs_rounds():
+    """A leaver nobody waits for (and with --sync async a slow one) can fall behind the epoch that
+    drops it: once the others have entered it, its old epoch's rounds would be trained alone on its own
+    data, so train() returns before any round. While they are still in the old epoch it runs its rounds
+    up to the start, as before."""
+    old, latest = record("ABC"), record("AB", 1, start=45)
+    entered = [info(p, round_=46, record=latest) for p in "AB"]
+    driver, node, ran = node_c_at_round_40(old, latest, 1000, entered)
+    assert asyncio.run(driver.train(old)) == "left out" and ran == []
+    node.leave_by = 1e12
+    node.agent.infos.append(info("C", "leaving", round_=40, record=old))
+    assert asyncio.run(driver.train(old)) == "left" and ran == []
+    node.leave_by = None
+    node.agent.infos = [info(p, round_=44, record=old) for p in "AB"]  # still in the old epoch
+    assert asyncio.run(driver.train(old)) == "left out" and len(ran) == 5
