@@ -149,7 +149,8 @@ def check_output(flag: str, path: str | Path, directory: bool = False) -> Path:
         with tempfile.TemporaryFile(dir=parent):  # writing is the only test that holds for root too
             pass
     except OSError as e:
-        raise BadInput(f"cannot write {flag} {path}: {parent}: {e.strerror or e}") from None
+        # /proc and the like: the folder exists but takes no new files (ENOENT here would read "no such folder")
+        raise BadInput(f"cannot write {flag} {path}: {parent} takes no new files ({e.strerror or e})") from None
     return path
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -338,6 +339,8 @@ def test_an_output_path_that_cannot_be_written_exits_2_before_the_run(tmp_path, 
         (["--plot", str(a_file / "acc.png")], "cannot write --plot"),
         (["--save", str(a_file)], "--save"),
     ]
+    if Path("/proc/version").is_file():  # a folder that exists and takes no files: said so, not "No such file"
+        cases.append((["--json", "/proc/version"], "cannot write --json /proc/version: /proc takes no new files"))
     for flags, message in cases:
         code = main(["simulate", *FAST, *flags])
         out, err = capsys.readouterr()
