@@ -45,7 +45,8 @@ def attention(
 
     Columns: the original, then Local-FT, P2P-FT, central and any other algorithm saved; one colour
     scale per row. By default half the images are of classes the node never saw."""
-    from p2pnode.node.attention import LABELS, attention_report
+    from p2pnode.node.algorithms import label_of
+    from p2pnode.node.attention import attention_report
 
     report = attention_report(directory, out, json_path, images=images, classes=classes, node=node)
     rows, cols = report["grid"]
@@ -57,7 +58,7 @@ def attention(
         )
     similarity = report["similarity_to_central"]
     if similarity:
-        shown = ", ".join(f"{LABELS.get(a, a)} {v:.4f}" for a, v in similarity.items() if a != "central")
+        shown = ", ".join(f"{label_of(a)} {v:.4f}" for a, v in similarity.items() if a != "central")
         if shown:
             console.print(f"mean cosine similarity to the central model's maps: {shown}")
     if json_path is not None:

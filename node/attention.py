@@ -37,6 +37,7 @@ from timm.models.swin_transformer import SwinTransformer, window_partition, wind
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from .algorithms import label_of
 from .errors import BadInput
 from .saved_models import CENTRAL, SavedModel, build_saved_model, check_fits, load_saved_models
 
@@ -45,7 +46,6 @@ if TYPE_CHECKING:
 
     from .models import FineTuneModel
 
-LABELS = {"p2pft": "P2P-FT", "local": "Local-FT", "central": "Central FT", "dsgd": "D-PSGD"}
 COLUMN_ORDER = ("local", "p2pft", "central")  # then any other algorithm, in the order given
 
 
@@ -207,10 +207,6 @@ def tail_attention(
 
 
 # --- choosing models and images ------------------------------------------------------------------
-
-
-def _label(name: str) -> str:
-    return LABELS.get(name, name)
 
 
 def pick_models(saved: Sequence[SavedModel], node: int) -> dict[str, SavedModel]:
@@ -468,7 +464,7 @@ def draw_grid(
             )
             _bare(ax)
             if r == 0:
-                ax.set_title(_label(algo) if algo != CENTRAL else "central", fontsize=9)
+                ax.set_title(label_of(algo) if algo != CENTRAL else "central", fontsize=9)
         bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=fig.add_subplot(gs[r, n_cols]))
         bar.ax.tick_params(labelsize=6)
     # placed in inches from the top: the default (2% of the height) lands inside the first row of a tall grid

@@ -16,11 +16,10 @@ from pathlib import Path
 
 from rich.table import Table
 
+from .algorithms import label_of
 from .errors import BadInput
 from .saved_models import write_atomically
 from .simulator import AlgorithmResult, SimulationResult
-
-LABELS = {"p2pft": "P2P-FT", "local": "Local-FT", "central": "Central FT", "dsgd": "D-PSGD"}
 
 
 def _fmt_bytes(n: float) -> str:
@@ -94,11 +93,11 @@ def results_table(result: SimulationResult) -> Table:
         mean = 100 * r.honest_mean
         sent = sum(r.bytes_sent) / len(r.bytes_sent)
         source = result.settings.get("sources", {}).get(name)
-        label = LABELS.get(name, name) + (f" ({source})" if source else "")
+        label = label_of(name) + (f" ({source})" if source else "")
         table.add_row(label, *cells, f"{mean:.1f}", _fmt_bytes(sent))
         node_notes = membership_notes(r)
         if node_notes:
-            notes.setdefault(tuple(sorted(node_notes.items())), []).append(LABELS.get(name, name))
+            notes.setdefault(tuple(sorted(node_notes.items())), []).append(label_of(name))
     for i, (node_notes, names) in enumerate(notes.items()):
         if i == 0:
             table.add_section()
@@ -111,7 +110,7 @@ def results_table(result: SimulationResult) -> Table:
         # the daemons' own pace: what --slow and --sync async are about
         table.add_section()
         for name, r in paced:
-            label = LABELS.get(name, name)
+            label = label_of(name)
             table.add_row(f"ms / round ({label})", *[_ms(x) for x in r.seconds_per_round], "", "")
             if r.steps:  # empty unless every finished daemon counted them (testnet._gradients)
                 gradients = [str(g) if t is not None else "" for g, t in zip(r.steps, r.seconds_per_round, strict=True)]
@@ -207,7 +206,7 @@ def write_plot(result: SimulationResult, path: str | Path) -> None:
             x = at / rounds_per_epoch
             ax.axvline(x, color="grey", ls=ls, lw=0.8)
             ax.text(x, y, label, rotation=90, va=va, ha="right", fontsize=7, transform=ax.get_xaxis_transform())
-        ax.set_title(LABELS.get(name, name))
+        ax.set_title(label_of(name))
         ax.set_xlabel("epoch (passes over all data)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("test accuracy (%)")

@@ -383,3 +383,17 @@ def test_a_testnet_that_fails_after_good_input_ends_in_one_line_with_exit_code_1
         code == 1 and err == "error: the testnet did not finish within 10 s (node 0 in, no pass done); logs in /tmp/t\n"
     )
     assert "Traceback" not in out + err
+
+
+def test_every_algorithms_row_is_named_by_its_label(capsys):
+    """Tables, plots and attention grids name each algorithm by its `label` (before, only four had one:
+    `sgp`, `cdsgd`, `dimat`, `wa` and `wm` showed their flag names beside `P2P-FT` and `D-PSGD`)."""
+    from p2pnode.node.algorithms import ALGORITHMS, label_of
+
+    assert all(cls.label and label_of(name) == cls.label for name, cls in ALGORITHMS.items())
+    assert label_of("fedavg") == "fedavg"
+    compared = ["dsgd", "cdsgd", "sgp", "wa", "wm", "dimat"]
+    code = main(["simulate", *FAST, "--topology", "ring", "--merge-every", "1", "--compare", ",".join(compared)])
+    out, _ = capsys.readouterr()
+    rows = [line.split("│")[1].strip() for line in out.splitlines() if line.startswith("│")]
+    assert code == 0 and rows[: 1 + len(compared)] == ["P2P-FT", "D-PSGD", "CDSGD", "SGP", "WA", "WM", "DIMAT"], rows

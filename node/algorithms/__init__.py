@@ -12,6 +12,7 @@ from .base import (
     StepRule,
     as_tensor,
     get_algorithm,
+    label_of,
     register,
 )
 
@@ -26,5 +27,6 @@ __all__ = [
     "StepRule",
     "as_tensor",
     "get_algorithm",
+    "label_of",
     "register",
 ]

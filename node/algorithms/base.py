@@ -109,9 +109,10 @@ class StepRule:
 
 
 class Algorithm(ABC):
-    """Base class: subclass it, set `name` and `phases`, and register it with `@register`."""
+    """Base class: subclass it, set `name`, `label` and `phases`, and register it with `@register`."""
 
     name: ClassVar[str]
+    label: ClassVar[str]  # how tables, plots and attention grids name it
     phases: ClassVar[tuple[str, ...]]
     communicates: ClassVar[bool] = True
     needs_undirected: ClassVar[bool] = False
@@ -298,6 +299,11 @@ ALGORITHMS: dict[str, type[Algorithm]] = {}
 def register(cls: type[Algorithm]) -> type[Algorithm]:
     ALGORITHMS[cls.name] = cls
     return cls
+
+
+def label_of(name: str) -> str:
+    """The algorithm's name in tables and figures (`P2P-FT` for `p2pft`); an unknown name as it is."""
+    return ALGORITHMS[name].label if name in ALGORITHMS else name
 
 
 def get_algorithm(name: str) -> type[Algorithm]:

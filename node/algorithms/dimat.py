@@ -29,6 +29,7 @@ FEATURE_SAMPLES = 256  # own samples whose activations are correlated when align
 @register
 class DIMAT(Algorithm):
     name = "dimat"
+    label = "DIMAT"
     phases = ("merge",)
     messages: ClassVar[Layouts] = {"merge": {"params": ({"x": PARAMS},)}}
     needs_undirected = True
@@ -115,6 +116,7 @@ class WeightAveraging(DIMAT):
     """WA: DIMAT's schedule with plain averaging (no alignment)."""
 
     name = "wa"
+    label = "WA"
     matching = "none"
 
 
@@ -123,4 +125,5 @@ class WeightMatching(DIMAT):
     """WM: DIMAT's schedule, neighbours aligned by weight matching instead of activations."""
 
     name = "wm"
+    label = "WM"
     matching = "weights"

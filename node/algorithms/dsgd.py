@@ -15,6 +15,7 @@ from .pull import PULL_MESSAGES, PullChannel
 @register
 class DSGD(Algorithm):
     name = "dsgd"
+    label = "D-PSGD"
     phases = ("mix",)
     messages: ClassVar[Layouts] = {"mix": PULL_MESSAGES}
 
@@ -58,6 +59,7 @@ class CDSGD(DSGD):
     """Consensus SGD (CDSGD): the same step with doubly stochastic Metropolis weights on an undirected graph."""
 
     name = "cdsgd"
+    label = "CDSGD"
     needs_undirected = True
     metropolis = True
     time_varying_graphs = False

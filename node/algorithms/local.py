@@ -10,6 +10,7 @@ from .base import Algorithm, Message, register
 @register
 class LocalFT(Algorithm):
     name = "local"
+    label = "Local-FT"
     phases = ("local",)
     communicates = False
 
@@ -26,3 +27,4 @@ class CentralFT(LocalFT):
     """The target to match: the simulator gives this one node the union of every node's data."""
 
     name = "central"
+    label = "Central FT"

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 @register
 class P2PFT(Algorithm):
     name = "p2pft"
+    label = "P2P-FT"
     phases = ("pull", "push")
     messages: ClassVar[Layouts] = {"pull": PULL_MESSAGES, "push": PUSH_MESSAGES}
     local_steps_supported = True

@@ -26,6 +26,7 @@ Share = tuple[int, torch.Tensor, float]  # (in-neighbour, its x share, its w sha
 @register
 class SGP(Algorithm):
     name = "sgp"
+    label = "SGP"
     phases = ("push",)
     messages: ClassVar[Layouts] = {"push": {"params": ({"x": PARAMS, "w": 1},)}}
 
