@@ -26,7 +26,9 @@ from p2pnode.protocol.membership import MemberInfo
     [
         (["simulate", "--slow", "3"], "give NODE:FACTOR"),
         (["simulate", "--slow", "7:2"], "NODE must be 0..3"),
-        (["simulate", "--slow", "3:0.5"], "FACTOR must be a number >= 1"),
+        (["simulate", "--slow", "3:0.5"], "FACTOR must be a number from 1 to 1000"),
+        (["simulate", "--slow", "3:1e9"], "FACTOR must be a number from 1 to 1000"),  # was taken: never a gradient
+        (["simulate", "--slow", "3:nan"], "FACTOR must be a number from 1 to 1000"),
         (["simulate", "--slow", "3:2", "--slow", "3:4"], "names node 3 twice"),
         (["simulate", "--sync", "sometimes"], "unknown --sync 'sometimes'"),
         (["simulate", "--max-staleness", "0"], "--max-staleness must be at least 1"),
@@ -35,7 +37,8 @@ from p2pnode.protocol.membership import MemberInfo
         (["simulate", "--sync", "async", "--late-mass", "1.5"], "--late-mass must be a probability in [0, 1]"),
         (["testnet", "--pace-batch", "--sync", "wait", "--slow", "3:5"], "--pace-batch needs --sync async"),
         (["testnet", "--slow", "x:2"], "give NODE:FACTOR"),
-        (["start", "--slowdown", "0.5"], "--slowdown must be a factor >= 1"),
+        (["start", "--slowdown", "0.5"], "--slowdown must be a factor from 1 to 1000"),
+        (["start", "--slowdown", "1001"], "--slowdown must be a factor from 1 to 1000"),
     ],
 )
 def test_bad_pace_flags_exit_2_with_one_line(argv, says, capsys):
