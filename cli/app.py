@@ -331,7 +331,10 @@ def status(
     run_id: Annotated[str, typer.Option(help="the run to list")] = "default",
     owner: Owner = None,
 ) -> None:
-    """List a run's epoch, coordinator and members (joined / leaving / gone) with their progress."""
+    """List a run's epoch, coordinator and members (joined / leaving / gone) with their progress.
+
+    Exits 1 when the DHT holds no record of the run (none of its members is up, or a wrong --run-id),
+    so that a script can wait for a run to appear."""
     from p2pnode.node.run_status import read_run_status, status_tables
 
     check_run_id(run_id)
@@ -345,7 +348,7 @@ def status(
             + ("" if owner else " (a closed run is read with its --owner)"),
             soft_wrap=True,
         )
-        return
+        raise typer.Exit(NOT_FOUND)
     for table in status_tables(run):
         _stdout().print(table)
 
@@ -405,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 ABORTED = 130  # the shell's code for a command ended by Ctrl-C (128 + SIGINT)
+NOT_FOUND = 1  # `status`: the DHT holds no record of the run (2 stays for bad input)
 
 
 if __name__ == "__main__":  # `python -m p2pnode.cli.app`, as testnets start their daemons; the script: cli.run

@@ -148,7 +148,7 @@ def test_a_killed_node_is_dropped_by_a_new_epoch_and_status_lists_the_run(tmp_pa
         listed = capsys.readouterr().out
         assert "3 member(s)" in listed and "training" in listed, listed
         assert "coordinator" in listed and "joined" in listed
-        assert cli_main(["status", "--peers", addrs[0], "--run-id", "kil"]) == 0  # a typo: no empty tables
+        assert cli_main(["status", "--peers", addrs[0], "--run-id", "kil"]) == 1  # a typo: no empty tables, exit 1
         out, err = capsys.readouterr()
         assert out == "" and "no records of run 'kil' in the DHT" in err, (out, err)
 
