@@ -103,15 +103,19 @@ class RoundDriver:
 
     def excluded(self) -> set[int]:
         """Positions of in-neighbours not to wait for: those the epoch the run follows leaves out (a
-        bounded exemption: this node enters that epoch at its start round), those that said they left
-        or are done, and those that already sent a message of a later epoch (they moved on). A
-        neighbour that is merely silent still gets the short grace: a node whose in-neighbours all
-        died must not race ahead of the run on its own data."""
+        bounded exemption: this node enters that epoch at its start round), the process included: a
+        member that crashed and came back is let in again as a new process, and its old one never sends
+        (before, its neighbours waited out --round-timeout and then crawled on the short grace up to the
+        epoch that let it in again, hundreds of rounds ahead), those that said they left or are done,
+        and those that already sent a message of a later epoch (they moved on). A neighbour that is
+        merely silent still gets the short grace: a node whose in-neighbours all died must not race
+        ahead of the run on its own data."""
         node = self.node
         out = {m.peer_id for m in node.agent.infos if m.status in ("left", "done")}
         latest = node.agent.record
         if latest is not None and latest.rank > node.record.rank:
-            out |= set(node.record.members) - set(latest.members)
+            record = node.record
+            out |= {p for p, i in zip(record.members, record.incarnations, strict=True) if not latest.includes(p, i)}
             # a sender of frames of an epoch this node has not read yet keeps its grace: skipping it would
             # let this node race ahead alone until it reads the record (it asks for it at once)
             out |= {h.sender for h in node.inbox.held if h.env.epoch <= latest.number}

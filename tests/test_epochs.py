@@ -562,3 +562,26 @@ def test_a_node_left_out_by_an_epoch_the_others_have_entered_stops_its_old_epoch
     node.leave_by = None
     node.agent.infos = [info(p, round_=44, record=old) for p in "AB"]  # still in the old epoch
     assert asyncio.run(driver.train(old)) == "left out" and len(ran) == 5
+
+
+def test_a_member_that_crashed_and_came_back_is_not_waited_for_in_its_old_process():
+    """C crashed and restarted before anyone dropped it: the next epoch lets C in again as a new process
+    (incarnation iC2). Its old process never sends, so this node's rounds of the old epoch stop waiting
+    for it, as for a member the next epoch leaves out (before: --round-timeout, then the short grace in
+    every phase up to that epoch's start, 200 rounds ahead in a testnet). Members whose process the next
+    epoch keeps are still waited for."""
+    old = record("ABC")
+    back = EpochRecord(1, 60, ("A", "B", "C"), ("iA", "iB", "iC2"), (), 1000, 10, FP, SH, "A", 0.0)
+    node = SimpleNamespace(
+        peer_id="A",
+        record=old,
+        agent=SimpleNamespace(infos=[info(p, record=old) for p in "AB"], record=back),
+        transport=SimpleNamespace(index_of={"A": 0, "B": 1, "C": 2}),
+        inbox=SimpleNamespace(held=[]),
+    )
+    driver = RoundDriver(node)
+    assert driver.excluded() == {2}
+    node.agent.record = record("ABC", 1, start=60)  # the same processes: nobody to skip
+    assert driver.excluded() == set()
+    node.agent.record = old  # no newer epoch read yet: C still gets its deadline and the grace
+    assert driver.excluded() == set()
