@@ -179,6 +179,7 @@ class Node:
             on_refused=self._on_refused,
             on_heard=self._on_heard,
             on_newer_epoch=self._on_newer_epoch,
+            may_hold=self.gate.may_hold,
         )
         self.links = self.transport.links = await Links.create(
             self.p2p,

@@ -50,6 +50,15 @@ class PeerGate:
         records = [r for r in (self.running_record(), followed) if r is not None]
         return {p for r in records for p in r.members} if records else None
 
+    def may_hold(self, peer_id: str, epoch: int | None) -> bool:
+        """Whether frames of `epoch` (None: of any) from `peer_id`, who is in no epoch record this node has
+        read, may be held for later: it is a member of the run as this node knows it (a heartbeat; in a
+        closed run, a valid invitation) and the epoch is newer than the record this node follows, so the
+        record that lets it in may not have been read yet."""
+        followed = self.agent.record if self.agent is not None else None
+        newer = epoch is None or followed is None or epoch > followed.number
+        return newer and self.is_member(peer_id)
+
     def is_member(self, peer_id: str) -> bool:
         """A member of the run as this node knows it now (in a closed run, with a valid, unrevoked invitation)."""
         if self.admission is not None and not self.admission.admitted(peer_id):

@@ -113,9 +113,11 @@ class SeenRounds:
 class Transport:
     """Frames between this node and its neighbours, for the epoch it is in.
 
-    `known_peers()` lists who may send (None: no epoch known yet, frames are held); `on_refused`,
-    `on_heard` and `on_newer_epoch` tell the node about refused frames, live neighbours and an epoch
-    it has not read yet."""
+    `known_peers()` lists who may send (None: no epoch known yet, frames are held); `may_hold(peer,
+    epoch)` says whether a peer outside them may still have frames of `epoch` (None: of some epoch)
+    held, as a joiner in a record this node has not read yet; `on_refused`, `on_heard` and
+    `on_newer_epoch` tell the node about refused frames, live neighbours and an epoch it has not read
+    yet."""
 
     def __init__(
         self,
@@ -126,8 +128,10 @@ class Transport:
         on_refused: Callable[[str, str], None],
         on_heard: Callable[[str, int, int], None],  # sender, round, frame bytes
         on_newer_epoch: Callable[[int], None],
+        may_hold: Callable[[str, int | None], bool] | None = None,
     ) -> None:
         self.run_id, self.peer_id, self.inbox = run_id, peer_id, inbox
+        self.may_hold = may_hold or (lambda sender, epoch: False)
         self.known_peers, self.on_refused, self.on_heard, self.on_newer_epoch = (
             known_peers,
             on_refused,
@@ -153,7 +157,12 @@ class Transport:
         """Validate and queue one message; never raises (a bad message is logged and dropped)."""
         sender = str(peer)
         known = self.known_peers()
-        if known is not None and sender not in known:
+        # A joiner enters its first epoch at once and sends before its out-neighbours have read the record
+        # that lets it in: refused, its first frames were lost, and the round that needed one waited out
+        # --round-timeout (60 s, every member). A peer of the run outside the records read is decoded, and
+        # its frame held if it is of a later epoch than this node has read.
+        stranger = known is not None and sender not in known
+        if stranger and not self.may_hold(sender, None):
             return self._refuse(sender, "not a member of this run")
 
         def decode() -> Envelope:
@@ -166,6 +175,8 @@ class Transport:
             env = await self._off_loop(decode, len(data))
         except ProtocolError as e:
             return self._refuse(sender, str(e))
+        if stranger and not self.may_hold(sender, env.epoch):
+            return self._refuse(sender, "not a member of this run")
         if env.epoch < self.epoch:
             return True  # sent before the sender entered this epoch: harmless, ignored
         key = (env.epoch, env.phase, env.round)

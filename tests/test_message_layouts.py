@@ -150,3 +150,26 @@ def test_frames_held_for_an_epoch_no_record_names_are_let_go_after_a_while_and_c
     assert len(refused) == 1 and refused[0][0] == "p1" and "epoch 8" in refused[0][1]
     assert asyncio.run(transport.on_frame(frames[7], "p1")) is True
     assert [h.env.epoch for h in inbox.held] == [1, 7]
+
+
+def test_a_joiners_frame_of_an_epoch_this_node_has_not_read_is_held_and_taken_when_it_enters_it():
+    """A joiner enters its first epoch at once and sends before its out-neighbours have read the record
+    that lets it in. A peer of the run (`may_hold`: it heartbeats) outside the records read gets its frame
+    of a later epoch held and taken when this node enters that epoch; before, it was refused as no member,
+    and the round that needed it waited out --round-timeout at every member (a testnet stalled 60 s). A
+    frame of an epoch this node has read, and any frame of a peer that is no member of the run, are refused."""
+    algo = node("p2pft")
+    transport, inbox, refused = transport_for(algo)
+    transport.may_hold = lambda sender, epoch: sender == "joiner" and (epoch is None or epoch > 0)
+    good = next(m for m in node("p2pft", 1).send("pull", 0) if m.dst == 0)
+    assert asyncio.run(transport.on_frame(pack(from_message(good, RUN, 1, "joiner")), "joiner")) is True
+    assert [h.sender for h in inbox.held] == ["joiner"] and refused == []
+    assert asyncio.run(transport.on_frame(pack(from_message(good, RUN, 0, "joiner")), "joiner")) is False
+    assert asyncio.run(transport.on_frame(pack(from_message(good, RUN, 1, "stranger")), "stranger")) is False
+    assert [(s, r) for s, r in refused] == [
+        ("joiner", "not a member of this run"),
+        ("stranger", "not a member of this run"),
+    ]
+    transport.index_of = {"me": 0, "joiner": 1}  # epoch 1 lets the joiner in as this node's in-neighbour
+    assert inbox.enter_epoch(1, transport.to_message) == 1
+    assert [(m.src, m.kind) for m in inbox.by_phase["pull"]] == [(1, good.kind)]

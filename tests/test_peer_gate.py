@@ -52,6 +52,21 @@ def test_a_peer_seen_only_by_its_heartbeat_is_a_member_of_an_open_run():
     assert not gate.is_member("stranger")
 
 
+def test_a_joiners_frames_may_be_held_only_for_an_epoch_newer_than_the_record_this_node_follows():
+    """A joiner heartbeats before the record that lets it in is read: its frames of a newer epoch than the
+    followed record's may be held; of that epoch or an older one (which this node has read without it),
+    not; a peer without a heartbeat, and in a closed run one without an invitation, never."""
+    gate = make_gate()
+    gate.agent = FakeAgent(members=("a", "b"), heartbeats=("a", "b", "joiner"))
+    gate.agent.record.number = 1
+    assert gate.may_hold("joiner", None) and gate.may_hold("joiner", 2)
+    assert not gate.may_hold("joiner", 1) and not gate.may_hold("joiner", 0)
+    assert not gate.may_hold("stranger", None) and not gate.may_hold("stranger", 2)
+    closed = make_gate(admission=Invited("a", "b"))
+    closed.agent = gate.agent
+    assert not closed.may_hold("joiner", 2)
+
+
 def test_a_closed_run_refuses_a_listed_peer_without_a_valid_invitation():
     gate = make_gate(running=SimpleNamespace(members=("a", "b")), admission=Invited("a"))
     assert gate.is_member("a")
