@@ -206,9 +206,9 @@ class RoundDriver:
         rounds up to its start are over, and a node that fell behind them (a leaver nobody waits for, and
         with `--sync async` a slow one) would train the rest of its old epoch alone on its own data (a 5x
         leaver once ran 70 rounds so and saved a checkpoint at 80% where it had had 93%)."""
-        node = self.node
-        return any(m.epoch_hash == latest.hash and m.peer_id != node.peer_id for m in node.agent.infos
-                   if m.peer_id in latest.members)  # fmt: skip
+        me = self.node.peer_id
+        entered = {m.peer_id for m in self.node.agent.infos if m.epoch_hash == latest.hash}
+        return bool(entered & set(latest.members) - {me})
 
     def finished_without_this_node(self) -> bool:
         """Whether a member of this node's epoch finished the run in another epoch: the run went on without
