@@ -23,7 +23,7 @@ with the increments, so the fixed point is still exact (tests/test_exactness.py)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -46,9 +46,8 @@ class PullChannel:
         metropolis: bool = False,
     ):
         self.hood, self.codec, self.gamma = hood, codec, gamma
-        # row-stochastic a_ij from this node's in-degree, or doubly stochastic Metropolis pi_ij
-        self.weight = hood.metropolis_weight if metropolis else hood.row_weight
-        self.self_weight = hood.self_metropolis_weight if metropolis else hood.self_row_weight
+        # doubly stochastic Metropolis pi_ij (fixed graphs only), else row-stochastic a_ij of each round
+        self.metropolis = (hood.metropolis_weight, hood.self_metropolis_weight) if metropolis else None
         self.copy = torch.zeros_like(like)  # h_i, compressed mode only
         self.link_copies: dict[int, torch.Tensor] = {}  # h_il per out-link, on a graph that changes by round
         self.link_seq: dict[int, int] = {}
@@ -112,13 +111,13 @@ class PullChannel:
         """The mix of round k of v with the in-neighbours' values; with `clipping`, each of them first
         moved to within the clipping radius of this node's own (self-centred clipping, robust.py). Values
         sent before round `oldest` are left out, their weight staying on v (the mix stays stochastic)."""
-        fresh, weight, self_weight = self.replicas, self.weight, self.self_weight
-        if self.hood.time_varying:
-            senders, share = self.hood.senders(k), self.hood.row_weight_at(k)
-            fresh, self_weight = {j: r for j, r in fresh.items() if j in senders}, share
-            weight = lambda j: share  # noqa: E731
-        if oldest is not None:
-            fresh = {j: r for j, r in fresh.items() if self.replica_round[j] >= oldest}
+        weight, self_weight = self._weights(k)
+        senders = self.hood.senders(k)  # every in-neighbour on a fixed graph
+        fresh = {
+            j: r
+            for j, r in self.replicas.items()
+            if j in senders and (oldest is None or self.replica_round[j] >= oldest)
+        }
         if self.codec is None:
             replicas = clip_around(v, fresh) if clipping else fresh
             total, mass = v * self_weight, self_weight
@@ -131,6 +130,13 @@ class PullChannel:
         for j, hj in replicas.items():
             step += weight(j) * (hj.to(v.dtype) - own)
         return v + self.gamma * step
+
+    def _weights(self, k: int) -> tuple[Callable[[int], float], float]:
+        """(the weight of in-neighbour j, this node's own weight) in round k's mix."""
+        if self.metropolis is not None:
+            return self.metropolis
+        share = self.hood.row_weight_at(k)  # 1 / (the round's senders + 1)
+        return (lambda j: share), share
 
     def request_keyframe(self, dst: int) -> None:
         self.keyframe_due.add(dst)
