@@ -240,7 +240,7 @@ class RoundDriver:
             if latest is not None and latest.rank > node.record.rank:
                 due = k >= latest.start_round
                 behind = not due and self.far_behind(latest, k)
-                if (due or behind or self.others_entered(latest)) and not node.in_record(latest):
+                if not node.in_record(latest) and (due or behind or self.others_entered(latest)):
                     # left out; one far behind, or behind the others, stops now: waiting out the old epoch's
                     # rounds helps nobody
                     return "left" if node.leave_by is not None else "left out"
