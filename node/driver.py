@@ -20,7 +20,7 @@ from . import epochs
 from .algorithms.base import on_device
 from .finish import FINISHED_WITHOUT_THIS_NODE
 from .pace import SLOW_RATIO, unwrapped
-from .topology import make_topology
+from .topology import make_topology, slow_mixing_warning
 
 if TYPE_CHECKING:
     from .daemon import Node
@@ -51,6 +51,9 @@ class RoundDriver:
         node.record = record
         node.index = record.members.index(node.peer_id)
         topo = make_topology(s.topology, len(record.members), s.seed)
+        warning = slow_mixing_warning(s.topology, len(record.members))
+        if warning and previous is not None and not slow_mixing_warning(s.topology, len(previous.members)):
+            logger.warning("epoch %d: %s", record.number, warning)  # the run grew past what the ring mixes
         node.algorithm.enter_epoch(topo.neighbourhood(node.index), record.number)
         node.algorithm.iteration = k
         node.transport.enter_epoch(record, node.algorithm)

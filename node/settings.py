@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -21,6 +22,8 @@ from .algorithms import ALGORITHMS
 from .data import parse_class_set, parse_split
 from .errors import BadInput
 from .models import DEFAULT_MODEL
+
+logger = logging.getLogger(__name__)
 
 SCHEDULES = ("cosine", "constant")
 ROBUST_RULES = ("none", "clip")
@@ -52,7 +55,8 @@ class RunSettings:
     nodes: int | None = opt(None, "number of nodes (default: one per --split class set, else 4)")
     # graph and algorithm
     topology: str = opt(
-        "directed-ring",
+        "auto",
+        "auto (directed-ring up to 4 members, exponential above: the ring mixes too slowly for more), "
         "directed-ring, exponential, one-peer-exponential (the exponential graph's links, one a round in turn: "
         "the ring's messages; p2pft and dsgd), complete, ring, random:K, or an edge-list file",
     )
@@ -423,7 +427,12 @@ def build_settings(cls: type[RunSettings], values: dict, config: str | Path | No
         settings = cls(**merged)
     except TypeError as e:
         raise BadInput(f"bad settings: {e}") from None
-    return settings.validate()
+    settings.validate()
+    from .topology import slow_mixing_warning
+
+    if warning := slow_mixing_warning(settings.topology, settings.nodes):
+        logger.warning(warning)
+    return settings
 
 
 @dataclass
