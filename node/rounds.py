@@ -83,6 +83,11 @@ class Inbox:
         if len(mine) + 1 > self.max_held_per_sender[0] or sum(mine) + size > self.max_held_per_sender[1]:
             return False
         self.held.append(HeldFrame(sender, env, time.monotonic()))
+        # a sender that moved on to a later epoch is not waited for in this one (RoundDriver.excluded): wake
+        # a waiting round to see it. Unwoken, a member that read the record late, still in the old epoch,
+        # waited out --round-timeout for a neighbour that had entered the new one, and its own
+        # out-neighbours, in either epoch, waited behind it (60 s twice near a run's end, where the lead is short)
+        self.arrival.set()
         return True
 
     def release_unclaimed(self, newest_epoch: int, after: float = UNCLAIMED_HOLD_S) -> list[HeldFrame]:
@@ -191,7 +196,7 @@ class Inbox:
         while wait:
             self.arrival.clear()
             inbox = self.by_phase.get(phase, [])
-            heard = {m.src for m in inbox if m.round >= k}
+            heard = {m.src for m in inbox if m.round >= k} | self.past(k)
             skip = excluded()
             waiting = [j for j in in_neighbours if j not in heard and j not in skip]
             limit = self._limit(waiting, timeout)
@@ -209,6 +214,14 @@ class Inbox:
             for j in waiting:
                 self.misses[j] = self.misses.get(j, 0) + 1
         return self._up_to(phase, k)
+
+    def past(self, k: int) -> set[int]:
+        """In-neighbours that sent a message of a round after k, in any phase: they will send nothing more for
+        round k (a link delivers in order, so what they sent for it has come or is lost). One that entered
+        this epoch a round late, having read its record late, never sends the rounds it ran in the old
+        one: waiting for its push of such a round, while it waited for this node's pull of the next,
+        held both for --round-timeout."""
+        return {j for (_, j), r in self.sent_round.items() if r > k}
 
     def _up_to(self, phase: str, k: int) -> list[Message]:
         """Removes and returns the messages of `phase` up to round k; those of later rounds stay."""

@@ -148,3 +148,46 @@ def test_an_in_neighbour_is_late_from_its_first_missed_deadline_until_it_is_hear
     (late, silent), late_after = asyncio.run(scenario())
     assert late == {2} and silent == set(), "one missed deadline makes a neighbour late, not silent"
     assert late_after == {1}
+
+
+def test_a_round_stops_waiting_for_an_in_neighbour_as_soon_as_a_frame_of_its_next_epoch_is_held():
+    """The in-neighbour entered the next epoch (it read the record first) and will never send this round
+    of the old one; its first frame of the new epoch is held, which makes it excluded. The waiting round
+    must see that at once, not when its --round-timeout runs out."""
+    from p2pnode.protocol.envelope import Envelope
+
+    async def scenario():
+        inbox = Inbox()
+        moved_on = lambda: {1} if any(h.sender == "peer-1" for h in inbox.held) else set()  # noqa: E731
+        frame = Envelope(run="r", epoch=1, round=5, phase="mix", seq=1, sender="peer-1", kind="values", tensors={})
+
+        async def hold_soon():
+            await asyncio.sleep(0.1)
+            assert inbox.hold("peer-1", frame)
+
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        _, arrived = await asyncio.gather(hold_soon(), inbox.collect("mix", 5, (1,), 30.0, lambda: False, moved_on))
+        return loop.time() - started, arrived
+
+    waited, arrived = asyncio.run(scenario())
+    assert arrived == []
+    assert waited < 5.0, f"waited {waited:.1f} s of a 30 s round timeout for a neighbour that had moved on"
+
+
+def test_a_round_does_not_wait_for_a_phase_an_in_neighbour_skipped_once_its_next_round_has_come():
+    """An in-neighbour that entered this epoch a round late never sends the push of the round it ran in
+    the old epoch; its pull of the next round shows it has moved past. Waiting for the push (while it waits
+    for this node's next pull) held both for the round timeout."""
+
+    async def scenario():
+        inbox = Inbox()
+        inbox.put(Message(src=1, dst=0, round=6, phase="pull", kind="values", tensors={}))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        arrived = await inbox.collect("push", 5, (1,), 30.0, lambda: False, set)
+        return loop.time() - started, arrived, inbox.late()
+
+    waited, arrived, late = asyncio.run(scenario())
+    assert arrived == [] and waited < 1.0, f"waited {waited:.1f} s for a push its sender had moved past"
+    assert late == set(), "a neighbour that moved on missed no deadline"
