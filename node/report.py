@@ -20,6 +20,7 @@ from .algorithms import label_of
 from .errors import BadInput
 from .saved_models import write_atomically
 from .simulator import AlgorithmResult, SimulationResult
+from .topology import AUTO, make_topology
 
 
 def _fmt_bytes(n: float) -> str:
@@ -72,9 +73,12 @@ def node_ids(result: SimulationResult) -> list[int]:
 def results_table(result: SimulationResult) -> Table:
     n = result.settings["nodes"]
     ids = node_ids(result)
+    topology = result.settings["topology"]
+    if topology == AUTO:  # name the graph it built
+        topology = f"{AUTO} ({make_topology(AUTO, n).name})"
     title = (
         f"Test accuracy (%) per node — {result.settings['data']}, {n} nodes, split "
-        f"{result.settings['split']}, topology {result.settings['topology']}"
+        f"{result.settings['split']}, topology {topology}"
     )
     table = Table(title=title)
     table.add_column("method")

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 TOPOLOGIES = ("auto", "directed-ring", "exponential", "one-peer-exponential", "complete", "ring", "random:K", "FILE")
 BUILT_IN = TOPOLOGIES[:6]  # by name; random:K is built too, from its K
+AUTO = "auto"
 RING_MEMBERS_MAX = 4  # `auto` builds the directed ring up to this many members, the exponential graph above
 
 
@@ -294,7 +295,7 @@ def make_topology(spec: str, n: int, seed: int = 0) -> Topology:
     if n < 1:
         raise BadInput(f"a run needs at least one node (got {n})")
     builders = {
-        "auto": auto,
+        AUTO: auto,
         "directed-ring": directed_ring,
         "exponential": exponential,
         "one-peer-exponential": one_peer_exponential,
