@@ -217,9 +217,12 @@ def auto(n: int) -> Topology:
     return directed_ring(n) if n <= RING_MEMBERS_MAX else exponential(n)
 
 
-def slow_mixing_warning(spec: str, n: int) -> str | None:
-    """What to tell a user who chose the directed ring for more nodes than it mixes fast enough for."""
+def slow_mixing_warning(spec: str, n: int, grown_from: int | None = None) -> str | None:
+    """What to tell a user who chose the directed ring for more nodes than it mixes fast enough for; with
+    `grown_from` (an elastic run's previous member count), only if that count did not need it already."""
     if spec != "directed-ring" or n <= RING_MEMBERS_MAX:
+        return None
+    if grown_from is not None and grown_from > RING_MEMBERS_MAX:
         return None
     return (
         f"--topology directed-ring over {n} nodes mixes too slowly for gradient tracking at the usual step "

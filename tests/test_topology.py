@@ -319,6 +319,9 @@ def test_slow_mixing_warning_is_given_for_the_directed_ring_past_four_nodes_only
     assert slow_mixing_warning("directed-ring", RING_MEMBERS_MAX) is None
     assert "directed-ring over 5 nodes" in slow_mixing_warning("directed-ring", 5)
     assert all(slow_mixing_warning(name, 16) is None for name in ("auto", "exponential", "complete"))
+    # an elastic run: said once, when it grows past 4 members, not at every epoch after
+    assert "over 5 nodes" in slow_mixing_warning("directed-ring", 5, grown_from=4)
+    assert slow_mixing_warning("directed-ring", 6, grown_from=5) is None
 
 
 def test_default_graph_keeps_six_nodes_learning_where_the_directed_ring_diverges():
