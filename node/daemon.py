@@ -180,6 +180,7 @@ class Node:
             on_heard=self._on_heard,
             on_newer_epoch=self._on_newer_epoch,
             may_hold=self.gate.may_hold,
+            sent_to_an_earlier_process=self._sent_to_an_earlier_process,
         )
         self.links = self.transport.links = await Links.create(
             self.p2p,
@@ -356,6 +357,12 @@ class Node:
             self.store.events.write("refused", peer=sender, reason=reason)
         if self.metrics is not None:
             self.metrics.refused()
+
+    def _sent_to_an_earlier_process(self, epoch: int) -> bool:
+        """Whether frames of `epoch` were meant for an earlier process with this peer id: a record of that
+        epoch read here names this peer id, but not this process."""
+        named = [r for r in self.agent.records if r.number == epoch and self.peer_id in r.members] if self.agent else []
+        return bool(named) and not any(self.in_record(r) for r in named)  # one per proposer, each the same way
 
     def _on_newer_epoch(self, epoch: int) -> None:
         if self.agent is not None and (self.agent.record is None or self.agent.record.number < epoch):

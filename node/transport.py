@@ -129,9 +129,11 @@ class Transport:
         on_heard: Callable[[str, int, int], None],  # sender, round, frame bytes
         on_newer_epoch: Callable[[int], None],
         may_hold: Callable[[str, int | None], bool] | None = None,
+        sent_to_an_earlier_process: Callable[[int], bool] | None = None,
     ) -> None:
         self.run_id, self.peer_id, self.inbox = run_id, peer_id, inbox
         self.may_hold = may_hold or (lambda sender, epoch: False)
+        self.sent_to_an_earlier_process = sent_to_an_earlier_process or (lambda epoch: False)
         self.known_peers, self.on_refused, self.on_heard, self.on_newer_epoch = (
             known_peers,
             on_refused,
@@ -179,6 +181,11 @@ class Transport:
             return self._refuse(sender, "not a member of this run")
         if env.epoch < self.epoch:
             return True  # sent before the sender entered this epoch: harmless, ignored
+        if env.epoch > self.epoch and self.sent_to_an_earlier_process(env.epoch):
+            # this process restarted, and the sender still runs an epoch whose member with this peer id is the
+            # process before: taken and dropped. Held, they filled the hold in a round or two and were refused
+            # ("too many frames held"), and each refusal kept the sender off this link for 1-8 s
+            return True
         key = (env.epoch, env.phase, env.round)
         # A frame of a later epoch is held, bounded by the inbox; this node's round says nothing about it
         # (a joiner or a returning node may be far behind the round that epoch starts at).

@@ -8,6 +8,7 @@ one value broadcast over every parameter (a value of 1e6 moved the parameters by
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from test_exactness import problem
 
 from p2pnode.node.algorithms import ALGORITHMS
 from p2pnode.node.algorithms.base import StepRule
-from p2pnode.node.rounds import UNCLAIMED_HOLD_S, Inbox
+from p2pnode.node.rounds import MAX_HELD_PER_SENDER, UNCLAIMED_HOLD_S, Inbox
 from p2pnode.node.topology import complete
 from p2pnode.node.transport import Transport
 from p2pnode.protocol.codecs import get_codec
@@ -173,3 +174,26 @@ def test_a_joiners_frame_of_an_epoch_this_node_has_not_read_is_held_and_taken_wh
     transport.index_of = {"me": 0, "joiner": 1}  # epoch 1 lets the joiner in as this node's in-neighbour
     assert inbox.enter_epoch(1, transport.to_message) == 1
     assert [(m.src, m.kind) for m in inbox.by_phase["pull"]] == [(1, good.kind)]
+
+
+@pytest.mark.parametrize("earlier_process", [True, False])
+def test_frames_meant_for_the_process_before_a_restart_are_taken_and_dropped_not_held_until_refused(earlier_process):
+    """A member that crashed and came back runs as a new process while the others still run an epoch
+    whose member with its peer id is the old one, and send it a frame every round. Those frames are
+    taken and dropped: held, they filled this sender's share of the hold within a round or two and were
+    refused, and each refusal kept the sender off the link for 1-8 s. (Without the record that says so,
+    the control case, they are held until the hold refuses them.)"""
+    transport, inbox, refused = transport_for(node("p2pft"))
+    transport.algorithm, transport.epoch = None, -1  # a process that has entered no epoch yet
+    transport.sent_to_an_earlier_process = lambda epoch: earlier_process and epoch == 3
+    good = next(m for m in node("p2pft", 1).send("pull", 0) if m.dst == 0)
+    frames = [pack(from_message(replace(good, round=k), RUN, 3, "p1")) for k in range(MAX_HELD_PER_SENDER + 8)]
+    taken = [asyncio.run(transport.on_frame(frame, "p1")) for frame in frames]
+    if earlier_process:
+        assert all(taken) and inbox.held == [] and refused == []
+        # the epoch that lets this process in is another matter: its frames are held for it
+        assert asyncio.run(transport.on_frame(pack(from_message(good, RUN, 4, "p1")), "p1")) is True
+        assert [h.env.epoch for h in inbox.held] == [4]
+    else:
+        assert len(inbox.held) == MAX_HELD_PER_SENDER and not all(taken)
+        assert refused and "too many frames held" in refused[0][1]
