@@ -72,6 +72,13 @@ class Inbox:
         self.last_heard[msg.src] = time.monotonic()
         self.arrival.set()
 
+    def moved_past(self, src: int, phase: str, k: int) -> None:
+        """In-neighbour `src` sent a `phase` message of round k that this node could not take (too far
+        ahead of its round): it will not send the rounds before k again, so they are not waited for."""
+        key = (phase, src)
+        self.sent_round[key] = max(self.sent_round.get(key, -1), k)
+        self.arrival.set()
+
     def hold(self, sender: str, env: Envelope) -> bool:
         """Keep a frame of a later epoch; False (not kept) when that would pass a bound, in all or for
         `sender`. The newest frame is the one refused: its sender hears so and sends full state later."""

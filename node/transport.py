@@ -191,6 +191,10 @@ class Transport:
         # (a joiner or a returning node may be far behind the round that epoch starts at).
         current = self._round() if env.epoch == self.epoch else None
         verdict = self.seen.check(sender, key, hash(data), current)
+        if verdict == "ahead" and sender in self.index_of:
+            # refused, so the sender sends full state later, but it has moved past this node's rounds up to
+            # env.round: waiting for them (it will not send them again) held this node for --round-timeout
+            self.inbox.moved_past(self.index_of[sender], env.phase, env.round)
         if verdict != "new":
             return self._judge_repeat(peer, env, verdict)
         try:
@@ -275,7 +279,7 @@ class Transport:
         frames = await self._off_loop(lambda: [encode(m) for m in messages], sum(m.nbytes for m in messages))
         for m, frame in zip(messages, frames, strict=True):
             peer = self.peer_of[m.dst]
-            task = asyncio.create_task(self._send_one(m.dst, peer, frame))
+            task = asyncio.create_task(self._send_one(m.dst, peer, frame, self.epoch))
             self.pending[task] = peer
             task.add_done_callback(lambda t: self.pending.pop(t, None))
 
@@ -286,14 +290,16 @@ class Transport:
             return work()
         return await asyncio.get_running_loop().run_in_executor(self._decode, work)
 
-    async def _send_one(self, dst: int, peer: PeerID, frame: bytes) -> None:
+    async def _send_one(self, dst: int, peer: PeerID, frame: bytes, epoch: int | None = None) -> None:
         loop = asyncio.get_running_loop()
         if waiting(self.unreachable, dst, loop.time()):
             self.algorithm.request_keyframe(dst)
             return
         if await self.links.send(peer, frame):
             self.unreachable.pop(dst, None)
-        elif self.peer_of.get(dst) == peer:  # still the same link (no epoch change since)
+        elif self.peer_of.get(dst) == peer and (epoch is None or epoch == self.epoch):
+            # still the same link: an old epoch's frame refused after the change (too far ahead, say) must not
+            # keep the first frames of the new epoch from a peer that has the same position in both
             note_failure(self.unreachable, dst, loop.time())
             self.algorithm.request_keyframe(dst)
 

@@ -18,7 +18,7 @@ from p2pnode.node.algorithms import ALGORITHMS
 from p2pnode.node.algorithms.base import StepRule
 from p2pnode.node.rounds import MAX_HELD_PER_SENDER, UNCLAIMED_HOLD_S, Inbox
 from p2pnode.node.topology import complete
-from p2pnode.node.transport import Transport
+from p2pnode.node.transport import AHEAD_ROUNDS, Transport
 from p2pnode.protocol.codecs import get_codec
 from p2pnode.protocol.envelope import from_message, pack
 from p2pnode.protocol.message import Message
@@ -197,3 +197,24 @@ def test_frames_meant_for_the_process_before_a_restart_are_taken_and_dropped_not
     else:
         assert len(inbox.held) == MAX_HELD_PER_SENDER and not all(taken)
         assert refused and "too many frames held" in refused[0][1]
+
+
+def test_a_frame_too_far_ahead_is_refused_and_its_sender_not_waited_for_in_the_rounds_it_moved_past():
+    """A member whose only in-neighbour crashed runs ahead alone until the epoch that lets the old one's new
+    process in; its frames more than AHEAD_ROUNDS ahead are refused (its next send is full state), and it
+    will not send the rounds before them again. Waiting for them held its out-neighbour for --round-timeout
+    and then a jump (a testnet with crash:2@3s,rejoin:2@3.5s, under load)."""
+    transport, inbox, refused = transport_for(node("p2pft"))
+    good = next(m for m in node("p2pft", 1).send("pull", 0) if m.dst == 0)
+    far = replace(good, round=AHEAD_ROUNDS + 10)
+    assert asyncio.run(transport.on_frame(pack(from_message(far, RUN, 0, "p1")), "p1")) is False
+    assert refused and "too far ahead" in refused[0][1]
+    assert inbox.by_phase.get("pull", []) == []  # refused: not used
+
+    async def wait_in_round(k: int) -> float:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await inbox.collect("pull", k, (1,), 30.0, lambda: False, set)
+        return loop.time() - started
+
+    assert asyncio.run(wait_in_round(5)) < 1.0

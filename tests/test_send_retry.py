@@ -191,3 +191,26 @@ def test_a_round_does_not_wait_for_a_phase_an_in_neighbour_skipped_once_its_next
     waited, arrived, late = asyncio.run(scenario())
     assert arrived == [] and waited < 1.0, f"waited {waited:.1f} s for a push its sender had moved past"
     assert late == set(), "a neighbour that moved on missed no deadline"
+
+
+def test_an_old_epochs_refused_frame_does_not_hold_back_the_new_epochs_first_frames_to_the_same_peer():
+    """A node that ran ahead had its frames refused as too far ahead; it then entered the next epoch, where
+    the same peer is its out-neighbour at the same position. The old frame's refusal, answered after the
+    change, marked the new link unreachable and its first frames of the new epoch were skipped, so the peer
+    waited out --round-timeout for them."""
+
+    async def scenario():
+        links, keyframes = ScriptedLinks([False, True]), []
+        transport = make_transport(links, keyframes)
+        transport.epoch = 0
+        refused = asyncio.create_task(transport._send_one(1, "out-neighbour", b"old frame", 0))
+        await asyncio.sleep(0)
+        transport.epoch, transport.unreachable = 1, {}  # enter_epoch: same peer, same position
+        await refused
+        await transport._send_one(1, "out-neighbour", b"new frame", 1)
+        transport.shutdown()
+        return links.tried, transport.unreachable, keyframes
+
+    tried, unreachable, keyframes = asyncio.run(scenario())
+    assert tried == 2, "the new epoch's frame was sent, not skipped"
+    assert unreachable == {} and keyframes == []
