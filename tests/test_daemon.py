@@ -374,8 +374,8 @@ def test_a_daemon_survives_thousands_of_hostile_messages_and_refuses_a_foreign_t
         try:
             runs = [asyncio.create_task(n.run()) for n in (a, b)]
             refused_stranger = asyncio.create_task(stranger.run())
-            for _ in range(600):  # until b trains in an epoch
-                if b.record is not None:
+            for _ in range(600):  # until both train in an epoch (a's links to b are known from then on)
+                if b.record is not None and 1 in a.transport.peer_of:
                     break
                 await asyncio.sleep(0.1)
             valid = pack(
