@@ -34,9 +34,9 @@ from .errors import BadInput
 if TYPE_CHECKING:
     import torch
 
-TOPOLOGIES = ("auto", "directed-ring", "exponential", "one-peer-exponential", "complete", "ring", "random:K", "FILE")
-BUILT_IN = TOPOLOGIES[:6]  # by name; random:K is built too, from its K
 AUTO = "auto"
+TOPOLOGIES = (AUTO, "directed-ring", "exponential", "one-peer-exponential", "complete", "ring", "random:K", "FILE")
+BUILT_IN = TOPOLOGIES[:6]  # by name; random:K is built too, from its K
 RING_MEMBERS_MAX = 4  # `auto` builds the directed ring up to this many members, the exponential graph above
 
 

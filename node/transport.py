@@ -279,7 +279,7 @@ class Transport:
         frames = await self._off_loop(lambda: [encode(m) for m in messages], sum(m.nbytes for m in messages))
         for m, frame in zip(messages, frames, strict=True):
             peer = self.peer_of[m.dst]
-            task = asyncio.create_task(self._send_one(m.dst, peer, frame, self.epoch))
+            task = asyncio.create_task(self._send_one(m.dst, peer, frame, m.epoch))
             self.pending[task] = peer
             task.add_done_callback(lambda t: self.pending.pop(t, None))
 
