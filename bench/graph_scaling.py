@@ -59,35 +59,39 @@ def round_matrix(lam: complex, alpha: float, h: float, beta: float) -> np.ndarra
     return np.vstack([theta_row, m_row, tau_row])
 
 
-def growth_per_round(topology: str, n: int, h: float, alpha: float = LR, beta: float = MOMENTUM) -> float:
-    """Largest modulus of the disagreement's growth per round, over the graph's modes (circulant graphs)."""
+def round_shifts(topology: str, n: int) -> list[list[int]] | None:
+    """Each round's shifts s (node i hears i - s), one list per round of the graph's period; None if the
+    graph is not circulant (its nodes' links differ by more than a relabelling)."""
     topo = make_topology(topology, n)
-    hops = topo.hops or (None,)
+    if topo.hops:
+        return [[hop] for hop in topo.hops]
+    shifts = sorted(d % n for d in topo.out_neighbours(0))
+    if any(sorted((d - i) % n for d in topo.out_neighbours(i)) != shifts for i in range(n)):
+        return None
+    return [shifts]
+
+
+def growth_per_round(rounds: list[list[int]], n: int, h: float, alpha: float = LR, beta: float = MOMENTUM) -> float:
+    """Largest modulus of the disagreement's growth per round, over the graph's modes (`round_shifts`)."""
     worst = 0.0
     for f in range(1, n):
         product = np.eye(3, dtype=complex)
-        for hop in hops:
-            shifts = [hop] if hop is not None else [(d - 0) % n for d in topo.out_neighbours(0)]
-            # node i hears i - s for each shift s, weight 1 / (in-degree + 1) on each and on itself
+        for shifts in rounds:
+            # weight 1 / (in-degree + 1) on each in-neighbour and on itself
             lam = (1 + sum(np.exp(-2j * math.pi * f * s / n) for s in shifts)) / (len(shifts) + 1)
             product = round_matrix(lam, alpha, h, beta) @ product
-        worst = max(worst, max(abs(np.linalg.eigvals(product))) ** (1 / len(hops)))
+        worst = max(worst, max(abs(np.linalg.eigvals(product))) ** (1 / len(rounds)))
     return worst
-
-
-def is_circulant(topology: str, n: int) -> bool:
-    topo = make_topology(topology, n)
-    shifts = {(d - 0) % n for d in topo.out_neighbours(0)}
-    return all({(d - i) % n for d in topo.out_neighbours(i)} == shifts for i in range(n))
 
 
 def largest_stable_curvature(topology: str, n: int) -> float | None:
     """The largest h (on a log grid, 0.1 to 10^4) whose disagreement does not grow; None if not circulant."""
-    if not is_circulant(topology, n):
+    rounds = round_shifts(topology, n)
+    if rounds is None:
         return None
     stable = 0.0
     for h in np.logspace(-1, 4, 201):
-        if growth_per_round(topology, n, float(h)) >= 1:
+        if growth_per_round(rounds, n, float(h)) >= 1:
             break
         stable = float(h)
     return stable

@@ -51,9 +51,10 @@ class RoundDriver:
         node.record = record
         node.index = record.members.index(node.peer_id)
         topo = make_topology(s.topology, len(record.members), s.seed)
-        grown_from = len(previous.members) if previous is not None else len(record.members)  # no repeat of start's
-        if warning := slow_mixing_warning(s.topology, len(record.members), grown_from):
-            logger.warning("epoch %d: %s", record.number, warning)  # the run grew past what the ring mixes
+        if previous is not None:  # the first epoch's count was warned about at start (build_settings)
+            warning = slow_mixing_warning(s.topology, len(record.members), grown_from=len(previous.members))
+            if warning:
+                logger.warning("epoch %d: %s", record.number, warning)  # the run grew past what the ring mixes
         node.algorithm.enter_epoch(topo.neighbourhood(node.index), record.number)
         node.algorithm.iteration = k
         node.transport.enter_epoch(record, node.algorithm)

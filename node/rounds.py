@@ -67,17 +67,19 @@ class Inbox:
         self.by_phase.setdefault(msg.phase, []).append(msg)
         self.misses.pop(msg.src, None)
         self.newest_round = max(self.newest_round, msg.round)
-        key = (msg.phase, msg.src)
-        self.sent_round[key] = max(self.sent_round.get(key, -1), msg.round)
+        self._sent(msg.phase, msg.src, msg.round)
         self.last_heard[msg.src] = time.monotonic()
         self.arrival.set()
 
     def moved_past(self, src: int, phase: str, k: int) -> None:
         """In-neighbour `src` sent a `phase` message of round k that this node could not take (too far
         ahead of its round): it will not send the rounds before k again, so they are not waited for."""
-        key = (phase, src)
-        self.sent_round[key] = max(self.sent_round.get(key, -1), k)
+        self._sent(phase, src, k)
         self.arrival.set()
+
+    def _sent(self, phase: str, src: int, k: int) -> None:
+        """Note that in-neighbour `src` has sent its `phase` message of round k in this epoch."""
+        self.sent_round[(phase, src)] = max(self.sent_round.get((phase, src), -1), k)
 
     def hold(self, sender: str, env: Envelope) -> bool:
         """Keep a frame of a later epoch; False (not kept) when that would pass a bound, in all or for
@@ -120,8 +122,7 @@ class Inbox:
                 if msg is not None:
                     self.by_phase.setdefault(msg.phase, []).append(msg)
                     self.newest_round = max(self.newest_round, msg.round)
-                    key = (msg.phase, msg.src)  # it has come: asynchronous rounds must not wait for it again
-                    self.sent_round[key] = max(self.sent_round.get(key, -1), msg.round)
+                    self._sent(msg.phase, msg.src, msg.round)  # it has come: asynchronous rounds must not wait again
                     taken += 1
             elif env.epoch > epoch:
                 keep.append(held)

@@ -290,16 +290,17 @@ class Transport:
             return work()
         return await asyncio.get_running_loop().run_in_executor(self._decode, work)
 
-    async def _send_one(self, dst: int, peer: PeerID, frame: bytes, epoch: int | None = None) -> None:
+    async def _send_one(self, dst: int, peer: PeerID, frame: bytes, epoch: int) -> None:
+        """Send one frame of `epoch`; a failure in that epoch skips the link for a while (`note_failure`)."""
         loop = asyncio.get_running_loop()
         if waiting(self.unreachable, dst, loop.time()):
             self.algorithm.request_keyframe(dst)
             return
         if await self.links.send(peer, frame):
             self.unreachable.pop(dst, None)
-        elif self.peer_of.get(dst) == peer and (epoch is None or epoch == self.epoch):
-            # still the same link: an old epoch's frame refused after the change (too far ahead, say) must not
-            # keep the first frames of the new epoch from a peer that has the same position in both
+        elif epoch == self.epoch:
+            # still the same link. After an epoch change position dst may be another peer, or the same one:
+            # an old epoch's frame refused then (too far ahead, say) must not skip the new epoch's first frames
             note_failure(self.unreachable, dst, loop.time())
             self.algorithm.request_keyframe(dst)
 

@@ -56,14 +56,14 @@ def test_a_peer_whose_send_failed_is_tried_again_well_before_the_receiver_would_
         skips = []
         for _ in range(5):
             transport.unreachable[1] = (0.0, transport.unreachable.get(1, (0.0, 0))[1])  # the skip has run out
-            await transport._send_one(1, "out-neighbour", b"frame")
+            await transport._send_one(1, "out-neighbour", b"frame", transport.epoch)
             until, _ = transport.unreachable[1]
             skips.append(round(until - loop.time(), 1))
         tried = links.tried
-        await transport._send_one(1, "out-neighbour", b"frame")  # still within the last skip: not tried
+        await transport._send_one(1, "out-neighbour", b"frame", transport.epoch)  # within the last skip: not tried
         skipped_without_trying = links.tried == tried
         transport.unreachable[1] = (0.0, transport.unreachable[1][1])
-        await transport._send_one(1, "out-neighbour", b"frame")  # succeeds: the peer is reachable again
+        await transport._send_one(1, "out-neighbour", b"frame", transport.epoch)  # succeeds: reachable again
         transport.shutdown()
         return skips, skipped_without_trying, transport.unreachable, keyframes
 
@@ -79,7 +79,7 @@ def test_sends_queued_behind_a_failed_one_that_fail_with_it_count_as_one_failure
     async def scenario():
         links = ScriptedLinks([False, False, False])
         transport = make_transport(links, [])
-        await asyncio.gather(*(transport._send_one(1, "out-neighbour", b"frame") for _ in range(3)))
+        await asyncio.gather(*(transport._send_one(1, "out-neighbour", b"frame", transport.epoch) for _ in range(3)))
         until, failures = transport.unreachable[1]
         skip = until - asyncio.get_running_loop().time()
         transport.shutdown()
@@ -123,7 +123,7 @@ def test_a_send_that_fails_after_an_epoch_change_does_not_mark_the_new_peer_unre
     async def scenario():
         links = ScriptedLinks([False])
         transport = make_transport(links, [])
-        send = asyncio.create_task(transport._send_one(1, "old peer", b"frame"))
+        send = asyncio.create_task(transport._send_one(1, "old peer", b"frame", transport.epoch - 1))
         await send
         transport.shutdown()
         return transport.unreachable
