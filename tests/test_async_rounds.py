@@ -148,23 +148,26 @@ def test_only_what_a_batch_of_one_cannot_absorb_is_left_to_late_gradients():
 
 
 def test_a_daemons_gradient_thread_shrinks_the_batch_only_when_it_is_slower_than_the_others():
-    from p2pnode.node.pace import PACE_WINDOW, WARMUP_GRADIENTS, BackgroundGradients
+    from p2pnode.node.pace import PACE_WINDOW, SLOW_WINDOWS, WARMUP_GRADIENTS, BackgroundGradients
 
     class Objective:
         batch_size = 64
 
     def timed(gradients, *took: float) -> int:
-        """The batch after gradients that took `took` seconds (a window of them each)."""
+        """The batch after gradients that took `took` seconds (a window of them each: PACE_WINDOW
+        gradients, or fewer where each took several budgets)."""
         for t in took:
             for _ in range(PACE_WINDOW):
                 gradients._pace_batch(t)
+                if not gradients.window:  # decided
+                    break
         return gradients.objective.batch_size
 
     def warmed_up() -> BackgroundGradients:
         gradients = BackgroundGradients(Objective(), lambda: False, lambda: 0.25, slow_ratio=1.5)
         for _ in range(WARMUP_GRADIENTS):
-            gradients._pace_batch(9.0)  # warm-up costs never count
-        assert gradients.objective.batch_size == 64
+            gradients._pace_batch(0.25)  # warm-up costs never count
+        assert gradients.objective.batch_size == 64 and not gradients.window
         return gradients
 
     slow = warmed_up()
@@ -187,6 +190,25 @@ def test_a_daemons_gradient_thread_shrinks_the_batch_only_when_it_is_slower_than
 
     stuck = warmed_up()
     assert timed(stuck, 10.0, 10.0) == 1 and not stuck.gave_up  # 40x slower: one sample
+    # each of its gradients spans rounds: it paces after one warm-up gradient and SLOW_WINDOWS more, not 13
+    heavy = BackgroundGradients(Objective(), lambda: False, lambda: 0.25, slow_ratio=1.5)
+    heavy._pace_batch(10.0)  # 40 budgets: a whole warm-up's worth, never counted
+    assert heavy.objective.batch_size == 64 and not heavy.window
+    for _ in range(SLOW_WINDOWS - 1):
+        heavy._pace_batch(10.0)
+        assert heavy.objective.batch_size == 64
+    heavy._pace_batch(10.0)
+    assert heavy.objective.batch_size == 1
+    once = BackgroundGradients(Objective(), lambda: False, lambda: 0.25, slow_ratio=1.5)
+    once._pace_batch(9.0)  # a first gradient's one-off costs: the warm-up, however long
+    assert timed(once, 0.25, 0.25) == 64
+    # a gradient of the fast machine's 2.4x counts as 2.4 of them: its window closes after three
+    loaded = warmed_up()
+    for _ in range(2):
+        loaded._pace_batch(0.6)
+    assert len(loaded.window) == 2
+    loaded._pace_batch(0.6)
+    assert not loaded.window and loaded.slow_windows == 1 and loaded.objective.batch_size == 64
     # one sample still takes 4x the others' but a tenth of the full batch's time: late by 4 budgets, not 40
     assert timed(stuck, 1.0, 1.0) == 1 and not stuck.gave_up
     in_vain = warmed_up()
@@ -204,14 +226,14 @@ def test_a_daemons_gradient_thread_shrinks_the_batch_only_when_it_is_slower_than
     # the floor is what the others' time buys (0.2 s of a full batch's 1.0: 12 of 64), not the budget (0.3)
     floored = BackgroundGradients(Objective(), lambda: False, lambda: 0.3, slow_ratio=1.5, pace=lambda: 0.2)
     for _ in range(WARMUP_GRADIENTS):
-        floored._pace_batch(9.0)
+        floored._pace_batch(0.3)
     assert timed(floored, 1.0, 1.0) == 19  # towards the budget first: 0.3 of 1.0
     assert timed(floored, 0.6) == 12  # twice the budget: shrinks, but not below 12
     assert timed(floored, 0.6, 0.6) == 12 and not floored.gave_up
 
     unpaced = BackgroundGradients(Objective(), lambda: False, None)
     assert timed(unpaced, 1.0, 1.0) == 64
-    for g in (fast, slow, back, stuck, in_vain, fixed_costs, floored, unpaced):
+    for g in (fast, slow, back, stuck, heavy, once, loaded, in_vain, fixed_costs, floored, unpaced):
         g.shutdown()
 
 

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from .base import Algorithm, Layouts, Message, register
+from .late import LateGradientWeight
 from .pull import PULL_MESSAGES, PullChannel
 from .robust import TRACKER_LEAK, MassClipper
 from .running_sums import PUSH_MESSAGES, PushReceiver, PushSender
@@ -49,6 +50,7 @@ class P2PFT(Algorithm):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.local_steps = 1
+        self.late = LateGradientWeight()  # on with --sync async --pace-batch (configure)
         self.grad, self.last_loss = self.objective.gradient(self.params)
         self.v = self.params.clone()
         self.reset_links()
@@ -67,6 +69,7 @@ class P2PFT(Algorithm):
         super().configure(iterations_per_epoch=iterations_per_epoch, settings=settings)
         if settings is not None:
             self.local_steps = settings.local_steps
+            self.late.enabled = settings.sync == "async" and bool(settings.pace_batch)
 
     def outgoing(self, phase: str, k: int) -> list[Message]:
         if phase == "pull":
@@ -74,7 +77,7 @@ class P2PFT(Algorithm):
             v = self.params - lr * self.step.direction(self.tau)
             for _ in range(self.local_steps - 1):
                 grad, self.last_loss = self.objective.gradient(v)
-                v = v - lr * self.step.direction(self.tau + grad - self.grad)
+                v = v - lr * self.step.direction(self.tau + self.late.value * grad - self.grad)  # as in the tracker
             self.v = v
             return self.pull.send(self.v, k, phase)
         return self.sender.send(self.z, k, phase)
@@ -84,6 +87,8 @@ class P2PFT(Algorithm):
             self.pull.receive(messages)
             self.params = self.pull.mix(self.v, k, self.clipping, self.oldest_mixed(k))
             grad, self.last_loss = self.objective.gradient(self.params)
+            if (weight := self.late.next_round(getattr(self.objective, "fresh", True))) < 1:
+                grad = weight * grad
             if self.clipping:  # leaky tracker: clipped mass must not pile up (robust.py)
                 self.z = grad + (1 - TRACKER_LEAK) * (self.tau - self.grad)
             else:
