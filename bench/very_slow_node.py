@@ -16,6 +16,8 @@ import json
 import statistics
 from concurrent.futures import ProcessPoolExecutor
 
+from p2pnode.node.algorithms.late import LATE_ROUNDS as KEPT_LATE_ROUNDS
+
 
 def run(case: tuple[float | None, bool, int, int]) -> dict:
     factor, weighted, seed, epochs = case
@@ -26,8 +28,7 @@ def run(case: tuple[float | None, bool, int, int]) -> dict:
     from p2pnode.node.simulator import Simulation
 
     torch.set_num_threads(1)
-    if not weighted:
-        late.LATE_ROUNDS = 10**9
+    late.LATE_ROUNDS = KEPT_LATE_ROUNDS if weighted else 10**9  # a worker process runs several cases
     slow = {} if factor is None else {"sync": "async", "slow": [f"3:{factor:g}"]}
     settings = SimulateSettings(epochs=epochs, seed=seed, **slow).validate()
     result = Simulation(settings).run("p2pft")

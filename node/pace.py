@@ -57,8 +57,8 @@ SLOW_RATIO = 1.5  # a machine whose gradients take this many times the other mem
 PACE_BAND = (0.8, 1.2)  # a gradient within these multiples of the others' time keeps its batch
 WARMUP_GRADIENTS = 3  # a daemon's first gradients carry one-off costs: they never pace the batch
 PACE_WINDOW = 5  # gradients timed at one batch size before the next pacing decision (their median counts)
-# ... counted in budgets: a gradient that took k budgets counts as k gradients (at most a window), so
-# a machine whose every gradient spans rounds shows its speed in a gradient or two, not in 13
+# ... counted in budgets at the full batch: a gradient that took k budgets counts as k gradients (at most a
+# window), so a machine whose every gradient spans rounds starts pacing after its third gradient, not its 13th
 SLOW_WINDOWS = 2  # windows in a row a machine at the full batch must be slow before it paces (not a passing load)
 TIMED_GRADIENTS = 15  # a node's pace is the median time of its last this many gradients
 EMULATED_HISTORY = 255  # `--slowdown` sleeps by the median of this many full-batch gradients (a machine's speed)
@@ -239,12 +239,12 @@ class BackgroundGradients(TimedGradients):
             return result
 
     def _pace_batch(self, took: float) -> None:
-        """Every PACE_WINDOW gradients (counted in budgets, `_spans`; past the first few, which carry
-        warm-up costs), compare their
-        median time with the budget: a machine `slow_ratio` times over it or more in SLOW_WINDOWS windows
-        in a row shrinks its batch, and a paced one moves it towards the budget, never below the batch
-        its full batch's time affords in proportion (`floor`: 16 // FACTOR on a FACTOR-times slower
-        machine, the simulator's paced batch). Fixed costs per gradient make a batch at the floor take
+        """Every PACE_WINDOW gradients (at the full batch counted in budgets, `_spans`; past the first
+        few, which carry warm-up costs), compare their median time with the budget: a machine
+        `slow_ratio` times over it or more in SLOW_WINDOWS windows in a row shrinks its batch, and a
+        paced one moves it towards the budget, never below the batch its full batch's time affords
+        in proportion (`floor`: 16 // FACTOR on a FACTOR-times slower machine, the simulator's paced
+        batch). Fixed costs per gradient make a batch at the floor take
         longer than the budget; shrinking on from there to 1-2 samples and then giving up had left the
         5x testnet node late gradients of 16 for 81% of its run, where the simulator's 3 fresh samples
         cost 0.1 points and 1 sample 2.1. If the shrink from the full batch bought under a tenth of its
@@ -257,7 +257,8 @@ class BackgroundGradients(TimedGradients):
         if not warm or self.gave_up or not target:
             return
         self.window.append(took)
-        self.window_spans += self._spans(took, target)
+        # only the start of pacing is hurried: once paced, a window is PACE_WINDOW gradients as before
+        self.window_spans += self._spans(took, target) if base.batch_size == self.full_batch else 1.0
         if self.window_spans < PACE_WINDOW:
             return
         typical = statistics.median(self.window)
