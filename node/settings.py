@@ -99,7 +99,8 @@ class RunSettings:
         None,
         "with --sync async (on by default there): a node whose gradients take 1.5x the others' or longer shrinks "
         "its mini-batch to keep their pace (not below what their time buys at its own time per sample), so its "
-        "gradients stay fresh; --no-pace-batch: it keeps --batch-size and they come late",
+        "gradients stay fresh, and P2P-FT counts a gradient that still serves d > 2 rounds with weight 2/d (its data "
+        "then counts less); --no-pace-batch: it keeps --batch-size and they come late, at full weight",
     )
 
     def validate(self) -> RunSettings:
