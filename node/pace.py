@@ -300,8 +300,8 @@ class BackgroundGradients(TimedGradients):
     def _spans(took: float, target: float | None) -> float:
         """How many gradients `took` seconds count as: one, or as many budgets as it took, up to a window.
         A 50x node's first full batches each took ten rounds; counted one by one, it went on with late
-        gradients for 130 rounds before its first pacing decision, and the run fell to 74% (92% with
-        the decision after its third gradient)."""
+        gradients for 130 rounds before its first pacing decision, and a testnet fell to 74% (87% with
+        the decision after its third gradient, one run each)."""
         return min(float(PACE_WINDOW), max(1.0, took / target)) if target else 1.0
 
     def floor(self) -> int:

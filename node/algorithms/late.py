@@ -5,9 +5,10 @@ The tracker adds each node's latest gradient every round. A node whose gradients
 them: delayed feedback, whose gain grows with d. Pacing (`--pace-batch`, node/pace.py) keeps d at 1 by
 shrinking the batch; what it cannot absorb (one sample still taking several rounds, a machine 50x or
 more slower than the others) made whole runs fail: with a 200x node the simulator ended at 31% and
-the daemons at 28% (a late gradient every 4-12 rounds). A node that paces its batch therefore counts
-its gradient with weight min(1, LATE_ROUNDS / d), so a late gradient pulls about as far in total as
-one that serves LATE_ROUNDS rounds (staleness-aware steps, as in asynchronous SGD).
+the daemons at 9-22% (a late gradient every 4-12 rounds; README "A machine 20x to 200x slower"). A
+node that paces its batch therefore counts its gradient with weight min(1, LATE_ROUNDS / d), so a late
+gradient pulls about as far in total as one that serves LATE_ROUNDS rounds (staleness-aware steps, as
+in asynchronous SGD).
 
 The weaker guarantee this buys, stated and tested (tests/test_async_exactness.py): the tracker sums the
 weighted gradients exactly (sum tau plus mass in flight = sum of w_i g_i), so the run converges to the
