@@ -313,8 +313,10 @@ def test_sigterm_makes_a_node_leave_after_the_epoch_that_drops_it_and_exit_by_it
         for r in results:
             last = r["epochs"][-1]
             assert peer in last["left"] and len(last["members"]) == 2
-            # the leaver took part until the epoch that dropped it, then went
-            assert last["round"] == leaver["round"]
+            # the leaver went no later than the epoch that dropped it: at its start round, or a few rounds
+            # short of it once the others had entered it (they stop waiting for a member the record leaves
+            # out, so it may trail them; node/driver.py `others_entered`; CI once saw 177 against 183)
+            assert leaver["round"] <= last["round"]
         assert abs(results[0]["accuracy"] - results[1]["accuracy"]) <= 0.01
         events = [json.loads(line)["kind"] for line in (tmp_path / "n1" / "events.jsonl").read_text().splitlines()]
         assert "leave" in events and "done" not in events
