@@ -253,12 +253,13 @@ class BackgroundGradients(TimedGradients):
         target = self.budget() if self.budget is not None else None
         base = self.base
         warm = self.timed >= WARMUP_GRADIENTS
-        self.timed += self._spans(took, target)
+        spans = self._spans(took, target)
+        self.timed += spans
         if not warm or self.gave_up or not target:
             return
         self.window.append(took)
         # only the start of pacing is hurried: once paced, a window is PACE_WINDOW gradients as before
-        self.window_spans += self._spans(took, target) if base.batch_size == self.full_batch else 1.0
+        self.window_spans += spans if base.batch_size == self.full_batch else 1.0
         if self.window_spans < PACE_WINDOW:
             return
         typical = statistics.median(self.window)

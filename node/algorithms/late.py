@@ -23,6 +23,8 @@ import logging
 import statistics
 from collections import deque
 
+import torch
+
 logger = logging.getLogger(__name__)
 
 LATE_ROUNDS = 2  # a gradient that serves this many rounds or fewer keeps its full weight
@@ -32,8 +34,8 @@ LAG_GRADIENTS = 8  # d is the median of the rounds the last this many gradients 
 class LateGradientWeight:
     """Follows how many rounds each of a node's gradients serves and gives the weight to count it with."""
 
-    def __init__(self, late_rounds: int | None = None, enabled: bool = False) -> None:
-        self.late_rounds = LATE_ROUNDS if late_rounds is None else late_rounds
+    def __init__(self, enabled: bool = False) -> None:
+        self.late_rounds = LATE_ROUNDS  # read here, so a bench can set the module's value per run
         self.enabled = enabled
         self.served = 1  # rounds the gradient in use has served, this one included (tau^0 = g^0 serves round 1)
         self.intervals: deque[int] = deque(maxlen=LAG_GRADIENTS)  # rounds served by the last gradients
@@ -42,6 +44,8 @@ class LateGradientWeight:
 
     def next_round(self, fresh: bool) -> float:
         """The weight of this round's gradient; `fresh`: whether it is a new one."""
+        if not self.enabled:
+            return self.value  # 1.0: nothing to follow
         if fresh:
             self.intervals.append(self.served)
             self.served = 1
@@ -50,7 +54,7 @@ class LateGradientWeight:
         # the gradient in use counts as one more interval: a first gradient that takes 50 rounds is late
         # from the start, while one round of a passing load among gradients of a round each moves nothing
         rounds = statistics.median((*self.intervals, self.served))
-        self.value = min(1.0, self.late_rounds / rounds) if self.enabled else 1.0
+        self.value = min(1.0, self.late_rounds / rounds)
         if self.value < 1 and not self.damped_once:
             self.damped_once = True
             logger.info(
@@ -60,3 +64,7 @@ class LateGradientWeight:
                 self.value,
             )
         return self.value
+
+    def scale(self, grad: torch.Tensor) -> torch.Tensor:
+        """`grad` counted with this round's weight (the same tensor while the weight is 1)."""
+        return grad if self.value == 1 else self.value * grad

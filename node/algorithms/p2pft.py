@@ -77,7 +77,7 @@ class P2PFT(Algorithm):
             v = self.params - lr * self.step.direction(self.tau)
             for _ in range(self.local_steps - 1):
                 grad, self.last_loss = self.objective.gradient(v)
-                v = v - lr * self.step.direction(self.tau + self.late.value * grad - self.grad)  # as in the tracker
+                v = v - lr * self.step.direction(self.tau + self.late.scale(grad) - self.grad)  # as in the tracker
             self.v = v
             return self.pull.send(self.v, k, phase)
         return self.sender.send(self.z, k, phase)
@@ -87,8 +87,8 @@ class P2PFT(Algorithm):
             self.pull.receive(messages)
             self.params = self.pull.mix(self.v, k, self.clipping, self.oldest_mixed(k))
             grad, self.last_loss = self.objective.gradient(self.params)
-            if (weight := self.late.next_round(getattr(self.objective, "fresh", True))) < 1:
-                grad = weight * grad
+            self.late.next_round(getattr(self.objective, "fresh", True))
+            grad = self.late.scale(grad)
             if self.clipping:  # leaky tracker: clipped mass must not pile up (robust.py)
                 self.z = grad + (1 - TRACKER_LEAK) * (self.tau - self.grad)
             else:
