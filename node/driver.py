@@ -152,7 +152,8 @@ class RoundDriver:
         stale one costs accuracy); a slow one keeps exchanging at the run's pace and folds its gradients
         in as they come."""
         node = self.node
-        seconds = getattr(node.algorithm.objective, "seconds", None)
+        # a paced gradient started before mixing (`BackgroundGradients.start`) holds the round only for its rest
+        seconds = getattr(node.algorithm.objective, "round_wait_seconds", None)
         if seconds is None:
             return False
         members = set(node.record.members) - {node.peer_id}

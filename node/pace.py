@@ -194,6 +194,11 @@ class TimedGradients(ObjectiveWrapper):
         self.seconds = statistics.median(self.recent)
         return result, took
 
+    @property
+    def round_wait_seconds(self) -> float | None:
+        """How long a round waits for this node's gradient."""
+        return self.seconds
+
     def gradient(self, params: torch.Tensor) -> tuple[torch.Tensor, float]:
         result, _ = self._timed_gradient(params)
         self.gradients += 1
@@ -231,6 +236,9 @@ class BackgroundGradients(TimedGradients):
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="gradient")
         self.running: Future | None = None
         self.latest: tuple[torch.Tensor, float] | None = None
+        self.started_early: float | None = None  # when the running gradient was started by `start` (perf_counter)
+        # seconds each recent paced gradient ran before its round asked for it (`start`): time it took off the round
+        self.overlaps: deque[float] = deque(maxlen=TIMED_GRADIENTS)
 
     def _compute(self, params: torch.Tensor) -> tuple[torch.Tensor, float]:
         with self.lock:
@@ -252,6 +260,8 @@ class BackgroundGradients(TimedGradients):
         cannot help: back to --batch-size for good, and the gradients come late."""
         target = self.budget() if self.budget is not None else None
         base = self.base
+        if target and base.batch_size < self.full_batch and self.overlaps:
+            target += statistics.median(self.overlaps)  # what ran before the round asked cost the round nothing
         warm = self.timed >= WARMUP_GRADIENTS
         spans = self._spans(took, target)
         self.timed += spans
@@ -314,7 +324,27 @@ class BackgroundGradients(TimedGradients):
             return 1
         return max(1, min(self.full_batch, int(self.full_batch * pace / self.full_seconds)))
 
+    @property
+    def round_wait_seconds(self) -> float | None:
+        """How long a round waits for this node's gradient: its time less what ran before the round asked."""
+        if self.seconds is None or not self.overlaps or self.base.batch_size >= self.full_batch:
+            return self.seconds
+        return max(0.0, self.seconds - statistics.median(self.overlaps))
+
+    def start(self, params: torch.Tensor) -> None:
+        """A paced node starts its next gradient at `params`, the value it sends before mixing (P2P-FT's
+        pull), so the gradient runs while the round waits for its in-neighbours' values; the round then
+        takes it as its gradient. Only while its batch is paced: a node at the full batch computes at
+        the mixed parameters as before."""
+        paced = self.budget is not None and not self.gave_up and self.base.batch_size < self.full_batch
+        if self.running is None and paced:
+            self.started_early = time.perf_counter()
+            self.running = self.worker.submit(self._compute, params.clone())
+
     def gradient(self, params: torch.Tensor) -> tuple[torch.Tensor, float]:
+        if self.started_early is not None:
+            self.overlaps.append(time.perf_counter() - self.started_early)
+            self.started_early = None
         if self.running is None:
             self.running = self.worker.submit(self._compute, params.clone())
         while not wait([self.running], timeout=POLL_S).done:

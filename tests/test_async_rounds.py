@@ -237,6 +237,76 @@ def test_a_daemons_gradient_thread_shrinks_the_batch_only_when_it_is_slower_than
         g.shutdown()
 
 
+def test_a_paced_node_computes_its_gradient_at_the_value_it_sends_while_its_round_waits_for_the_others():
+    """`--pace-batch`: a paced node starts its gradient when it sends its pull value (P2P-FT calls `start`),
+    so the gradient runs while the round waits for the in-neighbours' values; the round takes that gradient,
+    and only what is left of it holds the round. A node at the full batch computes at the mixed parameters."""
+    from p2pnode.node.algorithms import ALGORITHMS, StepRule
+    from p2pnode.node.algorithms.base import Message
+    from p2pnode.node.pace import BackgroundGradients
+    from p2pnode.node.topology import make_topology
+
+    class Recording:
+        batch_size, dim = 16, 2
+
+        def gradient(self, params: torch.Tensor) -> tuple[torch.Tensor, float]:
+            return 2 * params, 0.0
+
+    gradients = BackgroundGradients(Recording(), lambda: False, lambda: 0.01)
+    node = ALGORITHMS["p2pft"](
+        make_topology("ring", 2).neighbourhood(0), gradients, torch.ones(2), StepRule(lambda k: 0.1)
+    )
+    node.send("pull", 0)  # at the full batch: nothing starts early
+    assert gradients.running is None
+    gradients.base.batch_size = 4  # paced
+    (sent,) = node.send("pull", 1)
+    assert gradients.running is not None
+    time.sleep(0.05)  # the round waits for its in-neighbours' values meanwhile
+    node.receive("pull", 1, [Message(1, 0, 1, "pull", "value", {"v": torch.full((2,), 5.0)})])
+    assert torch.equal(node.grad, 2 * sent.tensors["v"]) and not torch.equal(node.grad, 2 * node.params)
+    assert gradients.fresh and gradients.running is None
+    (overlap,) = gradients.overlaps
+    assert overlap >= 0.05
+    assert gradients.round_wait_seconds == max(0.0, gradients.seconds - overlap)
+    gradients.base.batch_size = 16
+    assert gradients.round_wait_seconds == gradients.seconds  # at the full batch nothing ran early
+    gradients.shutdown()
+
+
+def test_a_paced_gradient_that_ran_before_its_round_asked_may_grow_by_that_time():
+    """The time a paced gradient ran while its round waited for the in-neighbours' values cost the round
+    nothing: its batch aims at the budget plus that time (the median of the recent ones)."""
+    from p2pnode.node.pace import PACE_WINDOW, WARMUP_GRADIENTS, BackgroundGradients
+
+    class Objective:
+        batch_size = 64
+
+    def paced_at_16() -> BackgroundGradients:
+        gradients = BackgroundGradients(Objective(), lambda: False, lambda: 0.25, slow_ratio=1.5, pace=lambda: 0.1)
+        for _ in range(WARMUP_GRADIENTS):
+            gradients._pace_batch(0.25)
+        for _ in range(2 * PACE_WINDOW):  # 4x the budget: it paces to a quarter once its windows say so
+            gradients._pace_batch(1.0)
+            if gradients.objective.batch_size < 64:
+                break
+        assert gradients.objective.batch_size == 16
+        return gradients
+
+    def after_a_window(gradients: BackgroundGradients, took: float) -> int:
+        for _ in range(PACE_WINDOW):
+            gradients._pace_batch(took)
+        return gradients.objective.batch_size
+
+    alone, overlapped = paced_at_16(), paced_at_16()
+    overlapped.overlaps.extend([0.25] * PACE_WINDOW)  # each ran a budget before its round asked for it
+    assert after_a_window(alone, 0.3) == 16  # 1.2x the budget: kept
+    assert after_a_window(overlapped, 0.3) == 26  # 0.3 of a 0.5 room: grows
+    assert after_a_window(overlapped, 0.5) == 26  # as long as the room: kept
+    assert after_a_window(alone, 0.5) == 8  # without that time, twice the budget: halved
+    alone.shutdown()
+    overlapped.shutdown()
+
+
 def rendered_rows(table) -> dict[str, list[str]]:
     """{first cell: the node columns} for every row of a results table."""
     columns = [[str(c) for c in column.cells] for column in table.columns]
@@ -366,7 +436,7 @@ def node_d_in_round_10(others: list[MemberInfo], seconds: float, round_times: li
         round=10,
         record=SimpleNamespace(members=("A", "B", "C", "D")),
         settings=SimpleNamespace(batch_size=16),
-        algorithm=SimpleNamespace(objective=SimpleNamespace(seconds=seconds)),
+        algorithm=SimpleNamespace(objective=SimpleNamespace(round_wait_seconds=seconds)),
         agent=SimpleNamespace(infos=others, round_times=round_times),
         inbox=SimpleNamespace(newest_round=11),
     )
@@ -385,7 +455,7 @@ def test_a_node_waits_for_its_own_gradient_unless_that_would_make_its_rounds_muc
     node = node_d_in_round_10(others(0.004), seconds=0.007, round_times=[0.020] * 5)
     driver = RoundDriver(node)
     assert not driver.behind()  # 1.75x the others, but 3 ms on a 20 ms round: it waits
-    node.algorithm.objective.seconds = 0.020  # 5x: 16 ms more a round
+    node.algorithm.objective.round_wait_seconds = 0.020  # 5x: 16 ms more a round
     assert driver.behind()
     node.inbox.newest_round = 10  # nobody ahead: waiting holds nobody up
     assert not driver.behind()
@@ -431,9 +501,9 @@ def test_a_paced_gradient_may_take_the_others_time_plus_a_tenth_of_a_round_so_th
     node.agent.round_times = [0.040, 0.039, 0.038]
     budget = driver.gradient_budget()
     assert budget == pytest.approx(0.005 + WAIT_SHARE / 2 * 0.039)
-    node.algorithm.objective.seconds = budget  # a gradient that takes the whole budget is waited for
+    node.algorithm.objective.round_wait_seconds = budget  # a gradient that takes the whole budget is waited for
     assert not driver.behind()
-    node.algorithm.objective.seconds = 0.027  # the full batch of the 5x node is not
+    node.algorithm.objective.round_wait_seconds = 0.027  # the full batch of the 5x node is not
     assert driver.behind()
     node.agent.infos = []
     assert driver.gradient_budget() is None  # nobody's pace known: nothing to aim at

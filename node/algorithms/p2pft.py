@@ -79,6 +79,9 @@ class P2PFT(Algorithm):
                 grad, self.last_loss = self.objective.gradient(v)
                 v = v - lr * self.step.direction(self.tau + self.late.scale(grad) - self.grad)  # as in the tracker
             self.v = v
+            start = getattr(self.objective, "start", None)
+            if start is not None:  # a paced daemon computes at v while the round waits for the values (node/pace.py)
+                start(v)
             return self.pull.send(self.v, k, phase)
         return self.sender.send(self.z, k, phase)
 
