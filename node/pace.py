@@ -258,7 +258,7 @@ class BackgroundGradients(TimedGradients):
         cost 0.1 points and 1 sample 2.1. If the shrink from the full batch bought under a tenth of its
         time in SLOW_WINDOWS windows in a row (fixed costs, not samples, make the machine slow), pacing
         cannot help: back to --batch-size for good, and the gradients come late."""
-        target = self.budget() if self.budget is not None else None
+        budget = target = self.budget() if self.budget is not None else None
         base = self.base
         if target and base.batch_size < self.full_batch and self.overlaps:
             target += statistics.median(self.overlaps)  # what ran before the round asked cost the round nothing
@@ -303,6 +303,10 @@ class BackgroundGradients(TimedGradients):
             self.gave_up, base.batch_size = True, self.full_batch
             return
         batch = max(self.floor(), paced_batch(base.batch_size, self.full_batch, typical, target))
+        if batch == self.full_batch and paced_batch(base.batch_size, self.full_batch, typical, budget) < batch:
+            # only the head start makes room for the full batch: stay paced (started early), else the full
+            # batch, computed after mixing, is slow again and paced again (a 2x node cycled so every few windows)
+            batch -= 1
         if batch != base.batch_size:
             logger.info("gradients take %.3f s, the aim %.3f s: mini-batch %d", typical, target, batch)
         base.batch_size = batch

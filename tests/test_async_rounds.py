@@ -303,6 +303,11 @@ def test_a_paced_gradient_that_ran_before_its_round_asked_may_grow_by_that_time(
     assert after_a_window(overlapped, 0.3) == 26  # 0.3 of a 0.5 room: grows
     assert after_a_window(overlapped, 0.5) == 26  # as long as the room: kept
     assert after_a_window(alone, 0.5) == 8  # without that time, twice the budget: halved
+    # only the head start makes room for --batch-size: it stays one below, paced and started early (at the full
+    # batch it would compute after mixing, be slow, and pace again)
+    assert after_a_window(overlapped, 0.3) == 43 and after_a_window(overlapped, 0.3) == 63
+    assert after_a_window(overlapped, 0.45) == 63
+    assert after_a_window(overlapped, 0.1) == 64  # fast on its own: back to the full batch
     alone.shutdown()
     overlapped.shutdown()
 
