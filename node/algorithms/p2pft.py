@@ -6,6 +6,8 @@
 
 with tau^0 = g^0 and g^k the stored previous gradient. The push phase moves mass through the
 running sums of `running_sums.py`, so a lost message delays mass instead of destroying it.
+A daemon that paces its batch (`--sync async`, node/pace.py) takes g_i^{k+1} at v_i, the value it sends,
+so the gradient runs while the pull waits; at the fixed point tau_i = 0 and v_i = theta_i, so it stays exact.
 With momentum beta > 0 the pulled value is theta - alpha m, m = beta m + tau (heavy ball on the tracker).
 
 Local steps (`--local-steps K`, K-GT): before it sends, a node takes K - 1 more steps on fresh
