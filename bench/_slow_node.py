@@ -38,12 +38,17 @@ def run_factor_cases(
     args = parser.parse_args()
     pairs = [(float(c.split(":")[0]), int(c.split(":")[1])) for c in args.cases.split(",") if c]
     seeds = [int(s) for s in args.seeds.split(",") if s]
+    return pairs, run_in_pairs(run, [(f, n, seed, args.epochs) for f, n in pairs for seed in seeds], args.json)
+
+
+def run_in_pairs(run: Callable, cases: list, json_path: str | None) -> list[dict]:
+    """`run(case)` for every case, two processes at a time; the runs, also written to `json_path` if given."""
     with ProcessPoolExecutor(2) as pool:
-        runs = list(pool.map(run, [(f, n, seed, args.epochs) for f, n in pairs for seed in seeds]))
-    if args.json:
-        with open(args.json, "w") as out:
+        runs = list(pool.map(run, cases))
+    if json_path:
+        with open(json_path, "w") as out:
             json.dump(runs, out, indent=1)
-    return pairs, runs
+    return runs
 
 
 def paced_node_accuracy(make: Callable[[Objective], Objective], factor: float, seed: int, epochs: int) -> list[float]:

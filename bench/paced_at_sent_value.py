@@ -14,12 +14,10 @@ from the batch. 40 epochs, one torch thread per run, two runs at a time.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-from concurrent.futures import ProcessPoolExecutor
 
 import torch
-from _slow_node import slow_node_as
+from _slow_node import run_in_pairs, slow_node_as
 
 import p2pnode.node.simulator as simulator
 from p2pnode.node.algorithms.base import Objective
@@ -69,11 +67,7 @@ def main() -> None:
     if any(where not in ("mixed", "sent") for where, _ in cases):
         parser.error("WHERE is mixed or sent")
     seeds = [int(s) for s in args.seeds.split(",") if s]
-    with ProcessPoolExecutor(2) as pool:
-        runs = list(pool.map(run, [(w, b, s, args.epochs) for w, b in cases for s in seeds]))
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(runs, out, indent=1)
+    runs = run_in_pairs(run, [(w, b, s, args.epochs) for w, b in cases for s in seeds], args.json)
     print(f"| node 3 ({FACTOR}x) | gradient at | batch | seeds (%) | mean |")
     print("|---|---|---|---|---|")
     for where, batch in cases:
