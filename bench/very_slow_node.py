@@ -12,9 +12,9 @@ gradients serve more than one round each. Prints each node's mean accuracy per s
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-from concurrent.futures import ProcessPoolExecutor
+
+from _slow_node import run_in_pairs
 
 from p2pnode.node.algorithms.late import LATE_ROUNDS as KEPT_LATE_ROUNDS
 
@@ -53,11 +53,7 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",") if s]
     cases = [(None, True, s, args.epochs) for s in seeds]
     cases += [(f, w, s, args.epochs) for f in factors for w in (False, True) for s in seeds]
-    with ProcessPoolExecutor(2) as pool:
-        runs = list(pool.map(run, cases))
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(runs, out, indent=1)
+    runs = run_in_pairs(run, cases, args.json)
     print("| slow node | late gradients | seeds (%) | mean | node 3's new gradients |")
     print("|---|---|---|---|---|")
     for factor, weighted in [(None, True)] + [(f, w) for f in factors for w in (False, True)]:

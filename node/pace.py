@@ -267,8 +267,8 @@ class BackgroundGradients(TimedGradients):
         cannot help: back to --batch-size for good, and the gradients come late."""
         budget = target = self.budget() if self.budget is not None else None
         base = self.base
-        if target and base.batch_size < self.full_batch and self.overlaps:
-            target += statistics.median(self.overlaps)  # what ran before the round asked cost the round nothing
+        if target and self.paced:
+            target += self.head_start()  # what ran before the round asked cost the round nothing
         warm = self.timed >= WARMUP_GRADIENTS
         spans = self._spans(took, target)
         self.timed += spans
@@ -336,19 +336,27 @@ class BackgroundGradients(TimedGradients):
         return max(1, min(self.full_batch, int(self.full_batch * pace / self.full_seconds)))
 
     @property
+    def paced(self) -> bool:
+        """Whether pacing holds this node's batch below --batch-size."""
+        return self.budget is not None and not self.gave_up and self.base.batch_size < self.full_batch
+
+    def head_start(self) -> float:
+        """The seconds a paced gradient typically runs before its round asks for it (`start`; 0 if none did)."""
+        return statistics.median(self.overlaps) if self.overlaps else 0.0
+
+    @property
     def round_wait_seconds(self) -> float | None:
         """How long a round waits for this node's gradient: its time less what ran before the round asked."""
-        if self.seconds is None or not self.overlaps or self.base.batch_size >= self.full_batch:
+        if self.seconds is None or not self.paced:
             return self.seconds
-        return max(0.0, self.seconds - statistics.median(self.overlaps))
+        return max(0.0, self.seconds - self.head_start())
 
     def start(self, params: torch.Tensor) -> None:
         """A paced node starts its next gradient at `params`, the value it sends before mixing (P2P-FT's
         pull), so the gradient runs while the round waits for its in-neighbours' values; the round then
         takes it as its gradient. Only while its batch is paced: a node at the full batch computes at
         the mixed parameters as before."""
-        paced = self.budget is not None and not self.gave_up and self.base.batch_size < self.full_batch
-        if self.running is None and paced:
+        if self.running is None and self.paced:
             self.started_early = time.perf_counter()
             self.running = self.worker.submit(self._compute, params.clone())
 
