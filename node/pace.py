@@ -33,7 +33,7 @@ it sends in its pull phase, so the gradient runs while the round waits for the i
 the round takes it after mixing. Its batch aims at the budget plus that head start, and only the rest holds
 the round (`round_wait_seconds`). At the fixed point a node's tracker and momentum vanish, so the value it
 sends is its mixed parameters and the run stays exact (tests/test_async_exactness.py). A 10x node on the
-default model paced to about 3 samples with it instead of 1 (docs/slow-volunteers.md, "A head start").
+default model paced to 2-3 samples with it instead of 1 (docs/slow-volunteers.md, "A head start").
 """
 
 from __future__ import annotations
