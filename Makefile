@@ -11,10 +11,12 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -r requirements.lock
-	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(PY) -m pip install -q --no-cache-dir --upgrade pip
+	$(PY) -c 'import torch' 2>/dev/null || df -Pk $(VENV) | awk 'NR == 2 && $$4 < 6 * 1024 * 1024 { printf "make install: torch 2.14.1 with its CUDA libraries needs about 6 GiB in $(VENV), " \
+		"and %.1f GiB are free; free some space and run make again\n", $$4 / 1024 / 1024; exit 2 }' >&2
+	$(PY) -m pip install -q --no-cache-dir torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q --no-cache-dir -r requirements.lock
+	$(PY) -m pip install -q --no-cache-dir --no-build-isolation --no-deps -e .
 	command -v nft >/dev/null || (apt-get update -qq && apt-get install -y -qq nftables) || true
 	touch $(STAMP)
 
