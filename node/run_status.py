@@ -95,7 +95,7 @@ def status_tables(status: RunStatus) -> list[Table]:
             f"{m.round}/{m.rounds}",
             str(m.train_epoch),
             gradient_time(m.step_seconds),
-            str(m.batch) if m.batch > 0 else "-",  # below the run's --batch-size: a paced slow member
+            batch_shown(m),
             f"{m.loss:.3f}" if m.loss >= 0 else "-",
             f"{100 * m.accuracy:.1f}%" if m.accuracy >= 0 else "-",
             f"{m.bytes_sent / 1e6:.1f} MB",
@@ -103,6 +103,13 @@ def status_tables(status: RunStatus) -> list[Table]:
             attestation(infos, peer),
         )
     return [head, table]
+
+
+def batch_shown(m: MemberInfo) -> str:
+    """A member's mini-batch (below the run's --batch-size: a paced slow member) and, where P2P-FT counts its
+    late gradients with less than full weight, that weight (node/algorithms/late.py)."""
+    batch = str(m.batch) if m.batch > 0 else "-"
+    return batch if m.gradient_weight == 1 else f"{batch}, weight {m.gradient_weight:.2f}"
 
 
 def gradient_time(seconds: float) -> str:

@@ -63,9 +63,9 @@ class _MemberRecord(_Compatible):
     loss: pydantic.StrictFloat
     accuracy: pydantic.StrictFloat
     step_seconds: pydantic.StrictFloat
-    # `batch` (MemberInfo) is not declared: hivemind's SchemaValidator refuses a record whose parsed form
-    # differs from the one stored, so a defaulted field would refuse every older peer's heartbeat (one
-    # without it). It passes as an extra field, and `MemberInfo.from_dict` checks its type; so does `settings`.
+    # `batch` and `gradient_weight` (MemberInfo) are not declared: hivemind's SchemaValidator refuses a record whose
+    # parsed form differs from the one stored, so a defaulted field would refuse every older peer's heartbeat
+    # (one without it). They pass as extra fields, and `MemberInfo.from_dict` checks them; so does `settings`.
     bytes_sent: pydantic.StrictInt
     classes: pydantic.StrictStr
     invitation: pydantic.StrictStr
@@ -118,6 +118,7 @@ class MemberInfo:
     accuracy: float = -1.0
     step_seconds: float = 0.0  # how long one gradient takes on this node, median of its last ones (0: not yet)
     batch: int = 0  # the mini-batch of its gradients now: below --batch-size while paced (0: not said, an older peer)
+    gradient_weight: float = 1.0  # what P2P-FT counts its gradients with: below 1 while even a paced batch comes late
     settings: dict[str, str] = field(default_factory=dict)  # its run settings, shown: what a refused peer differs in
     bytes_sent: int = 0
     classes: str = ""
@@ -133,11 +134,13 @@ class MemberInfo:
     @classmethod
     def from_dict(cls, d: dict) -> MemberInfo:
         """A record as read from the DHT; fields this version does not know (a newer peer's) are left out,
-        and so are a `batch` that is not an integer and `settings` that are not text to text (the schema
-        cannot check them)."""
+        and so are a `batch` that is not an integer, a `gradient_weight` that is not a float in (0, 1] and `settings`
+        that are not text to text (the schema cannot check them)."""
         known = {k: v for k, v in d.items() if k in _MEMBER_FIELDS}
         if type(known.get("batch", 0)) is not int:
             del known["batch"]
+        if type(known.get("gradient_weight", 1.0)) is not float or not 0 < known.get("gradient_weight", 1.0) <= 1:
+            del known["gradient_weight"]
         shown = known.get("settings", {})
         if not isinstance(shown, dict) or not all(isinstance(v, str) for v in [*shown, *shown.values()]):
             del known["settings"]

@@ -360,6 +360,8 @@ def test_an_asynchronous_testnet_with_a_5x_slower_node_ends_in_consensus(tmp_pat
     node_results = [json.loads(Path(p).read_text()) for p in sorted(tmp_path.glob("node*/result.json"))]
     assert [r["rounds"] for r in node_results] == [result.iterations] * 4
     assert node_results[3]["settings"]["slowdown"] == 5.0
+    # the weight each node's gradients counted with last: 1 for the fast nodes (a new gradient every round)
+    assert [r["gradient_weight"] for r in node_results[:3]] == [1.0] * 3 and 0 < node_results[3]["gradient_weight"] <= 1
     # each node says how many of its rounds had a new gradient (at most one a round, plus its first)
     assert all(0 < r["gradients"] <= r["rounds"] + 1 for r in node_results), [r["gradients"] for r in node_results]
     # the run's table shows each daemon's pace and new gradients, from the same results
@@ -531,17 +533,16 @@ def test_gradients_in_lockstep_are_timed_and_counted_like_asynchronous_ones():
     assert 0.02 <= timed.seconds < 1.0
 
 
-def test_status_shows_how_long_each_members_gradients_take_and_on_what_batch():
-    def info(peer: str, seconds: float, batch: int) -> MemberInfo:
-        return MemberInfo(
-            peer_id=peer, fingerprint="f", settings_hash="s", samples=1, step_seconds=seconds, batch=batch
-        )
+def test_status_shows_how_long_each_members_gradients_take_on_what_batch_and_with_what_weight():
+    def info(peer: str, seconds: float, batch: int, weight: float = 1.0) -> MemberInfo:
+        return MemberInfo(peer, "f", "s", 1, step_seconds=seconds, batch=batch, gradient_weight=weight)
 
-    status = RunStatus("r", None, [info("a" * 12, 0.0123, 16), info("b" * 12, 2.5, 3), info("c" * 12, 0.0, 0)])
-    members = status_tables(status)[1]
+    infos = [info("a" * 12, 0.0123, 16), info("b" * 12, 2.5, 3), info("c" * 12, 0.0, 0), info("d" * 12, 9.0, 1, 0.4)]
+    members = status_tables(RunStatus("r", None, infos))[1]
     column = {c.header: list(c.cells) for c in members.columns}
-    assert column["gradient"] == ["12.3 ms", "2.50 s", "-"]  # "-": no round yet
-    assert column["batch"] == ["16", "3", "-"]  # 3: a slow member paced below the run's batch
+    assert column["gradient"] == ["12.3 ms", "2.50 s", "-", "9.00 s"]  # "-": no round yet
+    # 3: a slow member paced below the run's batch; 0.4: one whose batch of 1 still comes late (late.py)
+    assert column["batch"] == ["16", "3", "-", "1, weight 0.40"]
 
 
 async def waited(inbox, phase: str, k: int, limit: float) -> float:

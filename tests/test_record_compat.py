@@ -63,6 +63,16 @@ def test_an_older_peers_heartbeat_without_a_batch_is_stored_and_a_batch_of_the_w
         assert MemberInfo.from_dict({**member(), "batch": wrong}).batch == 0
 
 
+def test_a_heartbeat_publishes_its_gradient_weight_and_one_without_it_or_with_a_wrong_one_reads_as_full(validators):
+    """`gradient_weight` (what P2P-FT counts a late node's gradients with) came after `batch`: the same rules."""
+    older = {k: v for k, v in member().items() if k != "gradient_weight"}
+    assert stored(validators, "members", older) and stored(validators, "members", {**member(), "gradient_weight": 0.4})
+    assert MemberInfo.from_dict(older).gradient_weight == 1.0
+    assert MemberInfo.from_dict({**member(), "gradient_weight": 0.4}).gradient_weight == 0.4
+    for wrong in (0.0, -0.5, 1.5, float("nan"), float("inf"), 1, "0.4", True, None):  # read as not said: full weight
+        assert MemberInfo.from_dict({**member(), "gradient_weight": wrong}).gradient_weight == 1.0
+
+
 def test_a_heartbeat_shows_its_settings_and_one_without_them_or_with_wrong_ones_is_still_read(validators):
     shown = {**member(), "settings": {"epochs": "40", "lr": "0.01"}}
     assert stored(validators, "members", shown)
