@@ -272,7 +272,7 @@ class RoundDriver:
             await self.run_round(k)
             node.info.step_seconds = getattr(node.algorithm.objective, "seconds", None) or 0.0
             node.info.batch = getattr(unwrapped(node.algorithm.objective), "batch_size", 0)
-            node.info.gradient_weight = getattr(getattr(node.algorithm, "late", None), "value", 1.0)  # P2P-FT's
+            node.info.gradient_weight = node.algorithm.gradient_weight or 1.0
             k += 1
             node.round = node.info.round = k
             seconds = time.perf_counter() - started

@@ -115,7 +115,7 @@ class RunEnd:
         gradients = getattr(node.algorithm.objective, "gradients", None) if node.algorithm is not None else None
         if gradients is not None:  # --sync async or --slow: how many of its rounds had a new gradient
             summary["gradients"] = gradients
-        late = getattr(node.algorithm, "late", None)
-        if late is not None and late.enabled:  # P2P-FT, --sync async --pace-batch: what its last gradient counted with
-            summary["gradient_weight"] = late.value
+        weight = node.algorithm.gradient_weight if node.algorithm is not None else None
+        if weight is not None:  # P2P-FT with --sync async --pace-batch: what its last gradient counted with
+            summary["gradient_weight"] = weight
         return node.log.write_result(summary)

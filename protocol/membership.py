@@ -139,7 +139,8 @@ class MemberInfo:
         known = {k: v for k, v in d.items() if k in _MEMBER_FIELDS}
         if type(known.get("batch", 0)) is not int:
             del known["batch"]
-        if type(known.get("gradient_weight", 1.0)) is not float or not 0 < known.get("gradient_weight", 1.0) <= 1:
+        weight = known.get("gradient_weight", 1.0)
+        if type(weight) is not float or not 0 < weight <= 1:
             del known["gradient_weight"]
         shown = known.get("settings", {})
         if not isinstance(shown, dict) or not all(isinstance(v, str) for v in [*shown, *shown.values()]):

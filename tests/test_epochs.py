@@ -366,7 +366,7 @@ def node_c_at_round_40(old: EpochRecord, latest: EpochRecord, rounds: int, infos
         agent=SimpleNamespace(record=latest, lead_rounds=lambda: 20, round_times=[], infos=infos, deserted=False),
         in_record=lambda r: r.includes("C", "iC"),
         settings=SimpleNamespace(checkpoint_every=1000),
-        algorithm=SimpleNamespace(objective=None, asynchronous=False),
+        algorithm=SimpleNamespace(objective=None, asynchronous=False, gradient_weight=None),
         log=SimpleNamespace(round_seconds=0.0),
         metrics=None,
         transport=SimpleNamespace(release_unclaimed=lambda newest_epoch: None),

@@ -269,6 +269,11 @@ class Algorithm(ABC):
         """In-neighbours whose stream of increments has a gap (they must send a keyframe)."""
         return set()
 
+    @property
+    def gradient_weight(self) -> float | None:
+        """What this node's latest gradient counts with (None: the algorithm does not weight late gradients)."""
+        return None
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Everything needed to resume this node in the same epoch, links included (extended by
         subclasses; for tests and analysis)."""

@@ -117,6 +117,10 @@ class P2PFT(Algorithm):
     def gaps(self) -> set[int]:
         return self.pull.gaps | self.receiver.gaps
 
+    @property
+    def gradient_weight(self) -> float | None:
+        return self.late.value if self.late.enabled else None  # --sync async --pace-batch (late.py)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {
             **super().state_dict(),
